@@ -1,0 +1,126 @@
+"""Schedules and the Euler/CFG sampling loop, against diffusers' scheduler and ZImagePipeline."""
+
+import pytest
+import torch
+
+from reference import diffusers_sample, diffusers_sigmas, diffusers_twin
+from zimage_core import QUALITY, TURBO, sample, sigmas
+from zimage_core.scheduler import denoise_sigmas, insert_sigmas, training_sigmas
+
+
+def test_sigmas_equal_diffusers_for_every_step_count():
+    for steps in range(1, 51):
+        assert (sigmas(steps) - diffusers_sigmas(steps)).abs().max() <= 1e-6, steps
+
+
+def test_turbo_sigmas_are_the_released_values():
+    expected = torch.tensor([1.0, 0.954545, 0.9, 0.833333, 0.75, 0.642857, 0.5, 0.3, 0.0])
+    assert (sigmas(8) - expected).abs().max() < 1e-6
+    assert abs(float(sigmas(30)[-2]) - 0.09375) < 1e-6
+
+
+def test_teacher_grid_with_student_sigmas_inserted():
+    grid, indices = insert_sigmas(sigmas(50), sigmas(8)[:-1])
+    assert indices == [0, 6, 12, 19, 25, 31, 37, 44]
+    assert torch.equal(grid[indices], sigmas(8)[:-1])
+    assert bool((grid[:-1] > grid[1:]).all())
+    assert len(training_sigmas()) == 1000 and float(training_sigmas()[0]) == 1.0
+
+
+def _conditions(seed, batch=1, h=8, w=8):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, 16, h, w, generator=g)
+    pos = [torch.randn(13, 48, generator=g) for _ in range(batch)]
+    neg = [torch.randn(7, 48, generator=g) for _ in range(batch)]
+    return noise, pos, neg
+
+
+@pytest.mark.parametrize("preset", [TURBO, QUALITY])
+def test_sample_equals_diffusers_pipeline(tiny, preset):
+    ref = diffusers_twin(tiny)
+    noise, pos, neg = _conditions(1)
+    with torch.no_grad():
+        ours = sample(tiny, noise, pos, neg, steps=preset.steps, cfg=preset.cfg)
+        theirs = diffusers_sample(ref, noise, pos, neg, preset.steps, preset.cfg)
+    assert ours.std() > 0.3
+    assert (ours - theirs).abs().max() <= 1e-3
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model and records the batch size of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, s, c):
+        self.calls.append(x.shape[0])
+        return self.model(x, s, c)
+
+
+@pytest.mark.parametrize("cfg, calls", [(1.0, [1] * 8), (2.0, [2] * 8)])
+def test_cfg_one_makes_one_call_per_step(tiny, cfg, calls):
+    counter = CountingModel(tiny)
+    noise, pos, neg = _conditions(2)
+    with torch.no_grad():
+        sample(counter, noise, pos, neg, steps=8, cfg=cfg)
+    assert counter.calls == calls
+
+
+def test_cfg_one_ignores_negative_and_cfg_two_uses_it(tiny):
+    noise, pos, neg = _conditions(3)
+    with torch.no_grad():
+        a = sample(tiny, noise, pos, neg, steps=4, cfg=1.0)
+        b = sample(tiny, noise, pos, None, steps=4, cfg=1.0)
+        c = sample(tiny, noise, pos, neg, steps=4, cfg=2.0)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_euler_with_exact_velocity_lands_on_x0():
+    """Sign and timestep convention: a model that returns the true velocity noise - x0 reproduces x0 exactly."""
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    oracle = lambda x, s, c: noise - x0  # noqa: E731
+    for steps in (1, 8, 30):
+        assert (sample(oracle, noise, torch.zeros(3, 48), steps=steps) - x0).abs().max() < 1e-5
+
+
+def test_callback_reports_x0_estimate_and_can_interrupt(tiny):
+    noise, pos, _ = _conditions(5)
+    seen = []
+
+    def stop_at_three(step, total, x0):
+        seen.append((step, total, x0.shape))
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        sample(tiny, noise, pos, steps=8, callback=stop_at_three)
+    assert seen == [(1, 8, noise.shape), (2, 8, noise.shape), (3, 8, noise.shape)]
+
+
+def test_denoise_starts_from_a_partially_noised_latent(tiny):
+    noise, pos, _ = _conditions(6)
+    init = torch.randn_like(noise)
+    schedule = denoise_sigmas(4, 0.5)
+    assert len(schedule) == 5 and float(schedule[-1]) == 0.0 and float(schedule[0]) < 1.0
+    assert torch.equal(schedule, sigmas(8)[-5:])
+    counter = CountingModel(tiny)
+    with torch.no_grad():
+        out = sample(counter, noise, pos, steps=4, denoise=0.5, init_latent=init)
+        manual = sample(tiny, (1 - schedule[0]) * init + schedule[0] * noise, pos, steps=4, denoise=0.5)
+    assert len(counter.calls) == 4
+    assert torch.allclose(out, manual, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(cfg=-1.0), "cfg must be >= 0"),
+    (dict(denoise=0.0), r"denoise must be in \(0, 1\]"),
+    (dict(denoise=1.5), r"denoise must be in \(0, 1\]"),
+])
+def test_bad_sampler_arguments(tiny, kwargs, message):
+    noise, pos, _ = _conditions(7)
+    with pytest.raises(ValueError, match=message):
+        sample(tiny, noise, pos, **kwargs)
