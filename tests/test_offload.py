@@ -23,16 +23,20 @@ def test_offloaded_model_gives_identical_outputs():
     assert torch.equal(_run(model), expected)
 
 
-def test_each_block_is_fetched_just_in_time(monkeypatch):
+def test_each_block_is_fetched_just_in_time():
     model = tiny_model(seed=2)
     enable_block_offload(model, "cpu")
-    fetched = []
+    fetched, released = [], []
     for index, offloader in enumerate(model._offloaders):
-        original = offloader.fetch
-        monkeypatch.setattr(offloader, "fetch", lambda m, a, i=index, f=original: fetched.append(i) or f(m, a))
-        offloader.handles[0].remove()
-        offloader.handles[0] = offloader.block.register_forward_pre_hook(offloader.fetch)
+        for handle in offloader.handles:
+            handle.remove()
+        block = offloader.block
+        offloader.handles = [
+            block.register_forward_pre_hook(lambda m, a, o=offloader, i=index: fetched.append(i) or o.fetch(m, a)),
+            block.register_forward_hook(lambda m, a, out, o=offloader, i=index: released.append(i) or o.release(m, a, out)),
+        ]
     _run(model)
-    assert fetched == list(range(len(model.blocks())))  # every block once, in execution order
-    home = model._offloaders[0].home[0]
-    assert next(model.blocks()[0].parameters()).data is home  # released back to its offload copy
+    order = list(range(len(model.blocks())))
+    assert fetched == order and released == order  # every block fetched and dropped once, in execution order
+    first = model._offloaders[0]
+    assert next(first.block.parameters()).data_ptr() == first.home[0].data_ptr()  # back on its offload copy
