@@ -1,0 +1,266 @@
+"""Applying a stack of LoRAs to a model, and taking it off again bit-exactly.
+
+merge: each delta is added to its weight in fp32 (one rounding to the model dtype at the end), in the same order of
+operations as diffusers + peft, so fp32 results match them bit for bit. Restoring re-reads the patched tensors from
+the model's memory-mapped checkpoint (`model.weight_source`, set by `load_transformer`), so no second copy of the
+weights is held; a model built in memory instead gets CPU backups of just the tensors a LoRA touches.
+
+runtime: a forward hook on each targeted nn.Linear adds strength * scale * (x @ down.T) @ up.T, computed from the
+LoraWeights tensors themselves (cast to x's dtype and device at call time), so gradients reach them: this is what
+training uses. Full-size deltas (ComfyUI .diff/.diff_b, LoKr, LoHa) have no cheap side branch and are merged in both
+modes; the handle restores them the same way.
+
+Everything is checked (every key matched, every shape right) before the first tensor is touched."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .io import load_lora
+from .weights import LoraError, LoraModule, LoraWeights
+
+MODES = ("merge", "runtime")
+
+
+@dataclass
+class LoraReport:
+    """What one LoRA of a stack did: modules patched, file keys that mapped to nothing, keys skipped as copies."""
+
+    name: str
+    format: str
+    strength: float
+    matched: int
+    unmatched: list[str] = field(default_factory=list)
+    redundant: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = f"{self.name} [{self.format}] x{self.strength:g}: {self.matched} modules"
+        if self.unmatched:
+            text += f", {len(self.unmatched)} keys NOT applied (first: {self.unmatched[:3]})"
+        if self.redundant:
+            text += f", {len(self.redundant)} duplicate keys skipped"
+        return text
+
+
+@dataclass
+class _Patch:
+    """One delta on one parameter: `part` is 'weight' or 'bias'."""
+
+    param: str
+    module: LoraModule
+    strength: float
+    part: str
+
+    def delta(self, device) -> Tensor:
+        if self.part == "weight":
+            return self.module.weight_delta(self.strength, device)
+        diff_b = self.module.diff_b.detach().to(device=device, dtype=torch.float32)
+        return diff_b * self.strength if self.strength != 1.0 else diff_b
+
+
+class _MergeState:
+    """Per model: the handles whose deltas are merged, in order, and how to get each patched tensor's original."""
+
+    def __init__(self, model: nn.Module):
+        self.source = getattr(model, "weight_source", None)
+        self.backups: dict[str, Tensor | None] = {}  # None: re-read from `source`
+        self.handles: list[LoraHandle] = []
+
+    def remember(self, name: str, param: Tensor) -> None:
+        if name in self.backups:
+            return
+        src = self.source
+        if src is not None and name in src and tuple(src.shape(name)) == tuple(param.shape) \
+                and getattr(src, "dtype", param.dtype) == param.dtype:
+            self.backups[name] = None
+        else:
+            self.backups[name] = param.detach().to("cpu", copy=True)
+
+    def restore(self, name: str, param: Tensor) -> None:
+        backup = self.backups[name]
+        if backup is not None:
+            param.copy_(backup)
+        elif param.device.type == "cpu" and param.is_contiguous() and hasattr(self.source, "read_into"):
+            self.source.read_into(name, param)
+        else:
+            param.copy_(self.source.read(name))
+
+
+_STATES: "weakref.WeakKeyDictionary[nn.Module, _MergeState]" = weakref.WeakKeyDictionary()
+
+
+def _merge_into(param: Tensor, patches: list[_Patch]) -> None:
+    """param += delta for each patch, accumulated in fp32 and rounded once (in place for fp32 weights, as peft)."""
+    acc = param if param.dtype == torch.float32 else param.float()
+    for patch in patches:
+        acc.add_(patch.delta(param.device))
+    if acc is not param:
+        param.copy_(acc)
+
+
+class LoraHandle:
+    """The result of `apply_loras`: `.reports` per LoRA, `.remove()` (idempotent) restores the model exactly.
+    Also a context manager that removes on exit."""
+
+    def __init__(self, model: nn.Module, mode: str, reports: list[LoraReport]):
+        self.model = model
+        self.mode = mode
+        self.reports = reports
+        self._patches: list[_Patch] = []
+        self._hooks = []
+        self._removed = False
+
+    def _merge(self, patches: list[_Patch]) -> None:
+        if not patches:
+            return
+        state = _STATES.setdefault(self.model, _MergeState(self.model))
+        state.handles.append(self)
+        self._patches = patches
+        for name, group in _by_param(patches).items():
+            param = self.model.get_parameter(name)
+            with torch.no_grad():
+                state.remember(name, param)
+                _merge_into(param, group)
+
+    def _add_branches(self, branches: dict[nn.Linear, list[tuple[Tensor, Tensor, float]]]) -> None:
+        for linear, items in branches.items():
+            self._hooks.append(linear.register_forward_hook(_branch_hook(items)))
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        state = _STATES.get(self.model)
+        if state is None or self not in state.handles:
+            return
+        state.handles.remove(self)
+        with torch.no_grad():
+            for name in _by_param(self._patches):
+                param = self.model.get_parameter(name)
+                state.restore(name, param)
+                others = [p for h in state.handles for p in h._patches if p.param == name]
+                if others:  # re-apply the stacks still on: same arithmetic, so the same bits as before
+                    _merge_into(param, others)
+                else:
+                    del state.backups[name]
+        if not state.handles:
+            del _STATES[self.model]
+
+    def __enter__(self) -> "LoraHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        lines = "; ".join(str(r) for r in self.reports)
+        return f"<LoraHandle {self.mode}{' (removed)' if self._removed else ''}: {lines}>"
+
+
+def _by_param(patches: list[_Patch]) -> dict[str, list[_Patch]]:
+    groups: dict[str, list[_Patch]] = {}
+    for patch in patches:
+        groups.setdefault(patch.param, []).append(patch)
+    return groups
+
+
+def _branch_hook(items: list[tuple[Tensor, Tensor, float]]):
+    def hook(module, args, output):
+        x = args[0]
+        for down, up, factor in items:
+            h = F.linear(x, down.to(device=x.device, dtype=x.dtype))
+            output = output + factor * F.linear(h, up.to(device=x.device, dtype=x.dtype))
+        return output
+    return hook
+
+
+def _as_lora(item) -> LoraWeights:
+    if isinstance(item, LoraWeights):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return load_lora(item)
+    raise TypeError(f"apply_loras: expected a LoraWeights or a path, got {type(item).__name__}")
+
+
+def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: bool = True) -> LoraHandle:
+    """Apply `[(lora_or_path, strength), ...]` to `model` and return a handle whose `.remove()` undoes it exactly.
+
+    strict=True (default) refuses a LoRA with any key that maps to no module of the model, naming the file, the
+    detected format and the first such keys; strict=False applies the rest and reports them in `handle.reports`.
+    A shape mismatch is always an error. On any error nothing is applied."""
+    if mode not in MODES:
+        raise ValueError(f"apply_loras: mode must be one of {MODES}, got {mode!r}")
+    stack = [(item, 1.0) if not isinstance(item, tuple) else item for item in loras]
+    modules = dict(model.named_modules())
+    reports, patches = [], []
+    branches: dict[nn.Linear, list[tuple[Tensor, Tensor, float]]] = {}
+    for item, strength in stack:
+        lora = _as_lora(item)
+        strength = float(strength)
+        unmatched = list(lora.unmatched)
+        matched = []
+        for path, lmod in lora.modules.items():
+            target = modules.get(_model_path(path, model))
+            if target is None:
+                unmatched.extend(lmod.keys)
+            else:
+                _check_shapes(lora, path, lmod, target)
+                matched.append((path, lmod, target))
+        if unmatched and strict:
+            raise LoraError(
+                f"{lora.name} (detected format: {lora.format}): {len(unmatched)} key(s) map to no module of this "
+                f"model, first: {unmatched[:5]}. Nothing was applied. If this LoRA is meant for this model, pass "
+                f"strict=False to apply its other {len(matched)} modules anyway.")
+        reports.append(LoraReport(lora.name, lora.format, strength, len(matched), unmatched, list(lora.redundant)))
+        if strength == 0.0:
+            continue
+        for path, lmod, target in matched:
+            name = _model_path(path, model)
+            if lmod.kind == "lora" and mode == "runtime" and isinstance(target, nn.Linear):
+                branches.setdefault(target, []).append((lmod.down, lmod.up, strength * lmod.scale))
+            elif lmod.kind != "diff" or lmod.diff is not None:
+                patches.append(_Patch(f"{name}.weight", lmod, strength, "weight"))
+            if lmod.diff_b is not None:
+                patches.append(_Patch(f"{name}.bias", lmod, strength, "bias"))
+    handle = LoraHandle(model, mode, reports)
+    try:
+        handle._merge(patches)
+        handle._add_branches(branches)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _model_path(path: str, model: nn.Module) -> str:
+    """LoRA paths say `2-1` for the patch embedder / final layer key; a model with another patch size names it so."""
+    patch = getattr(getattr(model, "config", None), "patch_size", 2)
+    return path.replace(".2-1", f".{patch}-1") if patch != 2 else path
+
+
+def _check_shapes(lora: LoraWeights, path: str, lmod: LoraModule, target: nn.Module) -> None:
+    where = f"{lora.name} (format {lora.format}), module {path} (keys {list(lmod.keys[:2])})"
+    weight = getattr(target, "weight", None)
+    expected = lmod.delta_shape()
+    if expected is not None:
+        if not isinstance(weight, Tensor):
+            raise LoraError(f"{where}: the model's module {path} has no weight to patch")
+        if tuple(weight.shape) != tuple(expected):
+            raise LoraError(f"{where}: the LoRA changes a weight of shape {list(expected)} but the model's weight is "
+                            f"{list(weight.shape)}; is this LoRA for another model?")
+    if lmod.diff_b is not None:
+        bias = getattr(target, "bias", None)
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != tuple(lmod.diff_b.shape):
+            have = "no bias" if not isinstance(bias, Tensor) else f"a bias of shape {list(bias.shape)}"
+            raise LoraError(f"{where}: the LoRA changes a bias of shape {list(lmod.diff_b.shape)} but the model's "
+                            f"module has {have}")
