@@ -1,0 +1,490 @@
+"""The training loop behind the four "keep the Turbo" schemes (training-schemes.md).
+
+1 sft          frozen base + a trainable LoRA, velocity loss with DiffSynth's bell weight.
+2 differential as 1 with a preset LoRA applied frozen during training; previews, validation and export without it.
+3 trajectory   the student (the SFT LoRA, trainable, cfg 1) learns to step between the states of the frozen SFT
+               teacher's 50-step cfg-2 trajectory at its 8 sigmas.
+4 distillpatch as 1; validation also previews the trained LoRA + a DistillPatch LoRA at 8 steps / cfg 1.
+
+Every LoRA runs as a runtime branch of the LoRA engine (no merge), so the base weights are never written. The
+trainable tensors are fp32 masters; the base computes in its own dtype (bf16 on GPU). Randomness (batch order,
+noise, sigma) is derived from (seed, micro-batch index), so a resumed run and a run split over processes draw
+exactly what an uninterrupted single-process run draws.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..lora import LoraWeights, apply_loras, load_lora, new_lora, save_lora
+from ..sampling import QUALITY, TURBO, sample
+from .adapters import check_lora_fits, count_parameters, frozen_copy, grow_lora
+from .checkpoint import (lora_state, load_checkpoint, load_lora_state, restore_rng_states, rng_states,
+                         save_checkpoint)
+from .config import ConfigError, TrainConfig
+from .data import DatasetCache, _mix
+from .losses import SigmaSampler, sft_loss, student_step_weights, teacher_trajectory, trajectory_grids, \
+    trajectory_loss
+from .report import grid_png, latent_preview, loss_curve_png
+
+Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
+ShouldStop = Callable[[], bool]  # True (or raising) interrupts; a checkpoint is written first
+Decode = Callable[[Tensor], "object"]  # latent [C, h, w] -> PIL image
+_SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    lora: LoraWeights  # the trained LoRA (fp32, in memory)
+    step: int
+    losses: list[float]
+    interrupted: bool = False
+    lora_path: Path | None = None
+    checkpoint_path: Path | None = None
+    loss_curve_path: Path | None = None
+    grid_path: Path | None = None
+    turbo_check: dict[str, float] = field(default_factory=dict)
+    teacher_forwards: int = 0  # sample-forwards of the teacher (a cfg-2 step of one sample counts 2)
+    student_forwards: int = 0  # sample-forwards of the student with grad
+    seconds: float = 0.0
+
+
+def train(model, config: TrainConfig, data: DatasetCache, *, progress: Progress | None = None,
+          should_stop: ShouldStop | None = None, decode: Decode | None = None,
+          encode_text: Callable[[str], Tensor] | None = None, preset: LoraWeights | None = None,
+          init_lora: LoraWeights | None = None, distill_patch: LoraWeights | None = None,
+          log: Callable[[str], None] | None = print, write_outputs: bool = True) -> TrainResult:
+    """Train a LoRA on `model` (a ZImageTransformer, left unchanged) from an encoded dataset cache.
+
+    progress(step, total, loss) after every optimizer step; should_stop() before every step (return True or raise
+    to interrupt: a checkpoint is written, then the result comes back with interrupted=True or the exception is
+    re-raised). decode(latent) renders validation samples (a plain latent preview without it); encode_text
+    encodes validation prompts missing from the cache. preset / init_lora / distill_patch override the files named
+    in the config. Under torch.distributed every process calls this with the same config; gradients are averaged
+    over processes and only rank 0 writes files. Runs with autograd on even when called from inference mode
+    (ComfyUI); inference-mode weights of the model are replaced by normal copies (errata A4)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _Run(model, config, data, progress, should_stop, decode, encode_text, preset, init_lora,
+                    distill_patch, log, write_outputs).run()
+
+
+class _LoraStack:
+    """Which LoRAs are applied to the model right now (runtime branches), swappable for teacher and validation."""
+
+    def __init__(self, model):
+        self.model, self.handle, self.current = model, None, []
+
+    def set(self, loras: list[tuple[LoraWeights, float]]):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if loras:
+            self.handle = apply_loras(self.model, loras, mode="runtime")
+        self.current = list(loras)
+
+    @contextmanager
+    def use(self, loras: list[tuple[LoraWeights, float]]):
+        previous = self.current
+        self.set(loras)
+        try:
+            yield
+        finally:
+            self.set(previous)
+
+
+class _Run:
+    def __init__(self, model, config, data, progress, should_stop, decode, encode_text, preset, init_lora,
+                 distill_patch, log, write_outputs):
+        self.model, self.data = model, data
+        self.cfg = config.validate_settings()
+        self.progress, self.should_stop, self.decode, self.encode_text = progress, should_stop, decode, encode_text
+        self.log = log or (lambda message: None)
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.main = self.rank == 0
+        self.write = write_outputs and self.main
+        if self.cfg.batch_size % self.world:
+            raise ConfigError(f"batch_size {self.cfg.batch_size} (the global batch) is not divisible by the "
+                              f"{self.world} processes")
+        self.local_batch = self.cfg.batch_size // self.world
+        self.device = model.x_pad_token.device
+        self.teacher_forwards = self.student_forwards = 0
+        self.teacher_cache: dict[tuple[int, int], Tensor] = {}
+
+        _own_inference_tensors(model)
+        self.saved_checkpointing = model.gradient_checkpointing
+        self.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+
+        cfg = self.cfg
+        self.preset = None
+        if cfg.preset_lora or preset is not None:
+            self.preset = frozen_copy(check_lora_fits(model, preset or load_lora(cfg.preset_lora), "preset LoRA"),
+                                      device=self.device)
+        self.distill_patch = None
+        if cfg.distill_patch or distill_patch is not None:
+            self.distill_patch = frozen_copy(check_lora_fits(
+                model, distill_patch or load_lora(cfg.distill_patch), "DistillPatch LoRA"), device=self.device)
+        self.teacher = None
+        if cfg.scheme == "trajectory":
+            sft = check_lora_fits(model, init_lora or load_lora(cfg.init_lora), "SFT LoRA")
+            self.teacher = frozen_copy(sft, device=self.device)
+            self.lora = grow_lora(model, sft, cfg.rank, cfg.alpha, cfg.targets, seed=cfg.seed)
+            self.student_sigmas, self.teacher_grid, self.teacher_keep = trajectory_grids(
+                cfg.teacher_steps, cfg.student_steps, cfg.shift)
+            self.step_weights = student_step_weights(self.student_sigmas)
+        else:
+            if init_lora is not None or cfg.init_lora:
+                raise ConfigError("init_lora is only used by scheme 'trajectory'")
+            self.lora = new_lora(model, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, seed=cfg.seed)
+            self.sigma_sampler = SigmaSampler(cfg.shift, cfg.num_train_timesteps, cfg.loss_weighting)
+        self.lora = self.lora.to(dtype=torch.float32, device=self.device)
+        self.params = list(self.lora.parameters())
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay)
+        self.stack = _LoraStack(model)
+        self.step, self.losses = 0, []
+        self.epoch_batches: dict[int, list[list[int]]] = {}
+        self.batches_per_epoch: int | None = None
+        self._checkpoint_step: int | None = None
+        self.checkpoint_path = cfg.checkpoint_path if self.main else None
+
+    # ------------------------------------------------------------------------------------------ stacks
+    def training_loras(self):
+        return ([(self.preset, self.cfg.preset_strength)] if self.preset is not None else []) + [(self.lora, 1.0)]
+
+    # ------------------------------------------------------------------------------------------ main
+    def run(self) -> TrainResult:
+        cfg, start = self.cfg, time.perf_counter()
+        try:
+            self._maybe_resume()
+            if self.distributed:
+                with torch.no_grad():
+                    for p in self.params:
+                        dist.broadcast(p.data, src=0)
+            validation = self._validation_inputs() if (self.write and cfg.validate) else []
+            before = self._validate(validation, "before") if validation else {}
+            self.log(f"training {count_parameters(self.lora):,} LoRA parameters ({cfg.scheme}, rank {cfg.rank}) "
+                     f"for {cfg.steps} steps from step {self.step}, {len(self.data)} images, "
+                     f"{self.world} process(es)")
+            self.model.gradient_checkpointing = cfg.gradient_checkpointing
+            self.stack.set(self.training_loras())
+            interrupted = self._loop()
+            self.stack.set([])
+            self.model.gradient_checkpointing = self.saved_checkpointing
+            result = TrainResult(lora=self.lora, step=self.step, losses=list(self.losses), interrupted=interrupted,
+                                 checkpoint_path=self.checkpoint_path, teacher_forwards=self.teacher_forwards,
+                                 student_forwards=self.student_forwards)
+            if not interrupted and self.write:
+                self._write_outputs(result, validation, before)
+            result.seconds = time.perf_counter() - start
+            return result
+        finally:
+            self.stack.set([])
+            self.model.gradient_checkpointing = self.saved_checkpointing
+            for p in self.params:
+                p.requires_grad_(False)
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(self.saved_requires_grad.get(name, False))
+
+    def _loop(self) -> bool:
+        cfg = self.cfg
+        updating = False
+        try:
+            while self.step < cfg.steps:
+                if self.should_stop is not None and self.should_stop():
+                    self._checkpoint()
+                    self.log(f"training interrupted at step {self.step}; checkpoint {self.checkpoint_path}")
+                    return True
+                loss = self._accumulate()
+                updating = True
+                self._update(loss)
+                updating = False
+                if self.progress is not None:
+                    self.progress(self.step, cfg.steps, loss)
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    window = self.losses[-cfg.log_every:]
+                    self.log(f"step {self.step}/{cfg.steps} loss {loss:.5f} (mean of last {len(window)}: "
+                             f"{sum(window) / len(window):.5f})")
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self._checkpoint()
+        except TrainingDiverged:
+            raise
+        except BaseException:
+            if not updating:  # interrupted between updates: the state is consistent, keep it
+                self._checkpoint()
+            raise
+        self._checkpoint()
+        return False
+
+    # ------------------------------------------------------------------------------------------ one step
+    def _batch(self, micro: int) -> list[int]:
+        """The global batch (entry indices) of micro-batch `micro`; every epoch has the same number of batches."""
+        if self.batches_per_epoch is None:
+            self.batches_per_epoch = len(self.data.batches(0, self.cfg.batch_size, self.cfg.seed))
+        epoch, position = divmod(micro, self.batches_per_epoch)
+        if epoch not in self.epoch_batches:
+            self.epoch_batches = {epoch: self.data.batches(epoch, self.cfg.batch_size, self.cfg.seed)}
+        return self.epoch_batches[epoch][position]
+
+    def _accumulate(self) -> float:
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for j in range(cfg.grad_accum):
+            micro = self.step * cfg.grad_accum + j
+            batch = self._batch(micro)
+            lo = self.rank * self.local_batch
+            gen = torch.Generator().manual_seed(_mix(cfg.seed, micro, 1))
+            if cfg.scheme == "trajectory":
+                loss = self._trajectory_micro(batch, lo, gen, micro)
+            else:
+                loss = self._sft_micro(batch, lo, gen)
+            total += loss
+        total_t = torch.tensor([total], dtype=torch.float64)
+        if self.distributed:
+            self._all_reduce_grads()
+            dist.all_reduce(total_t)
+            total_t /= self.world
+        return float(total_t)
+
+    def _sft_micro(self, batch: list[int], lo: int, gen: torch.Generator) -> float:
+        cfg = self.cfg
+        first = self.data.latent(batch[0])
+        noise = torch.randn((len(batch), *first.shape), generator=gen)  # drawn for the global batch
+        sigma, weight = self.sigma_sampler.draw(len(batch), gen)
+        local = slice(lo, lo + self.local_batch)
+        idx = batch[local]
+        x0 = torch.stack([self.data.latent(i) for i in idx]).float().to(self.device)
+        caps = [self.data.caption(i).to(self.device) for i in idx]
+        loss = sft_loss(self.model, x0, caps, noise[local].to(self.device), sigma[local], weight[local])
+        (loss / cfg.grad_accum).backward()
+        self.student_forwards += len(idx)
+        return float(loss.detach()) / cfg.grad_accum
+
+    def _trajectory_micro(self, batch: list[int], lo: int, gen: torch.Generator, micro: int) -> float:
+        cfg = self.cfg
+        channels = self.model.config.in_channels
+        local = slice(lo, lo + self.local_batch)
+        idx = batch[local]
+        entry = self.data.entries[batch[0]]
+        shape = (channels, entry.height // 8, entry.width // 8)
+        if cfg.trajectory_noises:
+            noise_ids = torch.randint(0, cfg.trajectory_noises, (len(batch),), generator=gen).tolist()[local]
+        else:
+            fresh = torch.randn((len(batch), *shape), generator=gen)[local]
+        caps = [self.data.caption(i).to(self.device) for i in idx]
+        negative = self.data.prompt_features("").to(self.device)
+        states = []
+        for n, i in enumerate(idx):
+            if cfg.trajectory_noises:
+                key = (i, noise_ids[n])
+                if cfg.cache_teacher and key in self.teacher_cache:
+                    states.append(self.teacher_cache[key])
+                    continue
+                noise = trajectory_pool_noise(cfg.seed, i, key[1], shape)
+            else:
+                key, noise = None, fresh[n]
+            traj = self._teacher_states(noise[None].to(self.device), [caps[n]], [negative])
+            if key is not None and cfg.cache_teacher:
+                self.teacher_cache[key] = traj
+            states.append(traj)
+        states = torch.cat(states, dim=1).to(self.device)  # [K + 1, B, C, h, w]
+        loss = trajectory_loss(self.model, states, self.student_sigmas, caps, self.step_weights,
+                               chunk=cfg.student_chunk, backward_scale=1.0 / cfg.grad_accum)
+        self.student_forwards += len(idx) * cfg.student_steps
+        return float(loss) / cfg.grad_accum
+
+    def _teacher_states(self, noise: Tensor, positive: list, negative: list) -> Tensor:
+        cfg = self.cfg
+        with self.stack.use([(self.teacher, 1.0)]), torch.no_grad():
+            states = teacher_trajectory(self.model, noise, positive, negative, self.teacher_grid, cfg.teacher_cfg,
+                                        self.teacher_keep)
+        self.teacher_forwards += noise.shape[0] * cfg.teacher_steps * (2 if cfg.teacher_cfg != 1.0 else 1)
+        return states
+
+    def _all_reduce_grads(self):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def _update(self, loss: float):
+        cfg = self.cfg
+        finite = math.isfinite(loss) and all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                                             for p in self.params)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            where = (f"the last good checkpoint is {self.checkpoint_path} (step {self._checkpoint_step})"
+                     if self._checkpoint_step is not None else "no checkpoint was written yet")
+            raise TrainingDiverged(f"training diverged at step {self.step + 1}: loss {loss} (or a gradient) is not "
+                                   f"finite. Lower lr (now {cfg.lr}) or check the data; {where}.")
+        factor = 1.0 / 3.0 if (cfg.lr_schedule == "diffsynth" and self.step < 5) else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
+        self.optimizer.step()
+        self.step += 1
+        self.losses.append(loss)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _checkpoint(self):
+        if self.main and self.cfg.checkpoint_every >= 0 and self.checkpoint_path is not None:
+            save_checkpoint(self.checkpoint_path, {
+                "step": self.step, "lora": lora_state(self.lora), "optimizer": self.optimizer.state_dict(),
+                "losses": list(self.losses), "rng": rng_states(), "config": self.cfg.to_dict(),
+                "lora_alpha": {p: m.alpha for p, m in self.lora.modules.items()}})
+            self._checkpoint_step = self.step
+        if self.distributed:
+            dist.barrier()
+
+    def _maybe_resume(self):
+        cfg = self.cfg
+        if not cfg.resume:
+            return
+        path = cfg.checkpoint_path if cfg.resume == "auto" else Path(cfg.resume)
+        if cfg.resume == "auto" and not path.is_file():
+            return
+        state = load_checkpoint(path)
+        saved = state["config"]
+        for key in ("scheme", "rank", "alpha", "targets", "batch_size", "grad_accum", "seed", "init_lora"):
+            now = self.cfg.to_dict()[key]
+            if saved.get(key) != now:
+                raise ConfigError(f"cannot resume from {path}: it was trained with {key} = {saved.get(key)!r}, "
+                                  f"this run has {now!r}")
+        load_lora_state(self.lora, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.losses = int(state["step"]), list(state["losses"])
+        restore_rng_states(state["rng"])
+        self._checkpoint_step = self.step
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------ validation
+    def _validation_inputs(self) -> list[tuple[str, Tensor]]:
+        prompts = list(self.cfg.validation_prompts) or [self.data.entries[0].caption]
+        out = []
+        for prompt in prompts:
+            if self.data.has_prompt(prompt):
+                out.append((prompt, self.data.prompt_features(prompt)))
+            elif prompt == self.data.entries[0].caption:
+                out.append((prompt, self.data.caption(0)))
+            elif self.encode_text is not None:
+                with torch.no_grad():
+                    features = self.encode_text(prompt)
+                out.append((prompt, (features[0] if features.ndim == 3 else features).detach().clone()))
+            else:
+                self.log(f"validation prompt {prompt!r} is not in the cache and no text encoder was given: skipped")
+        return out
+
+    def _validation_size(self) -> tuple[int, int]:
+        cfg = self.cfg
+        first = self.data.entries[0]
+        return (cfg.validation_width or first.width) // 8, (cfg.validation_height or first.height) // 8
+
+    @torch.no_grad()
+    def _samples(self, validation, loras, steps: int, cfg_scale: float) -> list[Tensor]:
+        w, h = self._validation_size()
+        negative = self.data.prompt_features("").to(self.device)
+        out = []
+        with self.stack.use(loras):
+            for i, (_, features) in enumerate(validation):
+                gen = torch.Generator().manual_seed(_mix(self.cfg.validation_seed, i, 3))
+                noise = torch.randn((1, self.model.config.in_channels, h, w), generator=gen).to(self.device)
+                out.append(sample(self.model, noise, [features.to(self.device)], [negative], steps=steps,
+                                  cfg=cfg_scale, shift=self.cfg.shift)[0].cpu())
+        return out
+
+    def _validate(self, validation, when: str) -> dict:
+        """Turbo (8 / cfg 1) and quality (30 / cfg 2) samples with the current LoRA, preset removed."""
+        loras = [] if (when == "before" and self.cfg.scheme != "trajectory") else [
+            (self.teacher if when == "before" else self.lora, 1.0)]
+        rows = {"turbo": self._samples(validation, loras, TURBO.steps, TURBO.cfg),
+                "quality": self._samples(validation, loras, QUALITY.steps, QUALITY.cfg)}
+        if when == "before" and self.cfg.scheme == "trajectory":
+            rows["base_turbo"] = self._samples(validation, [], TURBO.steps, TURBO.cfg)
+            rows["base_quality"] = self._samples(validation, [], QUALITY.steps, QUALITY.cfg)
+        if when == "after" and self.distill_patch is not None:
+            rows["patched"] = self._samples(validation, [(self.lora, 1.0), (self.distill_patch, 1.0)],
+                                            TURBO.steps, TURBO.cfg)
+        return rows
+
+    def _write_outputs(self, result: TrainResult, validation, before: dict):
+        cfg = self.cfg
+        metadata = {"scheme": cfg.scheme, "rank": str(cfg.rank), "alpha": str(cfg.lora_alpha),
+                    "steps": str(self.step), "base_model": cfg.base_model, "preset_lora": str(cfg.preset_lora or ""),
+                    "init_lora": str(cfg.init_lora or ""), "targets": ",".join(cfg.targets), "lr": str(cfg.lr),
+                    "seed": str(cfg.seed), "loss_weighting": cfg.loss_weighting, "trainer": "zimage_core.training"}
+        if cfg.scheme == "trajectory":
+            metadata.update(teacher_steps=str(cfg.teacher_steps), teacher_cfg=str(cfg.teacher_cfg),
+                            student_steps=str(cfg.student_steps))
+        export = self.lora.to(dtype=_SAVE_DTYPES[cfg.save_dtype], device="cpu")
+        result.lora_path = cfg.output_path(".safetensors")
+        save_lora(export, result.lora_path, metadata=metadata)
+        if self.losses:
+            result.loss_curve_path = loss_curve_png(self.losses, cfg.output_path(".loss.png"),
+                                                    title=f"{cfg.output_name}: {cfg.scheme} loss")
+        if validation:
+            after = self._validate(validation, "after")
+            render = self.decode or latent_preview
+            rows = []
+            if "base_turbo" in before:
+                rows += [("base 8 steps cfg 1", before["base_turbo"]), ("base 30 steps cfg 2", before["base_quality"])]
+            label = "SFT LoRA" if cfg.scheme == "trajectory" else "before"
+            rows += [(f"{label} 8 steps cfg 1", before["turbo"]), (f"{label} 30 steps cfg 2", before["quality"]),
+                     ("after 8 steps cfg 1", after["turbo"]), ("after 30 steps cfg 2", after["quality"])]
+            if "patched" in after:
+                rows.append(("after + DistillPatch 8 steps cfg 1", after["patched"]))
+            images = [(name, [render(x) for x in latents]) for name, latents in rows]
+            result.grid_path = grid_png(images, [p for p, _ in validation], cfg.output_path(".grid.png"))
+            check = {"base": _gap(before.get("base_turbo", before["turbo"]), before.get("base_quality",
+                                                                                           before["quality"])),
+                     "trained": _gap(after["turbo"], after["quality"])}
+            if cfg.scheme == "trajectory":
+                check["sft"] = _gap(before["turbo"], before["quality"])
+            if "patched" in after:
+                check["trained+distillpatch"] = _gap(after["patched"], after["quality"])
+            result.turbo_check = check
+            self.log("turbo check (RMS distance between 8-step/cfg-1 and 30-step/cfg-2 samples; smaller keeps the "
+                     "Turbo): " + ", ".join(f"{k} {v:.4f}" for k, v in check.items()))
+
+
+def trajectory_pool_noise(seed: int, entry: int, k: int, shape) -> Tensor:
+    """Noise k of the fixed trajectory-imitation pool of dataset entry `entry` (trajectory_noises > 0)."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_mix(seed, entry, k, 2)))
+
+
+def _gap(a: list[Tensor], b: list[Tensor]) -> float:
+    return float(torch.stack([(x.float() - y.float()).pow(2).mean() for x, y in zip(a, b)]).mean().sqrt())
+
+
+@torch.no_grad()
+def _own_inference_tensors(model):
+    """Replace inference-mode parameters and buffers (created under ComfyUI's torch.inference_mode) by normal
+    copies: autograd cannot save inference tensors for backward (errata A4)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_inference():
+                module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_inference():
+                module._buffers[name] = buf.clone()
