@@ -1,0 +1,36 @@
+"""The pack's ComfyUI nodes (V3 schema). Thin adapters over zimage_core; registered only through
+`comfy_entrypoint` (no NODE_CLASS_MAPPINGS, which would make ComfyUI ignore the V3 entry point).
+
+Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
+ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning. The wire type is documented in types.py.
+"""
+
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .demo import ZImageTurboDemoConditioning
+from .loader import ZImageTurboModelLoader
+from .lora_stack import ZImageTurboLoraStack
+from .sampler import ZImageTurboSampler
+from .train import ZImageTurboTrainLora
+
+NODES: list[type[io.ComfyNode]] = [
+    ZImageTurboModelLoader,
+    ZImageTurboLoraStack,
+    ZImageTurboSampler,
+    ZImageTurboTrainLora,
+    ZImageTurboDemoConditioning,
+]
+
+
+class ZImageTurboExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> ZImageTurboExtension:
+    return ZImageTurboExtension()

@@ -1,0 +1,127 @@
+"""ZImageTurboModelLoader: a Z-Image transformer from ComfyUI's diffusion_models folder as a `ZIMAGE_MODEL`."""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+from typing_extensions import override
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..zimage_core import load_transformer
+from .types import OFFLOAD_MODES, ZIMAGE_MODEL, LoadedBase, ZImageModel, log
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FOLDER = "diffusion_models"
+
+# Module-level cache (V3 nodes keep no instance state): (path, mtime, dtype, offload) -> LoadedBase. The most recent
+# model is held strongly, the others only while something (ComfyUI's output cache, a workflow branch) still uses them,
+# so switching models frees the old one.
+_cache: "weakref.WeakValueDictionary[tuple, LoadedBase]" = weakref.WeakValueDictionary()
+_last: list[LoadedBase] = []
+
+
+def _diffusers_folders() -> dict[str, str]:
+    """Sharded diffusers transformers inside diffusion_models: option name ('folder/') -> absolute folder."""
+    found = {}
+    for root in folder_paths.get_folder_paths(FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            if "config.json" in files and any(f.endswith(".safetensors") for f in files):
+                rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+                if rel != ".":
+                    found[rel + "/"] = dirpath
+    return found
+
+
+def model_options() -> list[str]:
+    """Single files, plus each diffusers folder as one entry ('name/') instead of its shards."""
+    folders = _diffusers_folders()
+    files = [f for f in folder_paths.get_filename_list(FOLDER)
+             if not any(f.replace(os.sep, "/").startswith(d) for d in folders)]
+    return sorted(files + list(folders))
+
+
+def resolve(name: str) -> str:
+    if name.endswith("/"):
+        folders = _diffusers_folders()
+        if name not in folders:
+            raise FileNotFoundError(f"Z-Image model folder '{name}' not found in {folder_paths.get_folder_paths(FOLDER)}")
+        return folders[name]
+    try:
+        return folder_paths.get_full_path_or_raise(FOLDER, name)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"Z-Image model '{name}' not found in the diffusion_models folder "
+                                f"({', '.join(folder_paths.get_folder_paths(FOLDER))})") from e
+
+
+def _mtime(path: str) -> float:
+    if os.path.isdir(path):
+        return max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs), default=0.0)
+    return os.path.getmtime(path)
+
+
+def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> LoadedBase:
+    path = resolve(name)
+    dtype = DTYPES[weight_dtype]
+    key = (path, _mtime(path), dtype, offload)
+    base = _cache.get(key)
+    if base is None:
+        # Load outside inference mode: ComfyUI runs nodes under torch.inference_mode(), and inference-mode weights
+        # could not be used by the trainer's backward pass.
+        with torch.inference_mode(False):
+            try:
+                transformer = load_transformer(path, dtype=dtype, device="cpu")
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"'{name}' cannot be loaded as a Z-Image transformer: {e}") from e
+        base = LoadedBase.create(transformer, path, name, dtype, offload)
+        _cache[key] = base
+        log.info("ZImageTurbo: loaded %s (%s, offload %s)", name, weight_dtype, offload)
+    _last[:] = [base]
+    return base
+
+
+class ZImageTurboModelLoader(io.ComfyNode):
+    @classmethod
+    @override
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZImageTurboModelLoader",
+            display_name="Z-Image Turbo Model Loader",
+            category="ZImageTurbo",
+            description="Loads a Z-Image / Z-Image-Turbo transformer from models/diffusion_models: a single "
+                        ".safetensors in diffusers or ComfyUI (fused qkv) layout, with or without key prefixes, or a "
+                        "diffusers folder. fp8 files are up-cast to the chosen dtype (with a quality warning). The "
+                        "model is cached across runs and takes part in ComfyUI's memory management.",
+            inputs=[
+                io.Combo.Input("model_name", options=model_options(),
+                               tooltip="Transformer file (or diffusers folder, shown as 'name/') in "
+                                       "models/diffusion_models, e.g. z_image_turbo_bf16.safetensors."),
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="bf16",
+                               tooltip="Precision the weights are held and run in. bf16 is the released precision; "
+                                       "fp16 for GPUs without bf16; fp32 for reference/CPU runs."),
+                io.Combo.Input("offload", options=list(OFFLOAD_MODES), default="none",
+                               tooltip="none: the whole model moves to the GPU for sampling. block: only the "
+                                       "embedders stay on the GPU and each transformer block is streamed from RAM "
+                                       "when it runs (slower, for GPUs with little VRAM)."),
+            ],
+            outputs=[ZIMAGE_MODEL.Output("zimage_model", display_name="model",
+                                         tooltip="The Z-Image transformer, for the LoRA stack, sampler or trainer.")],
+        )
+
+    @classmethod
+    @override
+    def fingerprint_inputs(cls, model_name, weight_dtype, offload):
+        try:  # re-run (and reload) when the file changes on disk
+            return (model_name, weight_dtype, offload, _mtime(resolve(model_name)))
+        except (OSError, FileNotFoundError):
+            return (model_name, weight_dtype, offload, None)
+
+    @classmethod
+    @override
+    def execute(cls, model_name, weight_dtype, offload) -> io.NodeOutput:
+        return io.NodeOutput(ZImageModel(load_base(model_name, weight_dtype, offload)))

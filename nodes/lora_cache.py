@@ -1,0 +1,45 @@
+"""Bridge to zimage_core's LoRA engine: a small module-level cache of parsed LoRA files (by path and mtime) and the
+call that merges a stack. No LoRA logic lives here; formats, key matching and restore are the engine's."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ..zimage_core import lora as lora_engine
+from .types import LoraSpec
+
+_MAX_CACHED = 6
+_cache: OrderedDict[tuple[str, float], object] = OrderedDict()
+
+
+def load_cached(spec: LoraSpec):
+    """The engine's parsed `LoraWeights` for a file; parsed once per (path, mtime)."""
+    key = (spec.path, spec.mtime)
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    weights = lora_engine.load_lora(spec.path)
+    _cache[key] = weights
+    while len(_cache) > _MAX_CACHED:
+        _cache.popitem(last=False)
+    return weights
+
+
+def apply_stack(transformer, specs: tuple[LoraSpec, ...]):
+    """Merge `specs` into `transformer`; returns (handle, reports). Unmatched keys raise the engine's LoraError
+    (naming file, format and keys); a LoRA that patches nothing is an error too, never a silent no-op."""
+    handle = lora_engine.apply_loras(transformer, [(load_cached(s), s.strength) for s in specs],
+                                     mode="merge", strict=True)
+    for spec, report in zip(specs, handle.reports):
+        if report.matched == 0:
+            handle.remove()
+            raise lora_engine.LoraError(f"LoRA '{spec.name}' ({report.format}) matched no module of this Z-Image "
+                                        f"model: it is probably for another model")
+    return handle, list(handle.reports)
+
+
+def summarize(spec: LoraSpec, report) -> str:
+    """One UI line per LoRA: detected format, modules patched, keys left unmatched."""
+    role = " [DistillPatch]" if spec.role == "distillpatch" else ""
+    return (f"{spec.name}{role} @ {spec.strength:g}: format {report.format}, {report.matched} modules patched, "
+            f"{len(report.unmatched)} keys left")

@@ -1,0 +1,91 @@
+"""ZImageTurboLoraStack: LoRAs from models/loras plus a dedicated DistillPatch slot on a ZIMAGE_MODEL."""
+
+from __future__ import annotations
+
+from typing_extensions import override
+
+import folder_paths
+from comfy_api.latest import io, ui
+from server import PromptServer
+
+from .lora_cache import summarize
+from .types import ROLE_DISTILLPATCH, ROLE_LORA, ZIMAGE_MODEL, LoraSpec, ZImageModel
+
+NONE = "None"
+SLOTS = 3
+
+
+def lora_options() -> list[str]:
+    return [NONE] + folder_paths.get_filename_list("loras")
+
+
+def default_distillpatch(options: list[str]) -> str:
+    """The DistillPatch file users usually have (e.g. z-image_turbo_distillpatch_comfyui.safetensors), if present."""
+    return next((o for o in options if "distillpatch" in o.lower().replace("_", "").replace("-", "")), NONE)
+
+
+def spec_for(name: str, strength: float, role: str) -> LoraSpec:
+    try:
+        path = folder_paths.get_full_path_or_raise("loras", name)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"LoRA '{name}' not found in the loras folder "
+                                f"({', '.join(folder_paths.get_folder_paths('loras'))})") from e
+    return LoraSpec.from_file(path, name, strength, role)
+
+
+class ZImageTurboLoraStack(io.ComfyNode):
+    @classmethod
+    @override
+    def define_schema(cls) -> io.Schema:
+        options = lora_options()
+        inputs = [ZIMAGE_MODEL.Input("model", tooltip="Z-Image model, from the loader or another LoRA stack (its "
+                                                      "LoRAs are kept: chain stacks to use any number of LoRAs).")]
+        for i in range(1, SLOTS + 1):
+            inputs += [
+                io.Combo.Input(f"lora_{i}", options=options, default=NONE,
+                               tooltip=f"LoRA {i} from models/loras (any trainer format zimage_core detects); "
+                                       f"None = empty slot."),
+                io.Float.Input(f"strength_{i}", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip=f"Strength of LoRA {i}; 0 skips it."),
+            ]
+        inputs += [
+            io.Combo.Input("distillpatch", options=options, default=default_distillpatch(options),
+                           tooltip="DistillPatch LoRA (restores 8-step Turbo sharpness on top of SFT LoRAs), from "
+                                   "models/loras; None = off."),
+            io.Float.Input("distillpatch_strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                           tooltip="Strength of the DistillPatch (1.0 is what it was trained for)."),
+        ]
+        return io.Schema(
+            node_id="ZImageTurboLoraStack",
+            display_name="Z-Image Turbo LoRA Stack",
+            category="ZImageTurbo",
+            description="Applies up to three LoRAs and a DistillPatch to a Z-Image model (chain nodes for more). "
+                        "The node shows what each LoRA matched: detected format, modules patched, keys left. A LoRA "
+                        "whose keys do not match this model is an error naming the file, never a silent no-op. "
+                        "Switching LoRAs between runs restores the base weights exactly.",
+            inputs=inputs,
+            outputs=[ZIMAGE_MODEL.Output("zimage_model", display_name="model",
+                                         tooltip="The model with this stack (and the incoming one) applied.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    @override
+    def execute(cls, model: ZImageModel, lora_1, strength_1, lora_2, strength_2, lora_3, strength_3,
+                distillpatch, distillpatch_strength) -> io.NodeOutput:
+        specs = []
+        for name, strength in ((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)):
+            if name != NONE and strength != 0:
+                specs.append(spec_for(name, strength, ROLE_LORA))
+        if distillpatch != NONE and distillpatch_strength != 0:
+            if any(s.role == ROLE_DISTILLPATCH for s in model.loras):
+                raise ValueError(f"the incoming model already has a DistillPatch; '{distillpatch}' would apply it "
+                                 f"twice: set distillpatch to None on one of the chained LoRA stacks")
+            specs.append(spec_for(distillpatch, distillpatch_strength, ROLE_DISTILLPATCH))
+        out = model.with_loras(*specs)
+        reports = out.activate()
+        lines = [summarize(spec, report) for spec, report in zip(out.loras, reports)] or ["no LoRA applied"]
+        text = "\n".join(lines)
+        if cls.hidden.unique_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, cls.hidden.unique_id)
+        return io.NodeOutput(out, ui=ui.PreviewText(text))

@@ -1,0 +1,150 @@
+"""ZImageTurboSampler: zimage_core's flow-matching Euler sampler on ComfyUI CONDITIONING and LATENT.
+
+ComfyUI conventions it reproduces (so the output decodes with VAEDecode and compares with KSampler):
+* LATENT holds raw Flux-VAE latents; the model works in `latent_formats.Flux` space: `process_in` is applied to a
+  non-zero input latent, `process_out` to the result (as `comfy.samplers.CFGGuider` does for ComfyUI's ZImage).
+* the noise for a seed is `comfy.sample.prepare_noise(latent, seed, batch_index)`, exactly KSampler's, after the same
+  empty-latent channel fix (a 4-channel EmptyLatentImage becomes 16 channels).
+* image-to-image: the start is `sigma0 * noise + (1 - sigma0) * latent`, KSampler's noise scaling.
+"""
+
+from __future__ import annotations
+
+import torch
+from typing_extensions import override
+
+import comfy.model_management
+import comfy.sample
+import latent_preview
+from comfy_api.latest import io
+
+from ..zimage_core import QUALITY, TURBO, sample
+from ..zimage_core.scheduler import DEFAULT_SHIFT
+from .types import ZIMAGE_MODEL, ZImageModel
+
+PRESETS = {"turbo": TURBO, "quality": QUALITY, "custom": None}
+
+
+def conditioning_features(conditioning, model: ZImageModel, name: str) -> list[torch.Tensor]:
+    """ComfyUI CONDITIONING ([[tensor [B, L, D], {...}]]) -> one [L_i, D] caption per batch row, with padding
+    removed where the text encoder returned an attention mask."""
+    if not conditioning:
+        raise ValueError(f"{name} conditioning is empty")
+    if len(conditioning) > 1:
+        raise ValueError(f"{name} conditioning has {len(conditioning)} entries (combined, area or timestep "
+                         f"conditioning); the Z-Image Turbo sampler takes a single CLIPTextEncode output")
+    tensor, extra = conditioning[0]
+    width = model.config.cap_feat_dim
+    if tensor.ndim != 3 or tensor.shape[-1] != width:
+        raise ValueError(f"{name} conditioning has shape {list(tensor.shape)}, but this Z-Image model reads "
+                         f"[batch, tokens, {width}] text features: load the Qwen3-4B text encoder with CLIPLoader "
+                         f"(type lumina2) for the released model")
+    mask = extra.get("attention_mask") if isinstance(extra, dict) else None
+    rows = []
+    for i in range(tensor.shape[0]):
+        row = tensor[i]
+        if mask is not None and mask.shape[-1] == row.shape[0]:
+            keep = mask[min(i, mask.shape[0] - 1)].bool().to(row.device)
+            row = row[keep] if keep.any() else row[:1]
+        rows.append(row)
+    return rows
+
+
+def prepare_latents(model: ZImageModel, latent: dict, seed: int):
+    """(raw latent, noise, model-space start latent): KSampler's channel fix and noise, Flux process_in."""
+    if latent.get("noise_mask") is not None:
+        raise ValueError("the LATENT carries a noise_mask (inpainting); the Z-Image Turbo sampler does not support "
+                         "masks: remove the SetLatentNoiseMask / inpaint node")
+    samples = comfy.sample.fix_empty_latent_channels(model.patcher, latent["samples"])
+    channels = model.config.in_channels
+    if samples.ndim != 4 or samples.shape[1] != channels:
+        raise ValueError(f"LATENT has shape {list(samples.shape)}; Z-Image needs [batch, {channels}, H, W] latents "
+                         f"of the Flux VAE (EmptySD3LatentImage, or VAEEncode with the Flux ae.safetensors)")
+    p = model.config.patch_size
+    if samples.shape[-2] % p or samples.shape[-1] % p:
+        raise ValueError(f"image size {samples.shape[-1] * 8}x{samples.shape[-2] * 8} is not a multiple of "
+                         f"{8 * p} pixels, which Z-Image needs")
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    fmt = model.patcher.model.latent_format
+    start = fmt.process_in(samples) if torch.count_nonzero(samples) > 0 else torch.zeros_like(samples)
+    return samples, noise, start
+
+
+def resolve_preset(preset: str, steps: int, cfg: float) -> tuple[int, float]:
+    chosen = PRESETS[preset]
+    return (steps, cfg) if chosen is None else (chosen.steps, chosen.cfg)
+
+
+class ZImageTurboSampler(io.ComfyNode):
+    @classmethod
+    @override
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZImageTurboSampler",
+            display_name="Z-Image Turbo Sampler",
+            category="ZImageTurbo",
+            description="Samples a Z-Image model (with its LoRA stack) with the flow-matching Euler sampler: "
+                        "turbo = 8 steps at cfg 1 (what Z-Image-Turbo is distilled for), quality = 30 steps at "
+                        "cfg 2 (an SFT LoRA without DistillPatch), or custom. Seeds give the same noise as "
+                        "KSampler. The LATENT output decodes with VAEDecode and the Flux VAE (ae.safetensors).",
+            inputs=[
+                ZIMAGE_MODEL.Input("model", tooltip="Z-Image model from the loader or the LoRA stack."),
+                io.Conditioning.Input("positive", tooltip="Prompt: CLIPTextEncode with the Qwen3-4B text encoder "
+                                                          "(CLIPLoader, type lumina2)."),
+                io.Latent.Input("latent_image", tooltip="Start latent: EmptySD3LatentImage / EmptyLatentImage for "
+                                                        "text-to-image, or VAEEncode (Flux VAE) with denoise < 1 "
+                                                        "for image-to-image."),
+                io.Combo.Input("preset", options=list(PRESETS), default="turbo",
+                               tooltip="turbo: 8 steps, cfg 1. quality: 30 steps, cfg 2. custom: use the steps and "
+                                       "cfg below (they are ignored by the other presets)."),
+                io.Int.Input("steps", default=TURBO.steps, min=1, max=200,
+                             tooltip="Sampling steps (preset custom only)."),
+                io.Float.Input("cfg", default=TURBO.cfg, min=0.0, max=20.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance (preset custom only); 1 = no guidance and one "
+                                       "model call per step, which is how Turbo is meant to run."),
+                io.Float.Input("shift", default=DEFAULT_SHIFT, min=0.1, max=20.0, step=0.05,
+                               tooltip="Sigma shift of the flow-matching schedule (Z-Image uses 3)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; the same seed gives the same noise as ComfyUI's KSampler."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1 = start from pure noise; lower values keep more of the input latent "
+                                       "(image-to-image)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Optional negative prompt, used only when cfg != 1; without it an "
+                                              "all-zero caption is the unconditional branch."),
+            ],
+            outputs=[io.Latent.Output("LATENT", display_name="LATENT",
+                                      tooltip="Sampled latent (raw Flux-VAE space) for VAEDecode.")],
+        )
+
+    @classmethod
+    @override
+    def execute(cls, model: ZImageModel, positive, latent_image, preset, steps, cfg, shift, seed, denoise,
+                negative=None) -> io.NodeOutput:
+        steps, cfg = resolve_preset(preset, steps, cfg)
+        if denoise <= 0.0:
+            return io.NodeOutput(dict(latent_image))
+        samples, noise, start = prepare_latents(model, latent_image, seed)
+        pos = conditioning_features(positive, model, "positive")
+        neg = conditioning_features(negative, model, "negative") if negative is not None and cfg != 1.0 else None
+
+        patcher = model.patcher
+        rows = samples.shape[0] * (2 if cfg != 1.0 else 1)
+        comfy.model_management.load_models_gpu(
+            [patcher], memory_required=patcher.model.memory_required([rows, *samples.shape[1:]]), force_full_load=True)
+        model.activate()
+        device = patcher.load_device
+
+        preview = latent_preview.prepare_callback(patcher, steps)
+
+        def on_step(step, total, x0):
+            comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel stops within one step
+            preview(step - 1, x0, None, total)
+
+        out = sample(model.transformer, noise.to(device), [c.to(device) for c in pos],
+                     None if neg is None else [c.to(device) for c in neg], steps=steps, cfg=cfg, shift=shift,
+                     denoise=denoise, callback=on_step, init_latent=start.to(device))
+        result = dict(latent_image)
+        result["samples"] = patcher.model.latent_format.process_out(out.float()).to(
+            comfy.model_management.intermediate_device())
+        return io.NodeOutput(result)

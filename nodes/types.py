@@ -1,0 +1,200 @@
+"""The `ZIMAGE_MODEL` wire type: what travels between the pack's nodes, documented in this one place.
+
+A `ZIMAGE_MODEL` socket carries a `ZImageModel` (below): an immutable *description* of "this Z-Image transformer
+with these LoRAs". It holds
+
+* `base`: a `LoadedBase`, the one shared, cached transformer loaded from a file (per path, mtime, dtype and offload
+  mode), wrapped in a ComfyUI `ModelPatcher` (`ZImagePatcher`) so that ComfyUI's memory management can free VRAM for
+  it before sampling and unload it when another model needs the memory;
+* `loras`: the ordered LoRA stack (`LoraSpec`s, user LoRAs and the DistillPatch) this wire wants applied.
+
+Nodes never modify a `ZImageModel`; the LoRA stack node returns a new one with more LoRAs. Because the weights are
+shared, a stack is *merged* into the base weights only when a node calls `activate()`: it removes whatever other
+stack is merged (zimage_core restores the base weights bit-exactly) and merges this wire's stack, so any number of
+branches and runs with different LoRAs can share one loaded model without drift.
+
+The sockets around it are ComfyUI's own types (CONDITIONING, LATENT, CLIP, VAE, IMAGE), so core text encoding, VAE
+and image nodes work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_management
+import comfy.model_patcher
+from comfy_api.latest import io
+
+from ..zimage_core import ZImageTransformer
+from ..zimage_core.offload import disable_block_offload, enable_block_offload
+
+log = logging.getLogger("ZImageTurbo")
+
+ZIMAGE_MODEL = io.Custom("ZIMAGE_MODEL")
+"""The socket type; use `ZIMAGE_MODEL.Input(...)` / `ZIMAGE_MODEL.Output(...)` in schemas."""
+
+OFFLOAD_MODES = ("none", "block")
+ROLE_LORA, ROLE_DISTILLPATCH, ROLE_TRAINED = "lora", "distillpatch", "trained"
+ZIMAGE_MEMORY_USAGE_FACTOR = 1.7  # ComfyUI's supported_models.ZImage: activation memory per latent pixel
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA in a stack: the file (absolute path and its mtime, so an edited file is reloaded), the name the
+    user picked in the loras folder (for messages), the strength and its role in the stack."""
+
+    path: str
+    name: str
+    strength: float
+    role: str = ROLE_LORA
+    mtime: float = 0.0
+
+    @classmethod
+    def from_file(cls, path: str, name: str, strength: float, role: str = ROLE_LORA) -> "LoraSpec":
+        return cls(os.path.abspath(path), name, float(strength), role, os.path.getmtime(path))
+
+
+class ZImageShell(torch.nn.Module):
+    """The object ComfyUI's `ModelPatcher` manages: the zimage_core transformer as `.diffusion_model`, plus the
+    attributes ComfyUI reads from its own models (`latent_format` for previews and empty-latent fixing, `get_dtype`,
+    `memory_required`)."""
+
+    def __init__(self, transformer: ZImageTransformer, offload: str):
+        super().__init__()
+        self.diffusion_model = transformer
+        self.latent_format = comfy.latent_formats.Flux()  # what ComfyUI's ZImage (Lumina2) model uses
+        self.offload = offload
+
+    def get_dtype(self) -> torch.dtype:
+        return self.diffusion_model.dtype
+
+    def memory_required(self, input_shape) -> float:
+        """Activation memory for a latent batch of `input_shape`, with the formula of ComfyUI's BaseModel."""
+        area = input_shape[0] * math.prod(input_shape[2:])
+        if comfy.model_management.xformers_enabled() or comfy.model_management.pytorch_attention_flash_attention():
+            return area * comfy.model_management.dtype_size(self.get_dtype()) * 0.01 * ZIMAGE_MEMORY_USAGE_FACTOR * 2**20
+        return area * 0.15 * ZIMAGE_MEMORY_USAGE_FACTOR * 2**20
+
+
+class ZImagePatcher(comfy.model_patcher.ModelPatcher):
+    """A `ModelPatcher` for a zimage_core transformer. ComfyUI's own partial loading streams `comfy.ops` layers;
+    this model has plain torch layers, so loading is all-or-nothing: `load_models_gpu` moves the whole transformer to
+    the GPU (offload "none") or enables zimage_core's block offload (offload "block": embedders on the GPU, blocks
+    streamed from RAM), and any unload ComfyUI asks for (freeing VRAM for the VAE / text encoder, `/free`, OOM)
+    moves it back to the offload device. LoRAs are merged by zimage_core, not by ComfyUI's weight patches."""
+
+    def _resident_bytes(self) -> int:
+        transformer = self.model.diffusion_model
+        if self.model.offload == "block":
+            block_params = {id(p) for b in transformer.blocks() for p in b.parameters()}
+            return sum(p.numel() * p.element_size() for p in transformer.parameters() if id(p) not in block_params)
+        return self.model_size()
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        device_to = torch.device(device_to)
+        if self.model.model_loaded_weight_memory > 0 and self.model.device == device_to:
+            return 0
+        transformer = self.model.diffusion_model
+        if self.model.offload == "block":
+            enable_block_offload(transformer, device_to, offload_device=self.offload_device)
+        else:
+            transformer.to(device_to)
+        self.model.device = device_to
+        self.model.model_loaded_weight_memory = self._resident_bytes()
+        self.model.model_lowvram = self.model.offload == "block"
+        return self.model.model_loaded_weight_memory
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        freed = self.model.model_loaded_weight_memory
+        self._unload(device_to)
+        return freed
+
+    def detach(self, unpatch_all=True):
+        self._unload(self.offload_device)
+        return self.model
+
+    def _unload(self, device_to):
+        transformer = self.model.diffusion_model
+        if self.model.offload == "block":
+            disable_block_offload(transformer, device_to)
+        transformer.to(device_to)
+        self.model.device = torch.device(device_to)
+        self.model.model_loaded_weight_memory = 0
+        self.model.model_lowvram = False
+
+
+@dataclass(eq=False)
+class LoadedBase:
+    """One loaded transformer, shared by every `ZImageModel` made from it, and the LoRA stack merged into it now."""
+
+    transformer: ZImageTransformer
+    patcher: ZImagePatcher
+    path: str
+    name: str
+    dtype: torch.dtype
+    offload: str
+    active: tuple[LoraSpec, ...] = ()
+    handle: object = None  # zimage_core.lora handle of the merged stack (`.remove()`, `.reports`)
+    reports: list = field(default_factory=list)
+
+    @classmethod
+    def create(cls, transformer: ZImageTransformer, path: str, name: str, dtype: torch.dtype,
+               offload: str) -> "LoadedBase":
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        patcher = ZImagePatcher(ZImageShell(transformer, offload), load_device=comfy.model_management.get_torch_device(),
+                                offload_device=comfy.model_management.unet_offload_device())
+        return cls(transformer, patcher, path, name, dtype, offload)
+
+    def clear(self) -> None:
+        """Remove the merged stack, if any, restoring the base weights."""
+        if self.handle is not None:
+            self.handle.remove()
+        self.handle, self.active, self.reports = None, (), []
+
+
+@dataclass(frozen=True, eq=False)
+class ZImageModel:
+    """The value of a `ZIMAGE_MODEL` socket (see the module docstring)."""
+
+    base: LoadedBase
+    loras: tuple[LoraSpec, ...] = ()
+
+    @property
+    def transformer(self) -> ZImageTransformer:
+        return self.base.transformer
+
+    @property
+    def patcher(self) -> ZImagePatcher:
+        return self.base.patcher
+
+    @property
+    def config(self):
+        return self.base.transformer.config
+
+    def with_loras(self, *specs: LoraSpec) -> "ZImageModel":
+        return replace(self, loras=self.loras + tuple(specs))
+
+    def activate(self) -> list:
+        """Make the shared transformer carry exactly this wire's LoRA stack; returns the engine's per-LoRA reports.
+        A different stack merged before is removed first (bit-exact restore)."""
+        base = self.base
+        if base.active == self.loras and (base.handle is not None or not self.loras):
+            return base.reports
+        base.clear()
+        if self.loras:
+            from .lora_cache import apply_stack  # late import: the LoRA engine is optional until a stack is used
+            base.handle, base.reports = apply_stack(base.transformer, self.loras)
+            base.active = self.loras
+        return base.reports
+
+    def describe(self) -> str:
+        stack = ", ".join(f"{s.name} @ {s.strength:g}" + (" (DistillPatch)" if s.role == ROLE_DISTILLPATCH else "")
+                          for s in self.loras)
+        return f"{self.base.name} [{self.base.dtype}, offload {self.base.offload}]" + (f" + {stack}" if stack else "")
