@@ -32,8 +32,19 @@ def _convert_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    from .training.cli import configure
+    configure(parser)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training.cli import run
+    return run(args)
+
+
 COMMANDS = {
     "convert-lora": ("convert any supported Z-Image LoRA to the export format", _convert_lora_args, _convert_lora),
+    "train": ("train a LoRA headless from an encoded dataset cache (torchrun for data parallel)", _train_args, _train),
 }
 
 

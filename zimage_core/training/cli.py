@@ -1,0 +1,99 @@
+"""The headless trainer: `python -m zimage_core train --config FILE.toml`.
+
+It reads an encoded dataset cache (built by the ComfyUI training node or `build_cache`), so no VAE or text encoder
+is loaded. Under `torchrun --nproc_per_node N` it trains data-parallel (gradients averaged over processes; NCCL on
+GPUs, gloo on CPU): the global batch_size of the config is split evenly over the processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training config (TOML); see zimage_core.training.TrainConfig")
+    parser.add_argument("--steps", type=int, help="override the config's steps")
+    parser.add_argument("--resume", help="'auto' or a checkpoint path (overrides the config)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+                        help="compute dtype of the frozen base (auto: bf16 on GPU, fp32 on CPU); LoRA stays fp32")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def load_base_model(name: str, dtype: torch.dtype, device):
+    """`tiny:SEED` builds the random tiny model (tests and demos); anything else is a checkpoint path."""
+    if name.startswith("tiny:"):
+        from ..testing import tiny_model
+        return tiny_model(int(name.split(":", 1)[1] or 0), dtype=dtype).to(device)
+    if not name:
+        raise ValueError("the config has no base_model (a Z-Image-Turbo checkpoint path)")
+    from ..checkpoint import load_transformer
+    return load_transformer(name, dtype=dtype, device=device)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .data import DatasetCache
+    from .trainer import train
+
+    config = TrainConfig.from_toml(args.config)
+    if args.steps is not None:
+        config.steps = args.steps
+    if args.resume is not None:
+        config.resume = args.resume
+    config.validate_settings()
+    if not config.cache_dir:
+        raise ValueError("the headless trainer needs cache_dir (an encoded dataset cache with manifest.json)")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    distributed = world > 1
+    if distributed:
+        import torch.distributed as dist
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank = int(os.environ.get("RANK", "0"))
+    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if use_cuda else torch.float32)
+    try:
+        model = load_base_model(config.base_model, dtype, device)
+        cache = DatasetCache.load(config.cache_dir)
+        bar = None
+        if rank == 0 and not args.quiet:
+            from tqdm import tqdm
+            bar = tqdm(total=config.steps, desc=f"train {config.scheme}", unit="step")
+
+        def progress(step, total, loss):
+            if bar is not None:
+                bar.n = step
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.refresh()
+
+        log = (lambda message: (bar.write(message) if bar is not None else print(message))) if rank == 0 else None
+        try:
+            result = train(model, config, cache, progress=progress, log=log)
+        except KeyboardInterrupt:
+            if rank == 0:
+                print(f"interrupted; checkpoint kept at {config.checkpoint_path} (resume with --resume auto)",
+                      file=sys.stderr)
+            return 130
+        finally:
+            if bar is not None:
+                bar.close()
+        if rank == 0:
+            print(f"trained {result.step} steps in {result.seconds:.1f} s; LoRA {result.lora_path}")
+            if result.turbo_check:
+                print("turbo check: " + ", ".join(f"{k} {v:.4f}" for k, v in result.turbo_check.items()))
+        return 0
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            dist.destroy_process_group()
