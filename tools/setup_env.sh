@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${1:-${ZIMAGE_VENV:-$ROOT/.venv}}"
 PY="$VENV/bin/python"
 COMFY="$VENV/ComfyUI"
-STAMP="$VENV/.zimage-setup-v1"
+STAMP="$VENV/.zimage-setup-v2"
 say() { echo "[setup] $*"; }
 
 if [ -f "$STAMP" ] && [ -f "$COMFY/main.py" ]; then
@@ -64,6 +64,12 @@ def __getattr__(name):
     raise RuntimeError("torchvision stub: torchvision${mod:+.$mod}." + name + " is not available on this test host")
 PYEOF
   done
+fi
+# Headless Chromium for the frontend tests (workflows open in the real ComfyUI frontend): Debian's package.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing Debian's chromium for the frontend tests"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || say "could not install chromium: the frontend tests will fail"
 fi
 touch "$STAMP"
 say "environment ready at $VENV ($(du -sh "$VENV" | cut -f1))"
