@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def save_lora(lora: LoraWeights, path: str | os.PathLike, metadata: dict | None 
             tensors[f"{base}.diff_b"] = module.diff_b
     # copies: fused-qkv splits share storage, which safetensors refuses to write
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    targets = sorted({p.split(".", 2)[2] if p.split(".")[1].isdigit() else p for p in lora.modules})
+    targets = sorted({re.sub(r"^(layers|noise_refiner|context_refiner)\.\d+\.", "", p) for p in lora.modules})
     info = {"format": "pt", "zimage.format": EXPORT_FORMAT, "rank": str(lora.rank),
             "alpha": json.dumps(sorted(alphas)[0] if len(alphas) == 1 else sorted(alphas)),
             "targets": ",".join(targets), "base_model": "Z-Image-Turbo", "scheme": "lora",
