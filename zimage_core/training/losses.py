@@ -109,7 +109,7 @@ def chord_targets(states: Tensor, student_sigmas: Tensor, eps: float = 1e-6) -> 
     """Chord velocities (X_{k+1} - X_k) / (s_{k+1} - s_k) between consecutive teacher states at the student sigmas,
     the denominator clamped to |d| >= eps with its sign kept (DiffSynth after commit b6866342). [K, B, C, H, W]."""
     d = (student_sigmas[1:] - student_sigmas[:-1]).double()
-    d = torch.where(d < 0, torch.clamp(d, max=-eps), torch.clamp(d, min=eps)).float()
+    d = torch.where(d <= 0, torch.clamp(d, max=-eps), torch.clamp(d, min=eps)).float()  # sigmas decrease
     return (states[1:] - states[:-1]) / d.view(-1, 1, 1, 1, 1).to(states.device)
 
 
