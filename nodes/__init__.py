@@ -2,7 +2,7 @@
 `comfy_entrypoint` (no NODE_CLASS_MAPPINGS, which would make ComfyUI ignore the V3 entry point).
 
 Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
-ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning. The wire type is documented in types.py.
+ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder. The wire type is documented in types.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from .demo import ZImageTurboDemoConditioning
+from .demo import ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder
 from .loader import ZImageTurboModelLoader
 from .lora_stack import ZImageTurboLoraStack
 from .sampler import ZImageTurboSampler
@@ -23,6 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     ZImageTurboSampler,
     ZImageTurboTrainLora,
     ZImageTurboDemoConditioning,
+    ZImageTurboDemoTextEncoder,
 ]
 
 

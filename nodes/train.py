@@ -1,13 +1,250 @@
-"""ZImageTurboTrainLora (placeholder until the trainer API lands)."""
+"""ZImageTurboTrainLora (experimental): trains a LoRA with zimage_core.training inside ComfyUI.
+
+The node only binds ComfyUI to the core trainer: the VAE and text encoder become the trainer's encoder callbacks,
+ComfyUI's progress bar / Cancel become its progress and should_stop callbacks, and the files go to ComfyUI's folders:
+the encoded dataset, checkpoint, loss curve and validation grid under output/zimage_training/<name>/, the finished
+LoRA into models/loras/<name>.safetensors (the name is checked to stay inside that folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from typing_extensions import override
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
 from comfy_api.latest import io
+from server import PromptServer
+
+from ..zimage_core.training import Encoders, TrainConfig, build_cache, train
+from ..zimage_core.training.config import DEFAULT_TARGETS
+from .lora_stack import NONE, lora_options, spec_for
+from .types import ROLE_DISTILLPATCH, ROLE_TRAINED, ZIMAGE_MODEL, LoraSpec, ZImageModel, log
+
+SCHEMES = {"sft": "sft", "differential": "differential", "distill": "trajectory"}
+WORK_SUBDIR = "zimage_training"
+_NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_output_name(name: str) -> str:
+    """The LoRA file stem: path parts are refused (the file must stay in the loras folder), other characters that
+    are unsafe in file names become '_'."""
+    stem = name.strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or "/" in stem or "\\" in stem or ".." in stem or os.sep in stem or stem.startswith("."):
+        raise ValueError(f"output_name {name!r} must be a plain file name (no folders, no '..'): the LoRA is written "
+                         f"into the loras folder and nowhere else")
+    return _NAME_OK.sub("_", stem)
+
+
+def dataset_path(folder: str) -> Path:
+    """An absolute dataset folder, or one relative to ComfyUI's input folder."""
+    path = Path(folder.strip()).expanduser()
+    if not path.is_absolute():
+        path = Path(folder_paths.get_input_directory()) / path
+    return path
+
+
+def _tensor_id(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().float().flatten()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(flat[:4096].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def comfy_encoders(clip, vae, latent_format) -> Encoders:
+    """The trainer's encoders from ComfyUI's CLIP and VAE: images to model-space latents (Flux process_in, as
+    ComfyUI's samplers do), text to [L, D] features with padding removed."""
+
+    def encode_image(image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+        return latent_format.process_in(vae.encode(pixels))[0].float().cpu()
+
+    def encode_text(text: str) -> torch.Tensor:
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        features, extra = cond[0][0][0], cond[0][1]
+        mask = extra.get("attention_mask") if isinstance(extra, dict) else None
+        if mask is not None and mask.shape[-1] == features.shape[0]:
+            features = features[mask[0].bool().to(features.device)]
+        return features.float().cpu()
+
+    vae_id = _tensor_id(list(vae.first_stage_model.state_dict().values())[:2])
+    clip_id = getattr(clip, "encoder_id", None)
+    if clip_id is None:
+        clip_id = _tensor_id(list(clip.cond_stage_model.state_dict().values())[:2])
+    return Encoders(encode_image, encode_text, f"comfyui:vae={vae_id}:clip={clip_id}")
+
+
+def to_image_tensor(path) -> torch.Tensor:
+    """A PNG as ComfyUI IMAGE [1, H, W, 3] in 0..1 (a blank square when there is no file)."""
+    if path is None or not Path(path).is_file():
+        return torch.zeros(1, 64, 64, 3)
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 class ZImageTurboTrainLora(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="ZImageTurboTrainLora", display_name="Z-Image Turbo Train LoRA", category="ZImageTurbo",
-                         description="placeholder", is_experimental=True, inputs=[], outputs=[])
+    @override
+    def define_schema(cls) -> io.Schema:
+        options = lora_options()
+        return io.Schema(
+            node_id="ZImageTurboTrainLora",
+            display_name="Z-Image Turbo Train LoRA (experimental)",
+            category="ZImageTurbo",
+            is_experimental=True,
+            description="EXPERIMENTAL. Trains a LoRA on the model (with its LoRA stack) from a folder of images with "
+                        ".txt captions or metadata.csv, with a scheme that keeps the 8-step Turbo: sft (use the "
+                        "result with the DistillPatch), differential (train through a frozen preset LoRA, export "
+                        "without it) or distill (make an SFT LoRA 8-step capable by trajectory imitation). A "
+                        "DistillPatch in the incoming stack is used for validation only. Cancel saves a checkpoint; "
+                        "queueing the same output name again resumes it. The LoRA goes to models/loras.",
+            inputs=[
+                ZIMAGE_MODEL.Input("model", tooltip="Base model with its LoRA stack: user LoRAs are trained through "
+                                                    "(merged), a DistillPatch is only used in the validation grid."),
+                io.Clip.Input("clip", tooltip="Text encoder for the captions and the validation prompt (Qwen3-4B "
+                                              "from CLIPLoader for the released model)."),
+                io.Vae.Input("vae", tooltip="The Flux VAE (ae.safetensors): encodes the images, decodes the "
+                                            "validation grid."),
+                io.String.Input("dataset_folder", default="",
+                                tooltip="Folder of images with same-name .txt captions (or a metadata.csv with "
+                                        "image,prompt columns); absolute, or relative to ComfyUI's input folder."),
+                io.Combo.Input("scheme", options=list(SCHEMES), default="sft",
+                               tooltip="sft: plain LoRA, use it with the DistillPatch at 8 steps. differential: "
+                                       "train with the preset LoRA applied (frozen) and export without it. "
+                                       "distill: trajectory imitation that turns the SFT LoRA into an 8-step LoRA."),
+                io.Combo.Input("preset_lora", options=options, default=NONE,
+                               tooltip="Scheme differential: the frozen training adapter LoRA (from models/loras)."),
+                io.Combo.Input("sft_lora", options=options, default=NONE,
+                               tooltip="Scheme distill: the SFT LoRA to distil (teacher and starting point)."),
+                io.Int.Input("steps", default=250, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5, round=1e-7,
+                               tooltip="AdamW learning rate (1e-4 is DiffSynth's Z-Image recipe)."),
+                io.Int.Input("rank", default=32, min=1, max=512, tooltip="LoRA rank (alpha = rank)."),
+                io.String.Input("targets", default=",".join(DEFAULT_TARGETS),
+                                tooltip="Comma-separated module names to train in every block: to_q, to_k, to_v, "
+                                        "to_out.0 (attention), w1, w2, w3 (feed-forward)."),
+                io.Int.Input("max_pixels", default=1024 * 1024, min=256, max=4096 * 4096, step=256,
+                             tooltip="Training images are resized to at most this many pixels (aspect kept, sides "
+                                     "multiples of 16)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of the LoRA init, batch order, noise and timesteps."),
+                io.String.Input("validation_prompt", default="", multiline=True,
+                                tooltip="Prompt of the validation grid (before/after, 8 steps and 30 steps); empty "
+                                        "= the first caption."),
+                io.String.Input("output_name", default="zimage_turbo_lora",
+                                tooltip="File name of the LoRA in models/loras (no folders). The same name again "
+                                        "resumes its checkpoint."),
+            ],
+            outputs=[
+                ZIMAGE_MODEL.Output("zimage_model", display_name="model",
+                                    tooltip="The input model with the trained LoRA added to its stack."),
+                io.String.Output("lora_name", display_name="lora_name",
+                                 tooltip="File name of the trained LoRA in models/loras."),
+                io.Image.Output("loss_curve", display_name="loss_curve", tooltip="Training loss per step."),
+                io.Image.Output("validation_grid", display_name="validation_grid",
+                                tooltip="Validation samples before and after training, at 8 steps/cfg 1 and 30 "
+                                        "steps/cfg 2 (and with the DistillPatch when the stack has one)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def execute(cls):
-        raise NotImplementedError
+    @override
+    def fingerprint_inputs(cls, dataset_folder, **kwargs):
+        path = dataset_path(dataset_folder)  # re-run when the dataset changes
+        if not path.is_dir():
+            return str(path)
+        stats = [(e.name, e.stat().st_mtime, e.stat().st_size) for e in sorted(os.scandir(path), key=lambda e: e.name)]
+        return hashlib.sha256(repr(stats).encode()).hexdigest()
+
+    @classmethod
+    @override
+    def execute(cls, model: ZImageModel, clip, vae, dataset_folder, scheme, preset_lora, sft_lora, steps,
+                learning_rate, rank, targets, max_pixels, seed, validation_prompt, output_name) -> io.NodeOutput:
+        if clip is None or vae is None:
+            raise ValueError("the trainer needs a text encoder (clip) and the Flux VAE (vae)")
+        name = safe_output_name(output_name)
+        data_dir = dataset_path(dataset_folder)
+        if not dataset_folder.strip() or not data_dir.is_dir():
+            raise ValueError(f"dataset folder '{dataset_folder}' not found (looked for {data_dir})")
+        core_scheme = SCHEMES[scheme]
+        if scheme == "differential" and preset_lora == NONE:
+            raise ValueError("scheme differential needs a preset_lora (the frozen training adapter)")
+        if scheme == "distill" and sft_lora == NONE:
+            raise ValueError("scheme distill needs an sft_lora (the SFT LoRA to make 8-step capable)")
+        target_list = tuple(t.strip() for t in targets.split(",") if t.strip())
+        work = Path(folder_paths.get_output_directory()) / WORK_SUBDIR / name
+        prompts = [validation_prompt] if validation_prompt.strip() else []
+
+        # Training base: the incoming stack without its DistillPatch (which only joins the validation grid).
+        patches = [s for s in model.loras if s.role == ROLE_DISTILLPATCH]
+        base = ZImageModel(model.base, tuple(s for s in model.loras if s.role != ROLE_DISTILLPATCH))
+        node_id = cls.hidden.unique_id
+
+        def say(text: str):
+            log.info("ZImageTurbo trainer: %s", text)
+            if node_id is not None and PromptServer.instance is not None:
+                PromptServer.instance.send_progress_text(text, node_id)
+
+        encoders = comfy_encoders(clip, vae, model.patcher.model.latent_format)
+        encode_bar = comfy.utils.ProgressBar(1)
+        data = build_cache(data_dir, work / "cache", encoders, max_pixels=max_pixels, prompts=prompts,
+                           progress=lambda i, n: encode_bar.update_absolute(i, n))
+
+        preset = spec_for(preset_lora, 1.0, "preset").path if scheme == "differential" else None
+        init = spec_for(sft_lora, 1.0, "sft").path if scheme == "distill" else None
+        config = TrainConfig(scheme=core_scheme, base_model=model.base.name, rank=rank, targets=target_list,
+                             preset_lora=preset, init_lora=init, distill_patch=patches[-1].path if patches else None,
+                             dataset_dir=str(data_dir), cache_dir=str(work / "cache"), max_pixels=max_pixels,
+                             steps=steps, lr=learning_rate, seed=seed % 2**63, output_dir=str(work), output_name=name,
+                             resume="auto", validation_prompts=prompts, validation_seed=seed % 2**63,
+                             checkpoint_every=max(50, steps // 10), log_every=max(1, steps // 20))
+
+        patcher = model.patcher
+        comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        base.activate()
+        bar = comfy.utils.ProgressBar(steps)
+
+        def progress(step, total, loss):
+            bar.update_absolute(step, total)
+            say(f"step {step}/{total}  loss {loss:.5f}")
+
+        def should_stop():
+            comfy.model_management.throw_exception_if_processing_interrupted()  # raises: checkpoint, then Cancel
+            return False
+
+        def decode(latent: torch.Tensor) -> Image.Image:
+            with torch.inference_mode():  # the VAE's weights are inference tensors; no autograd here
+                raw = patcher.model.latent_format.process_out(latent[None].float())
+                image = vae.decode(raw)[0]
+            return Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
+
+        result = train(base.transformer, config, data, progress=progress, should_stop=should_stop, decode=decode,
+                       encode_text=encoders.encode_text, log=say)
+        if result.lora_path is None:
+            raise RuntimeError(f"training of '{name}' ended at step {result.step} without writing a LoRA")
+
+        loras_dir = Path(folder_paths.get_folder_paths("loras")[0])
+        loras_dir.mkdir(parents=True, exist_ok=True)
+        final = (loras_dir / f"{name}.safetensors").resolve()
+        if final.parent != loras_dir.resolve():
+            raise ValueError(f"output_name {output_name!r} would leave the loras folder")
+        os.replace(result.lora_path, final)
+        say(f"saved {final.name} after {result.step} steps; loss {result.losses[-1]:.5f}" if result.losses
+            else f"saved {final.name}")
+
+        trained = LoraSpec.from_file(str(final), final.name, 1.0, ROLE_TRAINED)
+        return io.NodeOutput(model.with_loras(trained), final.name, to_image_tensor(result.loss_curve_path),
+                             to_image_tensor(result.grid_path))
