@@ -2,6 +2,7 @@
 
 from .checkpoint import inspect_checkpoint, load_transformer, save_transformer
 from .config import ZImageConfig
+from .lora import LoraHandle, LoraWeights, apply_loras, load_lora, new_lora, save_lora
 from .sampling import QUALITY, TURBO, sample
 from .scheduler import sigmas
 from .transformer import ZImageTransformer
@@ -9,4 +10,5 @@ from .transformer import ZImageTransformer
 __all__ = [
     "QUALITY", "TURBO", "ZImageConfig", "ZImageTransformer", "inspect_checkpoint", "load_transformer", "sample",
     "save_transformer", "sigmas",
+    "LoraHandle", "LoraWeights", "apply_loras", "load_lora", "new_lora", "save_lora",
 ]
