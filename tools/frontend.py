@@ -49,6 +49,7 @@ class FrontendResult:
     screenshot_png: bytes
     widget_mismatches: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
+    alerts: list[str] = field(default_factory=list)  # toasts / dialogs the frontend showed (e.g. schema errors)
 
 
 def _free_port() -> int:
@@ -155,9 +156,11 @@ async def _drive(ws, url: str, workflow: dict, settle: float) -> FrontendResult:
     unknown = await js(_UNKNOWN_TYPES_JS)
     widgets = await js(_WIDGETS_JS)
     api = await js("(async () => (await window.app.graphToPrompt()).output)()")
+    alerts = await js("Array.from(document.querySelectorAll('.p-toast-message, .p-dialog'))"
+                      ".map(e => e.innerText.trim()).filter(t => t)")
     shot = await cdp("Page.captureScreenshot", format="png")
     return FrontendResult(unknown, api, base64.b64decode(shot["data"]), _widget_mismatches(workflow, widgets),
-                          console)
+                          console, alerts)
 
 
 def open_workflow(url: str, workflow: dict, settle: float = 1.5) -> FrontendResult:

@@ -1,0 +1,181 @@
+"""The shipped workflows (workflows/*.json, UI format as the frontend saves it), generated from short definitions.
+
+Widget values in the UI format are positional, so they are laid out from the node definitions ComfyUI itself
+reports (`/object_info`): regenerate after any change to a node's inputs, and the workflow tests fail when a
+shipped file no longer matches the nodes. Usage (writes workflows/*.json and their .jpg thumbnails):
+
+    .venv/bin/python tools/workflows.py            # starts a headless ComfyUI to read /object_info
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+
+PROMPT = ("a red fox sitting in fresh snow at golden hour, detailed fur, shallow depth of field, photograph")
+MODEL_FILE = "z_image_turbo_bf16.safetensors"  # Comfy-Org/z_image_turbo split_files/diffusion_models
+TEXT_ENCODER_FILE = "qwen_3_4b.safetensors"  # split_files/text_encoders, CLIPLoader type lumina2
+VAE_FILE = "ae.safetensors"  # the Flux VAE, split_files/vae
+DISTILLPATCH_FILE = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynth-Studio/Z-Image-Turbo-DistillPatch
+ADAPTER_FILE = "zimage_turbo_training_adapter_v2.safetensors"  # ostris/zimage_turbo_training_adapter
+SFT_LORA_FILE = "zimage_turbo_sft.safetensors"  # what train_sft writes
+DATASET = "zimage_dataset"  # a folder of images + captions under ComfyUI's input folder
+
+_WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict = field(default_factory=dict)  # input name -> value (others take the node's default)
+    links: dict = field(default_factory=dict)  # input name -> (source node id, output slot)
+    col: int = 0
+    row: int = 0
+    title: str | None = None
+
+
+@dataclass
+class Workflow:
+    name: str
+    nodes: list[Node]
+    note: str = ""
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return (isinstance(kind, list) or kind in _WIDGET_TYPES) and not options.get("forceInput")
+
+
+def _inputs(info: dict):
+    """(name, spec, optional) in the order the frontend lays out widgets and sockets."""
+    order = info.get("input_order", {})
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        for name in order.get(section, list(specs)):
+            yield name, specs[name], section == "optional"
+
+
+def _default(spec):
+    kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    if "default" in options:
+        return options["default"]
+    if isinstance(kind, list):
+        return kind[0] if kind else None
+    if kind == "COMBO":
+        return (options.get("options") or [None])[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
+
+
+def build(workflow: Workflow, object_info: dict) -> dict:
+    """The UI-format JSON of `workflow`, widgets ordered as the node definitions in `object_info` say."""
+    links, ui_nodes = [], []
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    by_id = {n.id: n for n in workflow.nodes}
+    for node in workflow.nodes:
+        for name, (src, slot) in node.links.items():
+            link_id = len(links) + 1
+            links.append([link_id, src, slot, node.id, name])
+            outgoing.setdefault((src, slot), []).append(link_id)
+    for order, node in enumerate(workflow.nodes):
+        info = object_info[node.type]
+        unknown = set(node.widgets) | set(node.links)
+        inputs, widgets = [], []
+        for name, spec, optional in _inputs(info):
+            unknown.discard(name)
+            if _is_widget(spec) and name not in node.links:
+                widgets.append(node.widgets.get(name, _default(spec)))
+                if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
+                    widgets.append("fixed")
+            elif not _is_widget(spec):
+                link = next((l for l in links if l[3] == node.id and l[4] == name), None)
+                if link is None and not optional:
+                    raise ValueError(f"{workflow.name}: node {node.id} ({node.type}) input {name!r} is not connected")
+                if link is not None:
+                    inputs.append({"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO",
+                                   "link": link[0]})
+        if unknown:
+            raise ValueError(f"{workflow.name}: node {node.id} ({node.type}) has no inputs {sorted(unknown)}")
+        outputs = [{"name": out_name, "type": out_type, "links": outgoing.get((node.id, slot), []),
+                    "slot_index": slot}
+                   for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))]
+        entry = {"id": node.id, "type": node.type, "pos": [40 + 400 * node.col, 60 + 330 * node.row],
+                 "size": [360, 120 + 26 * len(widgets)], "flags": {}, "order": order, "mode": 0,
+                 "inputs": inputs, "outputs": outputs,
+                 "properties": {"Node name for S&R": node.type}, "widgets_values": widgets}
+        if node.title:
+            entry["title"] = node.title
+        ui_nodes.append(entry)
+    ui_links = []
+    for link_id, src, slot, dst, name in links:
+        dst_inputs = next(n for n in ui_nodes if n["id"] == dst)["inputs"]
+        dst_slot = next(i for i, inp in enumerate(dst_inputs) if inp["name"] == name)
+        ui_links.append([link_id, src, slot, dst, dst_slot, object_info[by_id[src].type]["output"][slot]])
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"zimage-turbo/{workflow.name}")), "revision": 0, "last_node_id": max(by_id), "last_link_id": len(links),
+            "nodes": ui_nodes, "links": ui_links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [70, 40]}, "zimage_turbo_note": workflow.note}, "version": 0.4}
+
+
+# ------------------------------------------------------------------------------------------------ definitions
+def _text_to_image(loader_col=0) -> list[Node]:
+    return [
+        Node(1, "CLIPLoader", {"clip_name": TEXT_ENCODER_FILE, "type": "lumina2"}, col=0, row=0),
+        Node(2, "CLIPTextEncode", {"text": PROMPT}, {"clip": (1, 0)}, col=1, row=0, title="Prompt"),
+        Node(3, "ZImageTurboModelLoader", {"model_name": MODEL_FILE}, col=0, row=1),
+        Node(5, "VAELoader", {"vae_name": VAE_FILE}, col=3, row=1),
+        Node(6, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, col=0, row=2),
+    ]
+
+
+def definitions() -> list[Workflow]:
+    t2i = Workflow("zimage_turbo_t2i", _text_to_image() + [
+        Node(4, "ZImageTurboLoraStack", {"distillpatch": DISTILLPATCH_FILE, "distillpatch_strength": 1.0},
+             {"model": (3, 0)}, col=1, row=1),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42}, {"model": (4, 0), "positive": (2, 0),
+                                                                         "latent_image": (6, 0)}, col=2, row=0),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_turbo"}, {"images": (8, 0)}, col=4, row=0),
+    ], note="Everyday Z-Image-Turbo: 8 steps, cfg 1. Put your LoRA in lora_1: with the DistillPatch on it stays "
+            "sharp at 8 steps (scheme 4). Set distillpatch to None for plain Turbo.")
+    quality = Workflow("zimage_turbo_quality_30step", _text_to_image() + [
+        Node(4, "ZImageTurboLoraStack", {"lora_1": SFT_LORA_FILE, "strength_1": 1.0, "distillpatch": "None"},
+             {"model": (3, 0)}, col=1, row=1),
+        Node(10, "CLIPTextEncode", {"text": ""}, {"clip": (1, 0)}, col=1, row=2, title="Negative (empty)"),
+        Node(7, "ZImageTurboSampler", {"preset": "quality", "steps": 30, "cfg": 2.0, "seed": 42},
+             {"model": (4, 0), "positive": (2, 0), "negative": (10, 0), "latent_image": (6, 0)}, col=2, row=0),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_quality"}, {"images": (8, 0)}, col=4, row=0),
+    ], note="Scheme 1: an ordinary (SFT) LoRA without DistillPatch, sampled at 30 steps / cfg 2 with an empty "
+            "negative prompt.")
+    return [t2i, quality]
+
+
+def object_info_from_server() -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tempfile
+
+    from comfy_host import ComfyServer, make_base_dir
+
+    base = make_base_dir(tempfile.mkdtemp(prefix="zimage-workflows-"))
+    with ComfyServer(base) as server:
+        return server.get_json("/object_info")
+
+
+def main():
+    info = object_info_from_server()
+    WORKFLOWS.mkdir(exist_ok=True)
+    for workflow in definitions():
+        path = WORKFLOWS / f"{workflow.name}.json"
+        path.write_text(json.dumps(build(workflow, info), indent=1) + "\n")
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
