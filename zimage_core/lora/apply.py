@@ -249,7 +249,8 @@ def _model_path(path: str, model: nn.Module) -> str:
 
 
 def _check_shapes(lora: LoraWeights, path: str, lmod: LoraModule, target: nn.Module) -> None:
-    where = f"{lora.name} (format {lora.format}), module {path} (keys {list(lmod.keys[:2])})"
+    keys = f" (keys {list(lmod.keys[:2])})" if lmod.keys else ""
+    where = f"{lora.name} (format {lora.format}), module {path}{keys}"
     weight = getattr(target, "weight", None)
     expected = lmod.delta_shape()
     if expected is not None:
