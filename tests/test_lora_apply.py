@@ -241,3 +241,19 @@ def test_lora_weights_helpers():
     assert all(t.dtype == torch.bfloat16 for t in half.parameters()) and len(list(half.parameters())) == 56
     assert isinstance(lora, LoraWeights) and lora.modules["layers.0.feed_forward.w1"].scale == 1.0
     assert zimage_core.load_lora is load_lora and zimage_core.apply_loras is apply_loras
+
+
+def test_loaded_model_restores_from_its_checkpoint_file(tmp_path):
+    """With the real loader: a bf16 model from a ComfyUI-layout file (fused qkv on disk) is patched and restored by
+    re-reading its file (q/k/v rows included), bit for bit, without backups."""
+    from zimage_core.checkpoint import load_transformer, save_transformer
+    from zimage_core.lora import apply as apply_module
+
+    path = save_transformer(tiny_model(seed=0), tmp_path / "model.safetensors", layout="comfyui", dtype=torch.bfloat16)
+    model = load_transformer(path, dtype=torch.bfloat16)
+    before = snapshot(model)
+    handle = apply_loras(model, [(random_lora(model, 1), 1.0), (random_lora(model, 2), 0.5)])
+    assert all(v is None for v in apply_module._STATES[model].backups.values())
+    assert not torch.equal(model.layers[0].attention.to_k.weight, before["layers.0.attention.to_k.weight"])
+    handle.remove()
+    assert_identical(model, before)
