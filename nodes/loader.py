@@ -123,5 +123,15 @@ class ZImageTurboModelLoader(io.ComfyNode):
 
     @classmethod
     @override
+    def validate_inputs(cls, model_name):
+        # ComfyUI 0.3.75 does not check V3 combo values against their options; do it so a missing file is a
+        # validation error on this input, before anything runs.
+        if model_name not in model_options():
+            return (f"Z-Image model '{model_name}' not found in the diffusion_models folder "
+                    f"({', '.join(folder_paths.get_folder_paths(FOLDER))})")
+        return True
+
+    @classmethod
+    @override
     def execute(cls, model_name, weight_dtype, offload) -> io.NodeOutput:
         return io.NodeOutput(ZImageModel(load_base(model_name, weight_dtype, offload)))

@@ -24,6 +24,16 @@ def default_distillpatch(options: list[str]) -> str:
     return next((o for o in options if "distillpatch" in o.lower().replace("_", "").replace("-", "")), NONE)
 
 
+def check_lora_choices(**choices) -> bool | str:
+    """validate_inputs helper: every chosen LoRA (not None) must exist in the loras folder."""
+    options = set(lora_options())
+    missing = [f"{slot} '{name}'" for slot, name in choices.items() if name not in options]
+    if missing:
+        return (f"LoRA not found in the loras folder ({', '.join(folder_paths.get_folder_paths('loras'))}): "
+                + ", ".join(missing))
+    return True
+
+
 def spec_for(name: str, strength: float, role: str) -> LoraSpec:
     try:
         path = folder_paths.get_full_path_or_raise("loras", name)
@@ -68,6 +78,11 @@ class ZImageTurboLoraStack(io.ComfyNode):
                                          tooltip="The model with this stack (and the incoming one) applied.")],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    @override
+    def validate_inputs(cls, lora_1, lora_2, lora_3, distillpatch):
+        return check_lora_choices(lora_1=lora_1, lora_2=lora_2, lora_3=lora_3, distillpatch=distillpatch)
 
     @classmethod
     @override

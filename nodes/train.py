@@ -41,7 +41,7 @@ def safe_output_name(name: str) -> str:
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
     if not stem or "/" in stem or "\\" in stem or ".." in stem or os.sep in stem or stem.startswith("."):
-        raise ValueError(f"output_name {name!r} must be a plain file name (no folders, no '..'): the LoRA is written "
+        raise ValueError(f"output_name '{name}' must be a plain file name (no folders, no '..'): the LoRA is written "
                          f"into the loras folder and nowhere else")
     return _NAME_OK.sub("_", stem)
 
@@ -168,6 +168,15 @@ class ZImageTurboTrainLora(io.ComfyNode):
             return str(path)
         stats = [(e.name, e.stat().st_mtime, e.stat().st_size) for e in sorted(os.scandir(path), key=lambda e: e.name)]
         return hashlib.sha256(repr(stats).encode()).hexdigest()
+
+    @classmethod
+    @override
+    def validate_inputs(cls, output_name):
+        try:
+            safe_output_name(output_name)
+        except ValueError as e:
+            return str(e)
+        return True
 
     @classmethod
     @override

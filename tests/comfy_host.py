@@ -152,7 +152,7 @@ class InProcessHost:
         self.comfy_dir = comfy_dir
         self.models_dir = base_dir / "models"
         self.progress: list[ProgressEvent] = []
-        self._interrupt_at: int | None = None
+        self._interrupt_at: tuple | None = None
         self._init_comfy()
 
     # ------------------------------------------------------------------ setup
@@ -202,16 +202,18 @@ class InProcessHost:
         self.init_seconds = time.time() - t0
 
     def _progress_hook(self, value, total, preview_image, prompt_id=None, node_id=None):
-        """Like main.py's hook: records progress and honours Cancel (throw_exception_if_processing_interrupted)."""
+        """Like main.py's hook (which first honours Cancel), plus recording; it presses Cancel itself when asked to
+        by interrupt_at_step, so the node's own per-step interrupt check is what stops the run."""
         from comfy_execution.utils import get_executing_context
+        self.mm.throw_exception_if_processing_interrupted()
         ctx = get_executing_context()
         if node_id is None and ctx is not None:
             node_id = ctx.node_id
         self.progress.append(ProgressEvent(value, total, node_id, preview_image))
-        if self._interrupt_at is not None and value >= self._interrupt_at:
+        when = self._interrupt_at
+        if when is not None and value >= when[0] and when[1] in (None, node_id) and when[2] in (None, total):
             self._interrupt_at = None
             self.mm.interrupt_current_processing(True)  # what POST /interrupt does
-        self.mm.throw_exception_if_processing_interrupted()
 
     # ------------------------------------------------------------------ API
     @property
@@ -231,9 +233,10 @@ class InProcessHost:
     def validate(self, prompt: dict):
         return asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
 
-    def interrupt_at_step(self, step: int):
-        """Press Cancel when a progress bar reaches `step` (the next interrupt check then stops the run)."""
-        self._interrupt_at = step
+    def interrupt_at_step(self, step: int, node_id: str | None = None, total: int | None = None):
+        """Press Cancel once a progress bar (of `node_id`, with `total` steps, if given) reaches `step`; the next
+        interrupt check of the running node must then stop the run."""
+        self._interrupt_at = (step, node_id, total)
 
     def run(self, prompt: dict, fresh: bool = False) -> RunResult:
         """Validate and execute `prompt` (API format). Returns a RunResult; a prompt that fails validation is not
@@ -516,6 +519,110 @@ def write_dataset(folder: str | os.PathLike, n: int = 2, size: int = 32, seed: i
     return folder
 
 
+# =============================================================================================== test models + graphs
+@dataclass
+class ModelFiles:
+    """Names (as the nodes list them) of the tiny model files written by `write_test_models`."""
+
+    config: object  # the ZImageConfig of the tiny transformer
+    transformer: str = "zimage_tiny.safetensors"  # diffusers layout, fp32: equals zimage_core.testing.tiny_model(0)
+    transformer_comfy: str = "zimage_tiny_comfy.safetensors"  # the same weights, ComfyUI fused-qkv layout + prefix
+    user_lora: str = "user_style.safetensors"  # ai-toolkit / peft layout
+    user_lora2: str = "user_other.safetensors"
+    distillpatch: str = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynth layout, as the DistillPatch
+    foreign_lora: str = "sdxl_style.safetensors"  # an SDXL LoRA
+    foreign_model: str = "not_zimage.safetensors"  # an SDXL-UNet-like checkpoint in diffusion_models
+    vae: str = "ae.safetensors"  # random Flux-architecture VAE
+    dataset: str = "zimage_dataset"  # in ComfyUI's input folder: 2 images with .txt captions
+    empty_dataset: str = "zimage_empty_dataset"
+    image: str = "zimage_test_image.png"  # in ComfyUI's input folder, for LoadImage -> VAEEncode
+
+
+_MODELS: ModelFiles | None = None
+
+
+def write_test_models(host: InProcessHost) -> ModelFiles:
+    """Write (once per process) the tiny model files into the host's models and input folders."""
+    global _MODELS
+    if _MODELS is None:
+        import torch
+        from safetensors.torch import save_file
+        from zimage_core.testing import tiny_model
+
+        m = ModelFiles(config=tiny_model(0).config)
+        models = host.models_dir
+        write_tiny_transformer(models / "diffusion_models" / m.transformer, seed=0)
+        write_tiny_transformer(models / "diffusion_models" / m.transformer_comfy, seed=0, layout="comfyui",
+                               prefix="model.diffusion_model.")
+        write_lora(models / "loras" / m.user_lora, m.config, "peft", seed=1)
+        write_lora(models / "loras" / m.user_lora2, m.config, "peft", seed=5, rank=2,
+                   targets=("attention.to_q", "attention.to_v"))
+        write_lora(models / "loras" / m.distillpatch, m.config, "diffsynth", seed=2)
+        write_foreign_lora(models / "loras" / m.foreign_lora)
+        save_file({"input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3), "time_embed.0.weight": torch.zeros(8, 8)},
+                  str(models / "diffusion_models" / m.foreign_model))
+        write_random_flux_vae(models / "vae" / m.vae)
+        write_dataset(host.base_dir / "input" / m.dataset, n=2, size=32)
+        shutil.copyfile(host.base_dir / "input" / m.dataset / "img0.png", host.base_dir / "input" / m.image)
+        (host.base_dir / "input" / m.empty_dataset).mkdir(exist_ok=True)
+        (host.base_dir / "input" / m.empty_dataset / "notes.md").write_text("no images here")
+        _MODELS = m
+    return _MODELS
+
+
+def t2i_prompt(m: ModelFiles, loras=(), distillpatch: str | None = None, seed: int = 42, steps: int = 8,
+               preset: str = "turbo", cfg: float = 1.0, size: int = 64, text: str = "a red fox in the snow",
+               weight_dtype: str = "fp32", transformer: str | None = None, save: bool = True,
+               prefix: str = "zimage_t2i") -> dict:
+    """API prompt: loader -> LoRA stack -> Turbo sampler (demo conditioning) -> VAEDecode -> SaveImage.
+    Without `save` the sampler's LATENT goes to PreviewAny (no VAE). loras: [(name, strength)] (up to 3)."""
+    slots = list(loras) + [("None", 1.0)] * (3 - len(loras))
+    prompt = {
+        "1": {"class_type": "ZImageTurboModelLoader",
+              "inputs": {"model_name": transformer or m.transformer, "weight_dtype": weight_dtype, "offload": "none"}},
+        "2": {"class_type": "ZImageTurboLoraStack",
+              "inputs": {"model": ["1", 0], "distillpatch": distillpatch or "None", "distillpatch_strength": 1.0,
+                         **{k: v for i, (name, strength) in enumerate(slots[:3], 1)
+                            for k, v in ((f"lora_{i}", name), (f"strength_{i}", strength))}}},
+        "3": {"class_type": "ZImageTurboDemoConditioning", "inputs": {"text": text, "width": 2560, "model": ["1", 0]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "ZImageTurboSampler",
+              "inputs": {"model": ["2", 0], "positive": ["3", 0], "latent_image": ["4", 0], "preset": preset,
+                         "steps": steps, "cfg": cfg, "shift": 3.0, "seed": seed, "denoise": 1.0}},
+    }
+    if save:
+        prompt.update({
+            "6": {"class_type": "VAELoader", "inputs": {"vae_name": m.vae}},
+            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}},
+            "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": prefix}},
+        })
+    else:
+        prompt["8"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}
+    return prompt
+
+
+def train_prompt(m: ModelFiles, scheme: str = "sft", steps: int = 3, output_name: str = "trained_sft",
+                 preset_lora: str = "None", sft_lora: str = "None", dataset: str | None = None,
+                 distillpatch: str | None = None, lr: float = 1e-3, seed: int = 0) -> dict:
+    """API prompt: loader -> (stack) -> trainer (demo text encoder, real VAE) -> sampler -> VAEDecode -> SaveImage,
+    plus PreviewImage of the loss curve and validation grid."""
+    prompt = t2i_prompt(m, distillpatch=distillpatch, prefix=f"after_{output_name}", steps=8, size=32)
+    prompt["2"]["inputs"]["model"] = ["1", 0]
+    prompt.update({
+        "10": {"class_type": "ZImageTurboDemoTextEncoder", "inputs": {"width": 2560, "model": ["1", 0]}},
+        "11": {"class_type": "ZImageTurboTrainLora",
+               "inputs": {"model": ["2", 0], "clip": ["10", 0], "vae": ["6", 0], "dataset_folder": dataset or m.dataset,
+                          "scheme": scheme, "preset_lora": preset_lora, "sft_lora": sft_lora, "steps": steps,
+                          "learning_rate": lr, "rank": 4, "targets": "to_q,to_k,to_v,to_out.0,w1,w2,w3",
+                          "max_pixels": 1024, "seed": seed, "validation_prompt": "a red fox",
+                          "output_name": output_name}},
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 2]}},
+        "13": {"class_type": "PreviewImage", "inputs": {"images": ["11", 3]}},
+    })
+    prompt["5"]["inputs"]["model"] = ["11", 0]
+    return prompt
+
+
 # =============================================================================================== pytest fixture
 try:
     import pytest
@@ -527,3 +634,8 @@ if pytest is not None:
     def comfy_host() -> InProcessHost:
         """The in-process ComfyUI host (one per test process, whichever modules import this fixture)."""
         return in_process_host()
+
+    @pytest.fixture(scope="session")
+    def comfy_models(comfy_host) -> ModelFiles:
+        """The tiny model files, written once into the host's folders."""
+        return write_test_models(comfy_host)

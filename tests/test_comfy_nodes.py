@@ -1,0 +1,379 @@
+"""The pack inside a real ComfyUI 0.3.75 (in-process host of tests/comfy_host.py; no mocks of ComfyUI).
+
+Tiny Z-Image models, LoRAs, a random Flux-architecture VAE and a small dataset are written into the host's models
+folder; prompts run through ComfyUI's own validation and PromptExecutor."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from comfy_host import NODE_IDS, comfy_host, comfy_models, t2i_prompt, train_prompt  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.comfy
+
+# A saved workflow stores inputs by id; renaming or retyping one silently breaks users' graphs. Change this snapshot
+# only together with a migration note in the CHANGELOG.
+INPUT_SNAPSHOT = {
+    "ZImageTurboModelLoader": {
+        "required": [("model_name", "COMBO"), ("weight_dtype", "COMBO"), ("offload", "COMBO")],
+        "optional": [],
+    },
+    "ZImageTurboLoraStack": {
+        "required": [("model", "ZIMAGE_MODEL"), ("lora_1", "COMBO"), ("strength_1", "FLOAT"), ("lora_2", "COMBO"),
+                     ("strength_2", "FLOAT"), ("lora_3", "COMBO"), ("strength_3", "FLOAT"),
+                     ("distillpatch", "COMBO"), ("distillpatch_strength", "FLOAT")],
+        "optional": [],
+    },
+    "ZImageTurboSampler": {
+        "required": [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
+                     ("preset", "COMBO"), ("steps", "INT"), ("cfg", "FLOAT"), ("shift", "FLOAT"), ("seed", "INT"),
+                     ("denoise", "FLOAT")],
+        "optional": [("negative", "CONDITIONING")],
+    },
+    "ZImageTurboTrainLora": {
+        "required": [("model", "ZIMAGE_MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset_folder", "STRING"),
+                     ("scheme", "COMBO"), ("preset_lora", "COMBO"), ("sft_lora", "COMBO"), ("steps", "INT"),
+                     ("learning_rate", "FLOAT"), ("rank", "INT"), ("targets", "STRING"), ("max_pixels", "INT"),
+                     ("seed", "INT"), ("validation_prompt", "STRING"), ("output_name", "STRING")],
+        "optional": [],
+    },
+}
+OUTPUT_SNAPSHOT = {
+    "ZImageTurboModelLoader": ["ZIMAGE_MODEL"],
+    "ZImageTurboLoraStack": ["ZIMAGE_MODEL"],
+    "ZImageTurboSampler": ["LATENT"],
+    "ZImageTurboTrainLora": ["ZIMAGE_MODEL", "STRING", "IMAGE", "IMAGE"],
+}
+
+
+def _input_type(spec) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def _sampler_latent(result, node="5") -> torch.Tensor:
+    return result.output(node, 0)["samples"]
+
+
+# ----------------------------------------------------------------------------------------------- registration
+def test_pack_loads_through_comfyui_loader_as_v3(comfy_host):
+    pack = comfy_host.pack
+    assert callable(pack.comfy_entrypoint)
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS"), "V1 mappings would make ComfyUI ignore the V3 entry point"
+    for node_id in NODE_IDS:
+        assert node_id in comfy_host.nodes.NODE_CLASS_MAPPINGS, f"{node_id} not registered"
+        info = comfy_host.object_info(node_id)
+        assert info["category"].startswith("ZImageTurbo")
+        assert info["description"], f"{node_id} has no description"
+    assert comfy_host.object_info("ZImageTurboTrainLora")["experimental"] is True
+    assert comfy_host.object_info("ZImageTurboDemoConditioning")["category"] == "ZImageTurbo/demo"
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS + ("ZImageTurboDemoConditioning", "ZImageTurboDemoTextEncoder"))
+def test_every_input_and_output_has_a_tooltip(comfy_host, node_id):
+    info = comfy_host.object_info(node_id)
+    for group in ("required", "optional"):
+        for name, spec in info["input"].get(group, {}).items():
+            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert len(info["output_tooltips"]) == len(info["output"])
+    assert all(info["output_tooltips"]), f"{node_id} outputs without tooltips: {info['output_tooltips']}"
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_input_ids_and_types_snapshot(comfy_host, node_id):
+    info = comfy_host.object_info(node_id)
+    got = {group: [(name, _input_type(spec)) for name, spec in info["input"].get(group, {}).items()]
+           for group in ("required", "optional")}
+    assert got == INPUT_SNAPSHOT[node_id]
+    assert info["input_order"]["required"] == [n for n, _ in INPUT_SNAPSHOT[node_id]["required"]]
+    assert list(info["output"]) == OUTPUT_SNAPSHOT[node_id]
+
+
+# ----------------------------------------------------------------------------------------------- generation
+def test_text_to_image_with_user_lora_and_distillpatch(comfy_host, comfy_models):
+    m = comfy_models
+    result = comfy_host.run(t2i_prompt(m, loras=[(m.user_lora, 0.8)], distillpatch=m.distillpatch))
+    assert result.success, result.error
+    report = result.ui["2"]["text"][0]
+    assert f"{m.user_lora} @ 0.8: format " in report and f"{m.distillpatch} [DistillPatch] @ 1" in report
+    assert report.count(" modules patched, 0 keys left") == 2 and " 0 modules" not in report
+    image = result.ui["8"]["images"][0]
+    path = os.path.join(comfy_host.folder_paths.get_directory_by_type(image["type"]), image["subfolder"],
+                        image["filename"])
+    with Image.open(path) as im:
+        assert im.size == (64, 64)
+        lo, hi = im.convert("L").getextrema()
+        assert hi > lo, "decoded image is constant"
+    steps = [p for p in comfy_host.progress if p.node_id == "5"]
+    assert [p.value for p in steps] == list(range(1, 9)) and all(p.total == 8 for p in steps)
+    assert all(p.preview is not None and p.preview[0] == "JPEG" for p in steps), "no latent previews"
+    texts = [d["text"] for e, d in comfy_host.server.messages if e == "progress_text" and d["node"] == "2"]
+    assert texts and "DistillPatch" in texts[-1]
+
+
+def _core_reference(host, m, text, seed, steps, cfg, latent=None, denoise=1.0, negative_text=None, loras=()):
+    """What the sampler node must return, computed with zimage_core and ComfyUI's helpers directly: the noise of
+    comfy.sample.prepare_noise (KSampler's), Flux process_in/out, zimage_core.sample on the same weights."""
+    import comfy.latent_formats
+    import comfy.sample
+    from zimage_core import sample
+    from zimage_core.lora import apply_loras, load_lora
+    from zimage_core.testing import tiny_model
+
+    model = tiny_model(0)
+    handle = apply_loras(model, [(load_lora(p), s) for p, s in loras]) if loras else None
+    fmt = comfy.latent_formats.Flux()
+    raw = latent if latent is not None else torch.zeros(1, 16, 4, 4)
+    noise = comfy.sample.prepare_noise(raw, seed)
+    start = fmt.process_in(raw) if torch.count_nonzero(raw) else torch.zeros_like(raw)
+    hashed = host.pack_module("nodes.demo").hashed_features
+    pos = [hashed(text, m.config.cap_feat_dim)[0]]
+    neg = [hashed(negative_text, m.config.cap_feat_dim)[0]] if negative_text is not None else None
+    with torch.no_grad():
+        out = sample(model, noise, pos, neg, steps=steps, cfg=cfg, shift=3.0, denoise=denoise, init_latent=start)
+    if handle is not None:
+        handle.remove()
+    return fmt.process_out(out.float())
+
+
+def test_sampler_equals_zimage_core_sample_and_ksampler_noise(comfy_host, comfy_models):
+    m = comfy_models
+    prompt = t2i_prompt(m, seed=123, size=32, save=False, text="a blue house")
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    got = _sampler_latent(result)
+    expected = _core_reference(comfy_host, m, "a blue house", seed=123, steps=8, cfg=1.0)
+    assert got.shape == (1, 16, 4, 4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # another seed gives other noise (the seed is used), and the quality preset (30 steps, cfg 2 with a negative)
+    prompt = t2i_prompt(m, seed=7, size=32, save=False, text="a blue house", preset="quality")
+    prompt["9"] = {"class_type": "ZImageTurboDemoConditioning",
+                   "inputs": {"text": "blurry", "width": 2560, "model": ["1", 0]}}
+    prompt["5"]["inputs"]["negative"] = ["9", 0]
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    expected = _core_reference(comfy_host, m, "a blue house", seed=7, steps=30, cfg=2.0, negative_text="blurry")
+    torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+
+
+def test_image_to_image_applies_flux_process_in_and_ksampler_noise_scaling(comfy_host, comfy_models):
+    m = comfy_models
+    prompt = t2i_prompt(m, seed=5, size=32, save=False, text="a cat", preset="custom", steps=6)
+    # image-to-image as users wire it: LoadImage -> VAEEncode (Flux VAE) -> sampler with denoise < 1
+    prompt["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": m.vae}}
+    prompt["22"] = {"class_type": "LoadImage", "inputs": {"image": m.image}}
+    prompt["23"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["22", 0], "vae": ["20", 0]}}
+    prompt["5"]["inputs"]["latent_image"] = ["23", 0]
+    prompt["5"]["inputs"]["denoise"] = 0.6
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    encoded = result.output("23", 0)["samples"]
+    assert torch.count_nonzero(encoded) > 0
+    expected = _core_reference(comfy_host, m, "a cat", seed=5, steps=6, cfg=1.0, latent=encoded, denoise=0.6)
+    torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+
+
+def test_empty_latent_image_4_channels_gets_ksampler_channel_fix(comfy_host, comfy_models):
+    m = comfy_models
+    prompt = t2i_prompt(m, seed=11, size=32, save=False, text="a tree")
+    prompt["4"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}}
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    # KSampler widens an all-zero 4-channel latent to 16 channels before drawing the noise
+    torch.testing.assert_close(_sampler_latent(result), _core_reference(comfy_host, m, "a tree", seed=11, steps=8, cfg=1.0),
+                               rtol=0, atol=0)
+
+
+def test_lora_stack_output_equals_core_with_same_loras(comfy_host, comfy_models):
+    m = comfy_models
+    loras_dir = comfy_host.models_dir / "loras"
+    prompt = t2i_prompt(m, loras=[(m.user_lora, 0.7)], distillpatch=m.distillpatch, seed=3, size=32, save=False)
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    expected = _core_reference(comfy_host, m, "a red fox in the snow", seed=3, steps=8, cfg=1.0,
+                               loras=[(loras_dir / m.user_lora, 0.7), (loras_dir / m.distillpatch, 1.0)])
+    torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+
+
+def test_switching_loras_restores_the_base_exactly(comfy_host, comfy_models):
+    m = comfy_models
+    base_run = comfy_host.run(t2i_prompt(m, seed=21, size=32, save=False))
+    assert base_run.success, base_run.error
+    base_latent = _sampler_latent(base_run).clone()
+    first = None
+    for loras in ([(m.user_lora, 1.0)], [(m.user_lora2, 0.5)], [(m.user_lora, 1.0)]):
+        run = comfy_host.run(t2i_prompt(m, loras=loras, seed=21, size=32, save=False))
+        assert run.success, run.error
+        if loras[0][0] == m.user_lora:
+            first = _sampler_latent(run).clone() if first is None else first
+            torch.testing.assert_close(_sampler_latent(run), first, rtol=0, atol=0)
+    again = comfy_host.run(t2i_prompt(m, seed=21, size=32, save=False))
+    torch.testing.assert_close(_sampler_latent(again), base_latent, rtol=0, atol=0)
+
+    # 100 switches through the pack's own activation path, then the weights equal the file's bit for bit
+    loader = comfy_host.pack_module("nodes.loader")
+    types = comfy_host.pack_module("nodes.types")
+    base = loader.load_base(m.transformer, "fp32", "none")
+    wire = types.ZImageModel(base)
+    lora_dir = comfy_host.models_dir / "loras"
+    specs = [types.LoraSpec.from_file(str(lora_dir / n), n, s) for n, s in
+             ((m.user_lora, 1.0), (m.user_lora2, -0.6), (m.distillpatch, 1.0))]
+    stacks = [(specs[0],), (specs[1], specs[2]), (specs[0], specs[2]), ()]
+    for i in range(100):
+        wire.with_loras(*stacks[i % len(stacks)]).activate()
+    wire.activate()
+    from zimage_core.testing import tiny_model
+    reference = tiny_model(0).state_dict()
+    for name, value in base.transformer.state_dict().items():
+        assert torch.equal(value, reference[name]), f"{name} drifted after 100 LoRA switches"
+
+
+def test_loader_reads_comfyui_layout_and_caches_by_path_mtime_dtype(comfy_host, comfy_models):
+    m = comfy_models
+    loader = comfy_host.pack_module("nodes.loader")
+    a = loader.load_base(m.transformer_comfy, "fp32", "none")
+    assert loader.load_base(m.transformer_comfy, "fp32", "none") is a
+    assert loader.load_base(m.transformer_comfy, "bf16", "none") is not a
+    ref = loader.load_base(m.transformer, "fp32", "none")
+    for (name, x), y in zip(a.transformer.state_dict().items(), ref.transformer.state_dict().values()):
+        assert torch.equal(x, y), name
+    result = comfy_host.run(t2i_prompt(m, transformer=m.transformer_comfy, weight_dtype="bf16", size=32, save=False))
+    assert result.success, result.error
+    assert torch.isfinite(_sampler_latent(result)).all()
+
+
+# ----------------------------------------------------------------------------------------------- interrupt, memory
+def test_cancel_stops_the_sampler_within_one_step(comfy_host, comfy_models):
+    m = comfy_models
+    comfy_host.interrupt_at_step(2, node_id="5")
+    result = comfy_host.run(t2i_prompt(m, seed=99, size=32, save=False), fresh=True)
+    assert not result.success
+    assert result.error["event"] == "execution_interrupted", result.error
+    assert [p.value for p in comfy_host.progress if p.node_id == "5"] == [1, 2]
+
+
+def test_model_takes_part_in_comfy_memory_management_without_leaks(comfy_host, comfy_models):
+    import comfy.model_management as mm
+
+    m = comfy_models
+    types = comfy_host.pack_module("nodes.types")
+
+    def ours():
+        return [lm for lm in mm.current_loaded_models if isinstance(lm.model, types.ZImagePatcher)]
+
+    for i in range(50):  # 50 queued runs: new seeds, alternating stacks and dtypes
+        loras = [(m.user_lora, 1.0)] if i % 2 else []
+        result = comfy_host.run(t2i_prompt(m, loras=loras, seed=1000 + i, size=16, steps=1, save=False,
+                                           weight_dtype="fp32" if i % 5 else "bf16"))
+        assert result.success, result.error
+        assert len(ours()) <= 2, f"run {i}: {len(ours())} Z-Image models registered as loaded"
+    gc.collect()
+    live = [o for o in gc.get_objects() if type(o).__name__ == "ZImageTransformer"
+            and type(o).__module__.startswith(comfy_host.pack.__name__)]
+    assert len(live) <= 3, f"{len(live)} transformers alive after 50 runs (cached: fp32, bf16, comfy layout)"
+    assert ours(), "the sampler did not register the model with ComfyUI's model management"
+    loaded = ours()[0].model
+    assert loaded.loaded_size() > 0
+    mm.unload_all_models()  # what /free and OOM recovery do
+    assert not ours() and loaded.loaded_size() == 0
+    assert loaded.model.device == mm.unet_offload_device()
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+@pytest.mark.parametrize("scheme", ["sft", "differential", "distill"])
+def test_trainer_schemes_then_sampler(comfy_host, comfy_models, scheme):
+    m = comfy_models
+    extra = {"differential": {"preset_lora": m.user_lora}, "distill": {"sft_lora": m.user_lora}}.get(scheme, {})
+    name = f"trained_{scheme}"
+    result = comfy_host.run(train_prompt(m, scheme=scheme, steps=3, output_name=name, **extra))
+    assert result.success, result.error
+    lora_name = result.output("11", 1)
+    assert lora_name == f"{name}.safetensors"
+    assert (comfy_host.models_dir / "loras" / lora_name).is_file()
+    for index in (2, 3):  # loss curve, validation grid: ComfyUI IMAGE tensors
+        image = result.output("11", index)
+        assert image.ndim == 4 and image.shape[-1] == 3 and image.shape[1] > 16 and float(image.std()) > 0
+    model = result.output("11", 0)
+    assert [s.name for s in model.loras] == [lora_name]
+    assert "8" in result.ui and "12" in result.ui and "13" in result.ui
+    losses = [d["text"] for e, d in comfy_host.server.messages if e == "progress_text" and d["node"] == "11"]
+    assert any("loss" in t for t in losses)
+    # the returned model samples with the new LoRA: differs from the base model
+    trained = _sampler_latent(result)
+    base = comfy_host.run(t2i_prompt(m, seed=42, size=32, save=False))
+    assert not torch.equal(trained, _sampler_latent(base))
+
+
+def test_trainer_keeps_distillpatch_for_validation_only(comfy_host, comfy_models):
+    m = comfy_models
+    result = comfy_host.run(train_prompt(m, steps=2, output_name="trained_with_patch", distillpatch=m.distillpatch))
+    assert result.success, result.error
+    model = result.output("11", 0)
+    assert [s.role for s in model.loras] == ["distillpatch", "trained"]
+    texts = [d["text"] for e, d in comfy_host.server.messages if e == "progress_text" and d["node"] == "11"]
+    assert any("trained+distillpatch" in t for t in texts), texts[-3:]
+
+
+def test_trainer_cancel_saves_checkpoint_and_requeue_resumes(comfy_host, comfy_models):
+    m = comfy_models
+    prompt = train_prompt(m, steps=4, output_name="trained_cancel")
+    comfy_host.interrupt_at_step(2, node_id="11", total=4)
+    first = comfy_host.run(prompt, fresh=True)
+    assert first.error and first.error["event"] == "execution_interrupted", first.error
+    ckpt = comfy_host.base_dir / "output" / "zimage_training" / "trained_cancel" / "trained_cancel.ckpt.pt"
+    assert ckpt.is_file()
+    assert not (comfy_host.models_dir / "loras" / "trained_cancel.safetensors").exists()
+    second = comfy_host.run(prompt, fresh=True)
+    assert second.success, second.error
+    texts = [d["text"] for e, d in comfy_host.server.messages if e == "progress_text" and d["node"] == "11"]
+    assert any("resumed from" in t for t in texts), texts[:5]
+
+
+# ----------------------------------------------------------------------------------------------- user errors
+def _error_message(result) -> str:
+    assert not result.success
+    if not result.valid:
+        return json.dumps(result.node_errors or result.validation_error)
+    assert result.error and result.error["event"] == "execution_error", result.error
+    return result.error["exception_message"]
+
+
+def test_error_missing_model_file_names_it(comfy_host, comfy_models):
+    message = _error_message(comfy_host.run(t2i_prompt(comfy_models, transformer="gone.safetensors", save=False)))
+    assert "gone.safetensors" in message
+
+
+def test_error_missing_file_at_execution_names_it(comfy_host, comfy_models):
+    loader = comfy_host.pack_module("nodes.loader")
+    with pytest.raises(FileNotFoundError, match="vanished.safetensors"):
+        loader.load_base("vanished.safetensors")
+
+
+def test_error_non_zimage_checkpoint_names_the_file(comfy_host, comfy_models):
+    m = comfy_models
+    message = _error_message(comfy_host.run(t2i_prompt(m, transformer=m.foreign_model, save=False)))
+    assert m.foreign_model in message and "not a Z-Image transformer" in message
+
+
+def test_error_lora_for_another_model_names_the_file(comfy_host, comfy_models):
+    m = comfy_models
+    message = _error_message(comfy_host.run(t2i_prompt(m, loras=[(m.foreign_lora, 1.0)], save=False)))
+    assert m.foreign_lora in message
+
+
+def test_error_empty_dataset_names_the_folder(comfy_host, comfy_models):
+    m = comfy_models
+    message = _error_message(comfy_host.run(train_prompt(m, dataset=m.empty_dataset, output_name="never")))
+    assert m.empty_dataset in message
+
+
+@pytest.mark.parametrize("name", ["../escape", "sub/dir", "..\\up"])
+def test_error_output_name_outside_loras_folder(comfy_host, comfy_models, name):
+    message = _error_message(comfy_host.run(train_prompt(comfy_models, output_name=name)))
+    assert name in message or json.dumps(name)[1:-1] in message
+    assert not list((comfy_host.models_dir).glob("escape*")) and not (comfy_host.base_dir / "escape.safetensors").exists()
