@@ -179,3 +179,23 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def swap_text_encoder(prompt: dict, model_width: int) -> dict:
+    """An API prompt whose CLIPLoader nodes are replaced by the demo text encoder (hashed word vectors of the
+    tiny model's caption width): for running workflows on the embedded tiny model, which no real Qwen3-4B fits.
+    Everything else, CLIPTextEncode included, stays as shipped."""
+    swapped = json.loads(json.dumps(prompt))
+    for node in swapped.values():
+        if node["class_type"] == "CLIPLoader":
+            node["class_type"] = "ZImageTurboDemoTextEncoder"
+            node["inputs"] = {"width": model_width}
+    return swapped
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """UI -> API format offline (comfyui-autoflow); tests check it equals the frontend's own graphToPrompt."""
+    from autoflow import convert
+
+    result = convert(workflow, node_info=object_info, include_meta=False, disable_autoflow_meta=True)
+    return json.loads(json.dumps(getattr(result, "prompt", None) or getattr(result, "data", None) or result))

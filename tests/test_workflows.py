@@ -1,0 +1,92 @@
+"""The shipped workflows: up to date with the nodes, open cleanly in the real ComfyUI frontend, convert to the API
+format as the frontend does, pass the real host's validation, and run on the tiny models (text encoder swapped)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from comfy_host import ComfyServer, comfy_host, write_test_models, write_tiny_transformer  # noqa: E402,F401
+from frontend import chromium_path, open_workflow  # noqa: E402
+import workflows as wf  # noqa: E402
+
+pytestmark = pytest.mark.comfy
+SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
+NAMES = [p.stem for p in SHIPPED]
+
+
+@pytest.fixture(scope="module")
+def host(comfy_host):  # noqa: F811
+    """The in-process host with the workflows' standard file names present (tiny weights where they run)."""
+    from zimage_core.testing import tiny_model
+
+    files = write_test_models(comfy_host)
+    models = comfy_host.models_dir
+    write_tiny_transformer(models / "diffusion_models" / wf.MODEL_FILE, seed=0)
+    (models / "loras" / wf.SFT_LORA_FILE).write_bytes((models / "loras" / files.user_lora).read_bytes())
+    (models / "text_encoders" / wf.TEXT_ENCODER_FILE).write_bytes(b"")  # only validated; swapped when run
+    comfy_host.tiny_width = tiny_model(0).config.cap_feat_dim
+    return comfy_host
+
+
+@pytest.fixture(scope="module")
+def server(host):
+    with ComfyServer(host.base_dir) as running:
+        running.object_info = running.get_json("/object_info")
+        yield running
+
+
+def _load(name):
+    return json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+
+
+def test_every_definition_is_shipped_with_a_thumbnail():
+    assert sorted(w.name for w in wf.definitions()) == NAMES
+    assert {"zimage_turbo_t2i", "zimage_turbo_quality_30step"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_workflow_matches_the_nodes(server, name):
+    """Regenerating from the live /object_info gives the shipped file: widget order and inputs are current."""
+    definition = next(w for w in wf.definitions() if w.name == name)
+    assert wf.build(definition, server.object_info) == _load(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_validates_in_the_real_host(server, host, name):
+    prompt = wf.to_api(_load(name), server.object_info)
+    ok, error, outputs, node_errors = host.validate(prompt)
+    assert ok and not node_errors, (error, node_errors)
+    assert outputs
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (tools/setup_env.sh installs it)")
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_opens_in_the_frontend(server, name, tmp_path):
+    result = open_workflow(server.url, _load(name))
+    shots = ROOT / "docs" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    (shots / f"{name}.png").write_bytes(result.screenshot_png)
+    assert result.unknown_types == []
+    assert result.widget_mismatches == []
+    assert result.alerts == []
+    frontend = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result.api_prompt.items()}
+    assert frontend == wf.to_api(_load(name), server.object_info)  # the offline converter agrees
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_on_the_tiny_model(server, host, name):
+    prompt = wf.swap_text_encoder(wf.to_api(_load(name), server.object_info), host.tiny_width)
+    result = host.run(prompt)
+    assert result.valid, result.validation_error
+    assert result.success, result.events[-1:]
+    saved = [img for out in result.ui.values() for img in out.get("images", []) if img.get("type") == "output"]
+    assert saved
+    from PIL import Image
+
+    path = Path(host.folder_paths.get_output_directory()) / saved[0]["subfolder"] / saved[0]["filename"]
+    assert Image.open(path).size == (1024, 1024)
