@@ -5,10 +5,12 @@ from .config import ZImageConfig
 from .lora import LoraHandle, LoraWeights, apply_loras, load_lora, new_lora, save_lora
 from .sampling import QUALITY, TURBO, sample
 from .scheduler import sigmas
+from .training import DatasetCache, Encoders, TrainConfig, TrainResult, build_cache, train
 from .transformer import ZImageTransformer
 
 __all__ = [
     "QUALITY", "TURBO", "ZImageConfig", "ZImageTransformer", "inspect_checkpoint", "load_transformer", "sample",
     "save_transformer", "sigmas",
     "LoraHandle", "LoraWeights", "apply_loras", "load_lora", "new_lora", "save_lora",
+    "DatasetCache", "Encoders", "TrainConfig", "TrainResult", "build_cache", "train",
 ]

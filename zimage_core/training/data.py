@@ -200,6 +200,9 @@ class DatasetCache:
         self.entries = list(entries)
         self.prompt_files = dict(prompts)
         self.repeats = int(repeats)
+        self.memory_budget = 1 << 30  # bytes of tensors kept in RAM after their first read
+        self._memory: dict[str, Tensor] = {}
+        self._memory_used = 0
         if not self.entries:
             raise DatasetError(f"dataset cache {self.folder} is empty")
 
@@ -222,10 +225,16 @@ class DatasetCache:
         return self._load(self.prompt_files[prompt])
 
     def _load(self, name: str) -> Tensor:
+        if name in self._memory:
+            return self._memory[name]
         value = _read_cached(self.folder / name, self.encoder_id)
         if value is None:
             raise DatasetError(f"cache file {self.folder / name} is missing, damaged or from another encoder; "
                                "rebuild the cache")
+        size = value.numel() * value.element_size()
+        if self._memory_used + size <= self.memory_budget:  # small datasets stay in RAM after the first read
+            self._memory[name] = value
+            self._memory_used += size
         return value
 
     # ---------------------------------------------------------------------------------------------- batching

@@ -332,8 +332,9 @@ class _Run:
 
     def _update(self, loss: float):
         cfg = self.cfg
-        finite = math.isfinite(loss) and all(p.grad is None or bool(torch.isfinite(p.grad).all())
-                                             for p in self.params)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        # one fused reduction instead of a check per tensor: a NaN/inf anywhere makes its norm non-finite
+        finite = math.isfinite(loss) and (not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             where = (f"the last good checkpoint is {self.checkpoint_path} (step {self._checkpoint_step})"
