@@ -26,6 +26,7 @@ DISTILLPATCH_FILE = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynt
 ADAPTER_FILE = "zimage_turbo_training_adapter_v2.safetensors"  # ostris/zimage_turbo_training_adapter
 SFT_LORA_FILE = "zimage_turbo_sft.safetensors"  # what train_sft writes
 DATASET = "zimage_dataset"  # a folder of images + captions under ComfyUI's input folder
+DEMO_WORKFLOWS = ("zimage_turbo_t2i",)  # what tools/demo.py queues, in order
 
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
