@@ -46,6 +46,21 @@ def safe_output_name(name: str) -> str:
     return _NAME_OK.sub("_", stem)
 
 
+def check_overwrite(path: Path) -> None:
+    """Only a LoRA this trainer wrote (the same run, resumed or repeated) may be replaced."""
+    if not path.exists():
+        return
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            ours = (f.metadata() or {}).get("trainer") == "zimage_core.training"
+    except Exception:  # noqa: BLE001  not a readable safetensors file: certainly not ours
+        ours = False
+    if not ours:
+        raise ValueError(f"models/loras/{path.name} already exists and was not written by this trainer; choose "
+                         f"another output_name")
+
+
 def dataset_path(folder: str) -> Path:
     """An absolute dataset folder, or one relative to ComfyUI's input folder."""
     path = Path(folder.strip()).expanduser()
@@ -193,6 +208,11 @@ class ZImageTurboTrainLora(io.ComfyNode):
             raise ValueError("scheme differential needs a preset_lora (the frozen training adapter)")
         if scheme == "distill" and sft_lora == NONE:
             raise ValueError("scheme distill needs an sft_lora (the SFT LoRA to make 8-step capable)")
+        loras_dir = Path(folder_paths.get_folder_paths("loras")[0])
+        final = (loras_dir / f"{name}.safetensors").resolve()
+        if final.parent != loras_dir.resolve():
+            raise ValueError(f"output_name '{output_name}' would leave the loras folder")
+        check_overwrite(final)
         target_list = tuple(t.strip() for t in targets.split(",") if t.strip())
         work = Path(folder_paths.get_output_directory()) / WORK_SUBDIR / name
         prompts = [validation_prompt] if validation_prompt.strip() else []
@@ -245,11 +265,7 @@ class ZImageTurboTrainLora(io.ComfyNode):
         if result.lora_path is None:
             raise RuntimeError(f"training of '{name}' ended at step {result.step} without writing a LoRA")
 
-        loras_dir = Path(folder_paths.get_folder_paths("loras")[0])
         loras_dir.mkdir(parents=True, exist_ok=True)
-        final = (loras_dir / f"{name}.safetensors").resolve()
-        if final.parent != loras_dir.resolve():
-            raise ValueError(f"output_name {output_name!r} would leave the loras folder")
         os.replace(result.lora_path, final)
         say(f"saved {final.name} after {result.step} steps; loss {result.losses[-1]:.5f}" if result.losses
             else f"saved {final.name}")

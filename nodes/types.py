@@ -117,7 +117,10 @@ class ZImagePatcher(comfy.model_patcher.ModelPatcher):
         return freed
 
     def detach(self, unpatch_all=True):
-        self._unload(self.offload_device)
+        # load_models_gpu detaches a model it is about to (re)load with unpatch_all=False: then nothing moves, so a
+        # model that is already on the GPU stays there between runs. unpatch_all=True is a real unload.
+        if unpatch_all:
+            self._unload(self.offload_device)
         return self.model
 
     def _unload(self, device_to):

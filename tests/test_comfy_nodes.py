@@ -56,6 +56,10 @@ def _input_type(spec) -> str:
     return "COMBO" if isinstance(spec[0], list) else spec[0]
 
 
+def loader_module(host):
+    return host.pack_module("nodes.loader")
+
+
 def _sampler_latent(result, node="5") -> torch.Tensor:
     return result.output(node, 0)["samples"]
 
@@ -247,6 +251,28 @@ def test_loader_reads_comfyui_layout_and_caches_by_path_mtime_dtype(comfy_host, 
     assert torch.isfinite(_sampler_latent(result)).all()
 
 
+def test_chained_stacks_and_block_offload_give_the_same_image(comfy_host, comfy_models):
+    m = comfy_models
+    single = comfy_host.run(t2i_prompt(m, loras=[(m.user_lora, 0.7), (m.user_lora2, 0.5)],
+                                       distillpatch=m.distillpatch, seed=8, size=32, save=False))
+    assert single.success, single.error
+    # the same LoRAs over two chained stack nodes, on a block-offloaded model
+    prompt = t2i_prompt(m, loras=[(m.user_lora, 0.7)], seed=8, size=32, save=False)
+    prompt["1"]["inputs"]["offload"] = "block"
+    prompt["2b"] = {"class_type": "ZImageTurboLoraStack",
+                    "inputs": {**prompt["2"]["inputs"], "model": ["2", 0], "lora_1": m.user_lora2, "strength_1": 0.5,
+                               "distillpatch": m.distillpatch}}
+    prompt["5"]["inputs"]["model"] = ["2b", 0]
+    chained = comfy_host.run(prompt)
+    assert chained.success, chained.error
+    torch.testing.assert_close(_sampler_latent(chained), _sampler_latent(single), rtol=0, atol=0)
+    assert chained.ui["2b"]["text"][0].count("modules patched") == 3
+    # a second DistillPatch down the chain is refused, naming it
+    prompt["2"]["inputs"]["distillpatch"] = m.distillpatch
+    twice = comfy_host.run(prompt)
+    assert not twice.success and "already has a DistillPatch" in twice.error["exception_message"]
+
+
 # ----------------------------------------------------------------------------------------------- interrupt, memory
 def test_cancel_stops_the_sampler_within_one_step(comfy_host, comfy_models):
     m = comfy_models
@@ -277,6 +303,14 @@ def test_model_takes_part_in_comfy_memory_management_without_leaks(comfy_host, c
             and type(o).__module__.startswith(comfy_host.pack.__name__)]
     assert len(live) <= 3, f"{len(live)} transformers alive after 50 runs (cached: fp32, bf16, comfy layout)"
     assert ours(), "the sampler did not register the model with ComfyUI's model management"
+    # a model that is loaded stays loaded across runs (load_models_gpu must not unload and reload it each time)
+    prompt = t2i_prompt(m, seed=1, size=16, steps=1, save=False)
+    prompt["1"]["inputs"]["offload"] = "block"
+    assert comfy_host.run(prompt).success
+    offloaders = list(loader_module(comfy_host).load_base(m.transformer, "fp32", "block").transformer._offloaders)
+    prompt["5"]["inputs"]["seed"] = 2
+    assert comfy_host.run(prompt).success
+    assert loader_module(comfy_host).load_base(m.transformer, "fp32", "block").transformer._offloaders == offloaders
     loaded = ours()[0].model
     assert loaded.loaded_size() > 0
     mm.unload_all_models()  # what /free and OOM recovery do
@@ -370,6 +404,15 @@ def test_error_empty_dataset_names_the_folder(comfy_host, comfy_models):
     m = comfy_models
     message = _error_message(comfy_host.run(train_prompt(m, dataset=m.empty_dataset, output_name="never")))
     assert m.empty_dataset in message
+
+
+def test_error_trainer_never_overwrites_a_foreign_lora(comfy_host, comfy_models):
+    m = comfy_models
+    stem = m.user_lora.removesuffix(".safetensors")
+    before = (comfy_host.models_dir / "loras" / m.user_lora).read_bytes()
+    message = _error_message(comfy_host.run(train_prompt(m, output_name=stem)))
+    assert m.user_lora in message and "not written by this trainer" in message
+    assert (comfy_host.models_dir / "loras" / m.user_lora).read_bytes() == before
 
 
 @pytest.mark.parametrize("name", ["../escape", "sub/dir", "..\\up"])
