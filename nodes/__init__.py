@@ -2,7 +2,8 @@
 `comfy_entrypoint` (no NODE_CLASS_MAPPINGS, which would make ComfyUI ignore the V3 entry point).
 
 Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
-ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder. The wire type is documented in types.py.
+ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.
+The wire type is documented in types.py.
 """
 
 from __future__ import annotations

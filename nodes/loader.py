@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
+from contextlib import contextmanager
 
 import torch
 from typing_extensions import override
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
+from server import PromptServer
 
 from ..zimage_core import load_transformer
 from .types import OFFLOAD_MODES, ZIMAGE_MODEL, LoadedBase, ZImageModel, log
@@ -50,7 +53,8 @@ def resolve(name: str) -> str:
     if name.endswith("/"):
         folders = _diffusers_folders()
         if name not in folders:
-            raise FileNotFoundError(f"Z-Image model folder '{name}' not found in {folder_paths.get_folder_paths(FOLDER)}")
+            raise FileNotFoundError(f"Z-Image model folder '{name}' not found in "
+                                    f"{folder_paths.get_folder_paths(FOLDER)}")
         return folders[name]
     try:
         return folder_paths.get_full_path_or_raise(FOLDER, name)
@@ -63,6 +67,26 @@ def _mtime(path: str) -> float:
     if os.path.isdir(path):
         return max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs), default=0.0)
     return os.path.getmtime(path)
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def core_warnings():
+    """Collect zimage_core's warnings (e.g. the fp8 quality warning) so the node can show them in the UI."""
+    handler, logger = _Warnings(), logging.getLogger("zimage_core")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> LoadedBase:
@@ -111,6 +135,7 @@ class ZImageTurboModelLoader(io.ComfyNode):
             ],
             outputs=[ZIMAGE_MODEL.Output("zimage_model", display_name="model",
                                          tooltip="The Z-Image transformer, for the LoRA stack, sampler or trainer.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -134,4 +159,11 @@ class ZImageTurboModelLoader(io.ComfyNode):
     @classmethod
     @override
     def execute(cls, model_name, weight_dtype, offload) -> io.NodeOutput:
-        return io.NodeOutput(ZImageModel(load_base(model_name, weight_dtype, offload)))
+        with core_warnings() as warnings:
+            model = ZImageModel(load_base(model_name, weight_dtype, offload))
+        if not warnings:
+            return io.NodeOutput(model)
+        text = "\n".join(f"WARNING: {w}" for w in warnings)
+        if cls.hidden.unique_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, cls.hidden.unique_id)
+        return io.NodeOutput(model, ui=ui.PreviewText(text))

@@ -79,7 +79,8 @@ class ZImageShell(torch.nn.Module):
         """Activation memory for a latent batch of `input_shape`, with the formula of ComfyUI's BaseModel."""
         area = input_shape[0] * math.prod(input_shape[2:])
         if comfy.model_management.xformers_enabled() or comfy.model_management.pytorch_attention_flash_attention():
-            return area * comfy.model_management.dtype_size(self.get_dtype()) * 0.01 * ZIMAGE_MEMORY_USAGE_FACTOR * 2**20
+            dtype_size = comfy.model_management.dtype_size(self.get_dtype())
+            return area * dtype_size * 0.01 * ZIMAGE_MEMORY_USAGE_FACTOR * 2**20
         return area * 0.15 * ZIMAGE_MEMORY_USAGE_FACTOR * 2**20
 
 
@@ -165,7 +166,8 @@ class LoadedBase:
                offload: str) -> "LoadedBase":
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-        patcher = ZImagePatcher(ZImageShell(transformer, offload), load_device=comfy.model_management.get_torch_device(),
+        patcher = ZImagePatcher(ZImageShell(transformer, offload),
+                                load_device=comfy.model_management.get_torch_device(),
                                 offload_device=comfy.model_management.unet_offload_device())
         return cls(transformer, patcher, path, name, dtype, offload)
 

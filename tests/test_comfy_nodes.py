@@ -163,6 +163,14 @@ def test_sampler_equals_zimage_core_sample_and_ksampler_noise(comfy_host, comfy_
     assert result.success, result.error
     expected = _core_reference(comfy_host, m, "a blue house", seed=7, steps=30, cfg=2.0, negative_text="blurry")
     torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+    # a batch of 2: one noise draw for the whole batch, as KSampler
+    prompt = t2i_prompt(m, seed=4, size=32, save=False, text="a blue house")
+    prompt["4"]["inputs"]["batch_size"] = 2
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    expected = _core_reference(comfy_host, m, "a blue house", seed=4, steps=8, cfg=1.0, latent=torch.zeros(2, 16, 4, 4))
+    torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+    assert not torch.equal(expected[0], expected[1])
 
 
 def test_image_to_image_applies_flux_process_in_and_ksampler_noise_scaling(comfy_host, comfy_models):
@@ -189,8 +197,8 @@ def test_empty_latent_image_4_channels_gets_ksampler_channel_fix(comfy_host, com
     result = comfy_host.run(prompt)
     assert result.success, result.error
     # KSampler widens an all-zero 4-channel latent to 16 channels before drawing the noise
-    torch.testing.assert_close(_sampler_latent(result), _core_reference(comfy_host, m, "a tree", seed=11, steps=8, cfg=1.0),
-                               rtol=0, atol=0)
+    expected = _core_reference(comfy_host, m, "a tree", seed=11, steps=8, cfg=1.0)
+    torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
 
 
 def test_lora_stack_output_equals_core_with_same_loras(comfy_host, comfy_models):
@@ -271,6 +279,20 @@ def test_chained_stacks_and_block_offload_give_the_same_image(comfy_host, comfy_
     prompt["2"]["inputs"]["distillpatch"] = m.distillpatch
     twice = comfy_host.run(prompt)
     assert not twice.success and "already has a DistillPatch" in twice.error["exception_message"]
+
+
+def test_fp8_file_is_upcast_with_the_quality_warning_in_the_ui(comfy_host, comfy_models):
+    from comfy_host import write_tiny_transformer
+
+    m = comfy_models
+    write_tiny_transformer(comfy_host.models_dir / "diffusion_models" / "zimage_tiny_fp8.safetensors", seed=0,
+                           layout="comfyui", dtype=torch.float8_e4m3fn)
+    result = comfy_host.run(t2i_prompt(m, transformer="zimage_tiny_fp8.safetensors", weight_dtype="bf16", size=32,
+                                       save=False))
+    assert result.success, result.error
+    assert "fp8" in result.ui["1"]["text"][0] and "WARNING" in result.ui["1"]["text"][0]
+    model = result.output("1", 0)
+    assert model.transformer.dtype == torch.bfloat16 and torch.isfinite(_sampler_latent(result)).all()
 
 
 # ----------------------------------------------------------------------------------------------- interrupt, memory
@@ -419,4 +441,5 @@ def test_error_trainer_never_overwrites_a_foreign_lora(comfy_host, comfy_models)
 def test_error_output_name_outside_loras_folder(comfy_host, comfy_models, name):
     message = _error_message(comfy_host.run(train_prompt(comfy_models, output_name=name)))
     assert name in message or json.dumps(name)[1:-1] in message
-    assert not list((comfy_host.models_dir).glob("escape*")) and not (comfy_host.base_dir / "escape.safetensors").exists()
+    assert not list(comfy_host.models_dir.glob("escape*"))
+    assert not (comfy_host.base_dir / "escape.safetensors").exists()
