@@ -5,7 +5,8 @@ cost of a trajectory-imitation step with and without the cached teacher trajecto
 CPU, fp32, no gradient checkpointing on either side, batch 1, rank 16. Each measurement runs in its own fresh
 process (alternating order, so load drift hits both): time = median step time after 3 warm-up steps; memory = peak
 RSS above the level after building the model and the data, during LoRA + optimiser set-up and the training steps
-(after one throw-away AdamW step in both processes, so one-time library loading is not counted).
+(after one throw-away AdamW step in both processes, so one-time library loading is not counted), with a fixed
+glibc mmap threshold (MALLOC_MMAP_THRESHOLD_=131072) so that RSS follows live memory.
 Ours is timed through the real `train()` loop (data read from the safetensors cache, sigma/noise draws, NaN checks);
 its memory peak is taken at the last step's progress callback, before the final checkpoint write (the reference
 writes none). The reference gets its inputs prebuilt in memory.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -155,6 +157,9 @@ def main():
     if args.worker:
         return worker(args.worker, rest[0], int(rest[1]), int(rest[2]))
     script = Path(__file__)
+    # A fixed glibc mmap threshold in both workers: freed activations go back to the OS, so RSS follows live memory
+    # instead of the allocator's history (with the default dynamic threshold the same step measured 10-40 MiB apart).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     for name in args.configs.split(","):
         cfg, side, words = CONFIGS[name]
         results = {}

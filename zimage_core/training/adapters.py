@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..lora import LoraModule, LoraWeights, new_lora
+from ..lora import LoraWeights, new_lora
 
 
 class LoraMismatch(ValueError):

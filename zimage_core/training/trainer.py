@@ -139,6 +139,9 @@ class _Run:
         if cfg.distill_patch or distill_patch is not None:
             self.distill_patch = frozen_copy(check_lora_fits(
                 model, distill_patch or load_lora(cfg.distill_patch), "DistillPatch LoRA"), device=self.device)
+        if cfg.scheme == "distillpatch" and self.distill_patch is None:
+            self.log("scheme 'distillpatch' without a distill_patch file: training is plain SFT and validation has no "
+                     "'+ DistillPatch' preview")
         self.teacher = None
         if cfg.scheme == "trajectory":
             sft = check_lora_fits(model, init_lora or load_lora(cfg.init_lora), "SFT LoRA")
@@ -303,7 +306,7 @@ class _Run:
                 key, noise = None, fresh[n]
             traj = self._teacher_states(noise[None].to(self.device), [caps[n]], [negative])
             if key is not None and cfg.cache_teacher:
-                self.teacher_cache[key] = traj
+                self.teacher_cache[key] = traj.cpu()  # host memory: 9 latents per (image, noise) at 8 steps
             states.append(traj)
         states = torch.cat(states, dim=1).to(self.device)  # [K + 1, B, C, h, w]
         loss = trajectory_loss(self.model, states, self.student_sigmas, caps, self.step_weights,
