@@ -1,0 +1,409 @@
+"""Build the toy world's shipped weights, stage by stage (each stage writes its safetensors and is skipped when the
+file exists; the teacher also checkpoints periodically and resumes):
+
+    PYTHONPATH=. python -m toyworld.build [--work /tmp/toyworld-build] [--stages vae,teacher,...]
+
+Stages (outputs in toyworld/weights/):
+  vae       vae.safetensors             the fixed linear VAE (fit on base + concept images)
+  teacher   teacher.safetensors         full flow-matching training from scratch (caption dropout for cfg)
+  turbo     turbo.safetensors           teacher distilled to 8 steps / cfg 1 (trajectory imitation, full fine-tune)
+  adapter   training_adapter.safetensors  de-distilling LoRA: plain FM LoRA at low lr on turbo's own 8-step outputs
+  loras     scheme LoRAs via zimage_core.training.train: sft, differential, trajectory, generic SFT -> DistillPatch
+
+Full fine-tunes (teacher, turbo) are this module's own loops (the project trainer is LoRA-only); every LoRA is
+trained with the project trainer `zimage_core.training.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from zimage_core import ZImageConfig, ZImageTransformer, load_transformer, save_transformer
+from zimage_core.scheduler import shift_sigmas
+from zimage_core.testing import init_random_
+
+from . import WEIGHTS, world
+from .vae import ToyVAE
+
+MODEL_CONFIG = ZImageConfig(dim=128, n_layers=4, n_refiner_layers=1, n_heads=4, cap_feat_dim=world.CAP_DIM,
+                            axes_dims=(8, 12, 12))
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def captions_for(prompts: list[str]) -> list[torch.Tensor]:
+    return [world.encode_text(p) for p in prompts]
+
+
+def load_model(name: str, dtype=torch.float32) -> ZImageTransformer:
+    return load_transformer(WEIGHTS / f"{name}.safetensors", dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- stage: vae
+def stage_vae(args) -> None:
+    g = torch.Generator().manual_seed(1)
+    images = torch.cat([world.random_batch(2000, shapes=world.SHAPES, generator=g).images])
+    vae = ToyVAE.fit(images, seed=0)
+    err = (vae.decode(vae.encode(images)) - images).pow(2).mean().sqrt()
+    log(f"vae: scale {vae.scale:.3f}, round-trip RMSE {err:.2e}")
+    vae.save(WEIGHTS / "vae.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- stage: teacher
+def _lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def stage_teacher(args) -> None:
+    work = Path(args.work)
+    ckpt_path = work / "teacher.ckpt.pt"
+    vae = ToyVAE.load()
+    model = init_random_(ZImageTransformer(MODEL_CONFIG), seed=0)
+    with torch.no_grad():  # start from a zero velocity (as DiT-style inits do)
+        model.final_layer.linear.weight.zero_()
+        model.final_layer.linear.bias.zero_()
+    model.train()
+    ema = ZImageTransformer(MODEL_CONFIG)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    start, history = 0, []
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, history = state["step"], state["history"]
+        log(f"teacher: resumed at step {start}")
+    empty = world.encode_text("")
+    total, bs = args.teacher_steps, args.teacher_batch
+    t0, running = time.time(), []
+    for step in range(start, total):
+        g = torch.Generator().manual_seed(1000003 * 7 + step)
+        batch = world.random_batch(bs, generator=g)
+        x0 = vae.encode(batch.images)
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = shift_sigmas(torch.rand(bs, generator=g), 3.0)
+        drop = torch.rand(bs, generator=g) < args.caption_dropout
+        caps = [empty if d else c for d, c in zip(drop.tolist(), captions_for(batch.prompts))]
+        xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+        loss = (model(xt, sigma, caps) - (noise - x0)).pow(2).mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, total, args.teacher_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        running.append(loss.item())
+        if (step + 1) % 50 == 0:
+            history.append((step + 1, sum(running) / len(running)))
+            log(f"teacher step {step + 1}/{total} loss {history[-1][1]:.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
+            running = []
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == total:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "step": step + 1, "history": history}, tmp)
+            os.replace(tmp, ckpt_path)
+            save_transformer(ema.eval(), work / "teacher_partial.safetensors", dtype=torch.bfloat16)
+            ema.requires_grad_(False)
+    finish_teacher(args)
+
+
+def finish_teacher(args) -> None:
+    """Ship the (possibly partial) EMA teacher in bf16, ComfyUI single-file layout."""
+    work = Path(args.work)
+    state = torch.load(work / "teacher.ckpt.pt", weights_only=False)
+    ema = ZImageTransformer(MODEL_CONFIG)
+    ema.load_state_dict(state["ema"])
+    save_transformer(ema.eval(), WEIGHTS / "teacher.safetensors", layout="comfyui", dtype=torch.bfloat16)
+    (WEIGHTS / "teacher.json").write_text(json.dumps({"steps": state["step"], "planned_steps": args.teacher_steps,
+                                                      "batch": args.teacher_batch, "loss_history": state["history"]}))
+    log(f"teacher: shipped EMA at step {state['step']}")
+
+
+# ---------------------------------------------------------------------------------------------- stage: turbo
+def stage_turbo(args) -> None:
+    """Distil the teacher (50 steps, cfg 2, student sigmas inserted: zimage_core.training.losses.trajectory_grids)
+    into an 8-step cfg-1 model: a full fine-tune on chord targets between the teacher states at the 8 student
+    sigmas, with DiffSynth's per-step weights (the trajectory-imitation loss of scheme 3, applied to all weights)."""
+    from zimage_core.training.losses import chord_targets, student_step_weights, teacher_trajectory, trajectory_grids
+
+    work = Path(args.work)
+    teacher = load_model("teacher")
+    student_sigmas, grid, keep = trajectory_grids(50, 8, 3.0)
+    weights = student_step_weights(student_sigmas)
+    traj_path = work / "turbo_trajectories.pt"
+    prompts = world.base_prompts()
+    if traj_path.exists():
+        data = torch.load(traj_path)
+    else:
+        t = time.time()
+        g = torch.Generator().manual_seed(2024)
+        all_prompts = [prompts[i % len(prompts)] for i in range(args.turbo_trajectories)]
+        noise = torch.randn((len(all_prompts), 16, 16, 16), generator=g)
+        empty = world.encode_text("")
+        states = []
+        for i in range(0, len(all_prompts), 64):
+            caps = captions_for(all_prompts[i:i + 64])
+            states.append(teacher_trajectory(teacher, noise[i:i + 64], caps, [empty] * len(caps), grid, 2.0, keep))
+            log(f"turbo: teacher trajectories {i + len(caps)}/{len(all_prompts)}")
+        data = {"states": torch.cat(states, dim=1), "prompts": all_prompts}
+        torch.save(data, traj_path)
+        log(f"turbo: {len(all_prompts)} trajectories in {time.time() - t:.0f} s")
+    states, traj_prompts = data["states"], data["prompts"]  # [9, N, C, H, W]
+    targets = chord_targets(states, student_sigmas)  # [8, N, C, H, W]
+    caps_all = captions_for(traj_prompts)
+    model = teacher.float().train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.turbo_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    n_traj = states.shape[1]
+    t = time.time()
+    for step in range(args.turbo_steps):
+        g = torch.Generator().manual_seed(77 + step)
+        j = torch.randint(n_traj, (args.turbo_batch,), generator=g)
+        k = torch.randint(8, (args.turbo_batch,), generator=g)
+        x = states[k, j]
+        v = model(x, student_sigmas[k], [caps_all[i] for i in j.tolist()])
+        mse = (v - targets[k, j]).pow(2).flatten(1).mean(1)
+        loss = (mse * weights[k]).mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, args.turbo_steps, args.turbo_lr, warmup=20, floor=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 25 == 0:
+            log(f"turbo step {step + 1}/{args.turbo_steps} loss {loss.item():.4f} "
+                f"({(time.time() - t) / (step + 1):.2f} s/step)")
+    model.eval().requires_grad_(False)
+    save_transformer(model, WEIGHTS / "turbo.safetensors", layout="diffusers", dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA stages
+UPSCALE = 4  # the trainer's cache assumes the Flux VAE's factor 8; dataset PNGs are stored 4x (nearest) and the
+#              toy encoder box-downsamples them back before the factor-2 toy VAE, so 128 px -> a 16x16 latent
+
+
+def encoders():
+    """The toy world's `zimage_core.training.Encoders` (image: toy VAE; text: word vectors)."""
+    from PIL import Image
+    from zimage_core.training import Encoders
+
+    vae = ToyVAE.load()
+
+    def encode_image(image):
+        small = image.convert("RGB").resize((image.width // UPSCALE, image.height // UPSCALE), Image.BOX)
+        return vae.encode_pil(small)
+
+    return Encoders(encode_image, world.encode_text, "toyworld-v1:vae2x16:words32")
+
+
+def decode_preview(latent):
+    from PIL import Image
+    from .vae import to_pil
+    image = to_pil(ToyVAE.load().decode(latent[None].float())[0])
+    return image.resize((image.width * UPSCALE, image.height * UPSCALE), Image.NEAREST)
+
+
+def write_dataset(folder: Path, images: torch.Tensor, prompts: list[str]) -> Path:
+    """PNG + sidecar caption per image (the trainer's kohya / ai-toolkit layout), 4x nearest-upscaled."""
+    from PIL import Image
+    from .vae import to_pil
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        pil = to_pil(image)
+        pil.resize((pil.width * UPSCALE, pil.height * UPSCALE), Image.NEAREST).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(prompt, encoding="utf-8")
+    return folder
+
+
+def concept_dataset(work: Path, n_per_colour: int = 2) -> Path:
+    folder = work / "data_concept"
+    if not folder.exists():
+        prompts = [p for p in world.concept_prompts() for _ in range(n_per_colour)]
+        write_dataset(folder, world.prompt_batch(prompts, generator=torch.Generator().manual_seed(31)), prompts)
+    return folder
+
+
+def generic_dataset(work: Path, n_per_prompt: int = 4) -> Path:
+    folder = work / "data_generic"
+    if not folder.exists():
+        prompts = [p for p in world.base_prompts() for _ in range(n_per_prompt)]
+        write_dataset(folder, world.prompt_batch(prompts, generator=torch.Generator().manual_seed(32)), prompts)
+    return folder
+
+
+def train_lora(args, name: str, dataset: Path, model=None, **settings):
+    """Train one LoRA with the project trainer (zimage_core.training.train) and ship it as weights/<name>."""
+    import shutil
+    from zimage_core.training import TrainConfig, build_cache, train
+
+    work = Path(args.work)
+    model = model if model is not None else load_model("turbo")
+    repeats = settings.pop("repeats", 1)
+    cache = build_cache(dataset, work / f"cache_{dataset.name}", encoders(), repeats=repeats,
+                        prompts=world.concept_prompts() + world.base_prompts())
+    config = TrainConfig(base_model="toyworld turbo", output_dir=str(work / name), output_name=name,
+                         repeats=repeats, gradient_checkpointing=False, checkpoint_every=0, log_every=100,
+                         save_dtype="bf16", resume="auto", **settings)
+    t = time.time()
+    result = train(model, config, cache, decode=decode_preview, encode_text=world.encode_text, log=log)
+    log(f"{name}: {result.step} steps in {time.time() - t:.0f} s, loss first/last 50: "
+        f"{sum(result.losses[:50]) / 50:.4f} / {sum(result.losses[-50:]) / 50:.4f}, turbo check {result.turbo_check}")
+    shutil.copy(result.lora_path, WEIGHTS / f"{name}.safetensors")
+    timing = json.loads((WEIGHTS / "timings.json").read_text()) if (WEIGHTS / "timings.json").exists() else {}
+    timing[name] = round(time.time() - t, 1)
+    (WEIGHTS / "timings.json").write_text(json.dumps(timing, indent=1))
+    return result
+
+
+def seed_steps(dataset: Path, batch: int = 1) -> int:
+    """DiffSynth's example: 5 epochs x 50 repeats of the dataset."""
+    n = len(list(dataset.glob("*.png")))
+    return 5 * 50 * n // batch
+
+
+def user_settings(args) -> dict:
+    return dict(rank=args.lora_rank, lr=args.lora_lr, batch_size=1, lr_schedule="diffsynth",
+                validation_prompts=world.concept_prompts())
+
+
+def stage_sft(args) -> None:
+    data = concept_dataset(Path(args.work))
+    train_lora(args, "lora_sft", data, scheme="sft", steps=seed_steps(data), repeats=50, **user_settings(args))
+
+
+def stage_adapter(args) -> None:
+    """The de-distilling training adapter, made as ostris made the real one: an ordinary flow-matching LoRA trained
+    at a low lr on the turbo model's own 8-step / cfg-1 outputs (base prompts)."""
+    from .evaluate import decode, generate
+    work = Path(args.work)
+    folder = work / "data_turbo_outputs"
+    if not folder.exists():
+        turbo = load_model("turbo")
+        prompts = [p for _ in range(args.adapter_images // 12) for p in world.base_prompts()]
+        images = decode(generate(turbo, prompts, 8, 1.0, seed=4242))
+        write_dataset(folder, images, prompts)
+    train_lora(args, "training_adapter", folder, scheme="sft", rank=args.adapter_rank, lr=args.adapter_lr,
+               steps=args.adapter_steps, batch_size=4, validation_prompts=world.base_prompts()[:4])
+
+
+def stage_differential(args) -> None:
+    data = concept_dataset(Path(args.work))
+    train_lora(args, "lora_differential", data, scheme="differential", steps=seed_steps(data), repeats=50,
+               preset_lora=str(WEIGHTS / "training_adapter.safetensors"), **user_settings(args))
+
+
+def stage_trajectory(args) -> None:
+    data = concept_dataset(Path(args.work))
+    settings = user_settings(args)
+    settings.update(batch_size=4, lr_schedule="constant")
+    train_lora(args, "lora_trajectory", data, scheme="trajectory", steps=args.ti_steps,
+               init_lora=str(WEIGHTS / "lora_sft.safetensors"), trajectory_noises=args.ti_noises, **settings)
+
+
+def stage_generic_sft(args) -> None:
+    data = generic_dataset(Path(args.work))
+    settings = user_settings(args)
+    settings.update(validation_prompts=world.base_prompts()[:4])
+    train_lora(args, "generic_sft", data, scheme="sft", steps=args.generic_steps, **settings)
+
+
+def stage_distill_patch(args) -> None:
+    """A generic DistillPatch: trajectory imitation of the generically SFT'd turbo (generic_sft) on generic data,
+    shipped as the correction alone, (TI LoRA) - (generic SFT LoRA), refactored to rank `patch_rank` by SVD and
+    written in DiffSynth's key format (bare peft keys, `.lora_A.default.weight`)."""
+    from safetensors.torch import save_file
+    from zimage_core import load_lora
+
+    data = generic_dataset(Path(args.work))
+    settings = user_settings(args)
+    settings.update(batch_size=4, lr_schedule="constant", validation_prompts=world.base_prompts()[:4])
+    result = train_lora(args, "generic_trajectory", data, scheme="trajectory", steps=args.patch_steps,
+                        init_lora=str(WEIGHTS / "generic_sft.safetensors"), trajectory_noises=args.ti_noises,
+                        **settings)
+    (WEIGHTS / "generic_trajectory.safetensors").unlink()  # an intermediate, not shipped
+    sft = load_lora(WEIGHTS / "generic_sft.safetensors")
+    ti = result.lora
+    tensors, kept = {}, []
+    for path, module in ti.modules.items():
+        delta = module.weight_delta(1.0).float() - sft.modules[path].weight_delta(1.0).float()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = args.patch_rank
+        kept.append(float(s[:r].pow(2).sum() / s.pow(2).sum().clamp_min(1e-30)))
+        tensors[f"{path}.lora_B.default.weight"] = (u[:, :r] * s[:r]).to(torch.bfloat16).contiguous()
+        tensors[f"{path}.lora_A.default.weight"] = vh[:r].to(torch.bfloat16).contiguous()
+    save_file(tensors, str(WEIGHTS / "distill_patch.safetensors"))
+    log(f"distill_patch: rank {args.patch_rank}, SVD energy kept min {min(kept):.4f} mean {sum(kept) / len(kept):.4f}")
+
+
+STAGES = {"vae": (stage_vae, "vae.safetensors"), "teacher": (stage_teacher, "teacher.safetensors"),
+          "turbo": (stage_turbo, "turbo.safetensors"),
+          "adapter": (stage_adapter, "training_adapter.safetensors"),
+          "sft": (stage_sft, "lora_sft.safetensors"),
+          "differential": (stage_differential, "lora_differential.safetensors"),
+          "trajectory": (stage_trajectory, "lora_trajectory.safetensors"),
+          "generic_sft": (stage_generic_sft, "generic_sft.safetensors"),
+          "distill_patch": (stage_distill_patch, "distill_patch.safetensors")}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/toyworld-build")
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher-steps", type=int, default=2600)
+    p.add_argument("--teacher-batch", type=int, default=64)
+    p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--turbo-trajectories", type=int, default=512)
+    p.add_argument("--turbo-steps", type=int, default=400)
+    p.add_argument("--turbo-batch", type=int, default=64)
+    p.add_argument("--turbo-lr", type=float, default=2e-4)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--adapter-images", type=int, default=384)
+    p.add_argument("--adapter-rank", type=int, default=16)
+    p.add_argument("--adapter-lr", type=float, default=1e-4)
+    p.add_argument("--adapter-steps", type=int, default=1000)
+    p.add_argument("--ti-steps", type=int, default=200)
+    p.add_argument("--ti-noises", type=int, default=8)
+    p.add_argument("--generic-steps", type=int, default=2000)
+    p.add_argument("--patch-steps", type=int, default=300)
+    p.add_argument("--patch-rank", type=int, default=16)
+    p.add_argument("--finish-teacher", action="store_true", help="ship the teacher's last checkpoint and stop")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    if args.finish_teacher:
+        return finish_teacher(args)
+    for name in args.stages.split(","):
+        fn, out = STAGES[name]
+        if (WEIGHTS / out).exists():
+            log(f"{name}: {out} exists, skipped")
+            continue
+        t = time.time()
+        fn(args)
+        log(f"{name}: done in {time.time() - t:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Measure the four "keep the Turbo" schemes on the toy world and print / write the table.
+
+    PYTHONPATH=. python -m toyworld.evaluate [--out toyworld/results.json] [--per-prompt 12]
+
+Every model is the shipped turbo (or teacher) with LoRAs applied through zimage_core.lora.apply_loras; samples use
+zimage_core.sample on fixed noises and the toy VAE; metrics are toyworld.metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from zimage_core import apply_loras, load_lora, load_transformer, sample
+
+from . import WEIGHTS, world
+from .metrics import fidelity, shape_accuracy, sharpness
+from .vae import ToyVAE
+
+SETTINGS = {"8 st cfg 1": (8, 1.0), "30 st cfg 2": (30, 2.0)}
+LATENT_SHAPE = (16, 16, 16)
+
+
+def load_model(name: str = "turbo", dtype=torch.float32):
+    return load_transformer(WEIGHTS / f"{name}.safetensors", dtype=dtype)
+
+
+def fixed_noise(n: int, seed: int) -> torch.Tensor:
+    return torch.randn((n, *LATENT_SHAPE), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(model, prompts: list[str], steps: int, cfg: float, seed: int = 0, batch: int = 64) -> torch.Tensor:
+    """Latents for the prompts from fixed noises (seed), negative = the empty prompt."""
+    noise = fixed_noise(len(prompts), seed)
+    empty = world.encode_text("")
+    out = []
+    for i in range(0, len(prompts), batch):
+        caps = [world.encode_text(p) for p in prompts[i:i + batch]]
+        out.append(sample(model, noise[i:i + batch], caps, [empty] * len(caps), steps=steps, cfg=cfg))
+    return torch.cat(out)
+
+
+def decode(latents: torch.Tensor) -> torch.Tensor:
+    return ToyVAE.load().decode(latents).clamp(0, 1)
+
+
+@contextmanager
+def loras_applied(model, loras):
+    """loras: [(LoraWeights or path, strength)]; merged for speed, removed bit-exactly afterwards."""
+    handle = apply_loras(model, [(load_lora(l) if isinstance(l, (str, Path)) else l, s) for l, s in loras],
+                         mode="merge") if loras else None
+    try:
+        yield model
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def prompt_set(prompts: list[str], per_prompt: int) -> list[str]:
+    return [p for _ in range(per_prompt) for p in prompts]
+
+
+def measure(model, prompts: list[str], steps: int, cfg: float, seed: int) -> dict:
+    images = decode(generate(model, prompts, steps, cfg, seed))
+    return {"sharp": sharpness(images, prompts), "fid": fidelity(images, prompts),
+            "shape_acc": shape_accuracy(images, prompts)}
+
+
+def lora_path(name: str) -> Path:
+    return WEIGHTS / f"{name}.safetensors"
+
+
+def scheme_rows() -> list[tuple[str, str, list[tuple[str, float]]]]:
+    """(label, base model, [(lora file, strength)]) of every evaluated variant."""
+    L = lambda n: str(lora_path(n))  # noqa: E731
+    return [
+        ("turbo (no LoRA)", "turbo", []),
+        ("teacher (no LoRA)", "teacher", []),
+        ("1 SFT LoRA", "turbo", [(L("lora_sft"), 1.0)]),
+        ("2 differential LoRA (adapter dropped)", "turbo", [(L("lora_differential"), 1.0)]),
+        ("2 differential LoRA + adapter kept", "turbo", [(L("lora_differential"), 1.0), (L("training_adapter"), 1.0)]),
+        ("3 SFT + trajectory imitation", "turbo", [(L("lora_trajectory"), 1.0)]),
+        ("4 SFT + DistillPatch", "turbo", [(L("lora_sft"), 1.0), (L("distill_patch"), 1.0)]),
+        ("adapter only (de-distilled turbo)", "turbo", [(L("training_adapter"), 1.0)]),
+        ("generic SFT (DistillPatch's teacher)", "turbo", [(L("generic_sft"), 1.0)]),
+        ("turbo + DistillPatch", "turbo", [(L("distill_patch"), 1.0)]),
+    ]
+
+
+def run(per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, log=print) -> dict:
+    models = {}
+    results = {}
+    concept = prompt_set(world.concept_prompts(), per_prompt)
+    base = prompt_set(world.base_prompts(), base_per_prompt)
+    for label, base_name, loras in scheme_rows():
+        if any(not Path(p).exists() for p, _ in loras) or not (WEIGHTS / f"{base_name}.safetensors").exists():
+            log(f"{label}: weights missing, skipped")
+            continue
+        model = models.setdefault(base_name, load_model(base_name))
+        t = time.time()
+        row = {}
+        with loras_applied(model, loras):
+            for setting, (steps, cfg) in SETTINGS.items():
+                row[setting] = measure(model, concept, steps, cfg, seed)
+                row[setting]["base"] = measure(model, base, steps, cfg, seed + 1)
+        results[label] = row
+        log(f"{label}: " + " | ".join(f"{s}: sharp {r['sharp']:.2f} fid {r['fid']:.2f} base-fid {r['base']['fid']:.2f}"
+                                      for s, r in row.items()) + f" ({time.time() - t:.0f} s)")
+    results["_setup"] = {"concept_samples": len(concept), "base_samples": len(base), "seed": seed}
+    return results
+
+
+def table(results: dict) -> str:
+    head = ("| model / scheme | 8 st cfg 1: sharp | fid | base fid | base sharp | 30 st cfg 2: sharp | fid | base fid "
+            "| base sharp |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for label, row in results.items():
+        if label.startswith("_"):
+            continue
+        cells = []
+        for setting in SETTINGS:
+            r = row[setting]
+            cells += [f"{r['sharp']:.2f}", f"{r['fid']:.2f}", f"{r['base']['fid']:.2f}", f"{r['base']['sharp']:.2f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(WEIGHTS.parent / "results.json"))
+    p.add_argument("--per-prompt", type=int, default=12)
+    p.add_argument("--base-per-prompt", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = run(args.per_prompt, args.base_per_prompt)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    md = table(results)
+    Path(args.out).with_suffix(".md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
