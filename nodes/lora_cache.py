@@ -41,5 +41,8 @@ def apply_stack(transformer, specs: tuple[LoraSpec, ...]):
 def summarize(spec: LoraSpec, report) -> str:
     """One UI line per LoRA: detected format, modules patched, keys left unmatched."""
     role = " [DistillPatch]" if spec.role == "distillpatch" else ""
-    return (f"{spec.name}{role} @ {spec.strength:g}: format {report.format}, {report.matched} modules patched, "
+    text = (f"{spec.name}{role} @ {spec.strength:g}: format {report.format}, {report.matched} modules patched, "
             f"{len(report.unmatched)} keys left")
+    if getattr(report, "redundant", None):
+        text += f", {len(report.redundant)} duplicate keys skipped"
+    return text

@@ -248,12 +248,22 @@ def test_switching_loras_restores_the_base_exactly(comfy_host, comfy_models):
 def test_loader_reads_comfyui_layout_and_caches_by_path_mtime_dtype(comfy_host, comfy_models):
     m = comfy_models
     loader = comfy_host.pack_module("nodes.loader")
+    # a diffusers folder (config.json + weights) is one choice 'name/', its weight files are not listed
+    folder = comfy_host.models_dir / "diffusion_models" / "zimage_tiny_diffusers"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(m.config.to_diffusers()))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(
+        (comfy_host.models_dir / "diffusion_models" / m.transformer).read_bytes())
+    options = comfy_host.object_info("ZImageTurboModelLoader")["input"]["required"]["model_name"][1]["options"]
+    assert "zimage_tiny_diffusers/" in options and not any(o.startswith("zimage_tiny_diffusers/d") for o in options)
+    from_folder = loader.load_base("zimage_tiny_diffusers/", "fp32", "none")
     a = loader.load_base(m.transformer_comfy, "fp32", "none")
     assert loader.load_base(m.transformer_comfy, "fp32", "none") is a
     assert loader.load_base(m.transformer_comfy, "bf16", "none") is not a
     ref = loader.load_base(m.transformer, "fp32", "none")
-    for (name, x), y in zip(a.transformer.state_dict().items(), ref.transformer.state_dict().values()):
-        assert torch.equal(x, y), name
+    for other in (a, from_folder):
+        for (name, x), y in zip(other.transformer.state_dict().items(), ref.transformer.state_dict().values()):
+            assert torch.equal(x, y), name
     result = comfy_host.run(t2i_prompt(m, transformer=m.transformer_comfy, weight_dtype="bf16", size=32, save=False))
     assert result.success, result.error
     assert torch.isfinite(_sampler_latent(result)).all()
