@@ -45,7 +45,7 @@ def test_cli_single_process_writes_the_outputs(tmp_path, cache_dir):
     config = write_config(tmp_path / "run.toml", cache_dir, tmp_path / "out")
     proc = run([sys.executable, "-m", "zimage_core", "train", "--config", str(config), "--quiet"])
     assert "turbo check" in proc.stdout and "trained 3 steps" in proc.stdout
-    for suffix in (".safetensors", ".loss.png", ".grid.png", ".ckpt.pt"):
+    for suffix in (".safetensors", ".loss.png", ".grid.png", ".ckpt.safetensors"):
         assert (tmp_path / "out" / f"cli{suffix}").is_file()
 
 
@@ -56,8 +56,8 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, cache_dir):
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "zimage_core", "train", "--config", str(double), "--quiet", "--device", "cpu"])
     assert "2 process(es)" in proc.stdout
-    a = load_checkpoint(tmp_path / "single" / "cli.ckpt.pt")
-    b = load_checkpoint(tmp_path / "double" / "cli.ckpt.pt")
+    a = load_checkpoint(tmp_path / "single" / "cli.ckpt.safetensors")
+    b = load_checkpoint(tmp_path / "double" / "cli.ckpt.safetensors")
     assert a["step"] == b["step"] == 3
     diff = max(float((a["lora"][k] - b["lora"][k]).abs().max()) for k in a["lora"])
     scale = max(float(v.abs().max()) for v in a["lora"].values())

@@ -1,8 +1,11 @@
 """SFT, differential and DistillPatch-preview training on a tiny random model (CPU): identity at step 0, only LoRA
 tensors change, the loss falls, the preset is frozen and removed, outputs, callbacks, checkpoints, NaN, bad input."""
 
+import ast
 import hashlib
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from zimage_core.sampling import sample
 from zimage_core.testing import tiny_model
 from zimage_core.training import (ConfigError, LoraMismatch, TrainConfig, TrainingDiverged, build_cache, sft_loss,
                                   train)
+from zimage_core.training import checkpoint as checkpoint_module
 from zimage_core.training import trainer as trainer_module
 from zimage_core.training.checkpoint import load_checkpoint, save_checkpoint
 from zimage_core.training.toy import make_toy_dataset, toy_encoders
@@ -206,7 +210,7 @@ def test_outputs_callbacks_and_distillpatch_preview(tmp_path, cache, capsys):
     assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)] and all(isinstance(c[2], float) for c in calls)
     out = tmp_path / "out"
     assert result.lora_path == out / "run1.safetensors" and result.grid_path == out / "run1.grid.png"
-    assert result.loss_curve_path == out / "run1.loss.png" and result.checkpoint_path == out / "run1.ckpt.pt"
+    assert result.loss_curve_path == out / "run1.loss.png" and result.checkpoint_path == out / "run1.ckpt.safetensors"
     grid = Image.open(result.grid_path)
     assert grid.width > 2 * 150 and grid.height > 5 * 150  # 2 prompts, 5 rows (before/after x 2 + patched)
     Image.open(result.loss_curve_path).verify()
@@ -235,7 +239,7 @@ def test_interrupt_checkpoint_and_bit_identical_resume(tmp_path, cache):
                  write_outputs=False, progress=lambda s, t, l: seen.append(s),
                  should_stop=lambda: len(seen) >= stop_after)
     assert part.interrupted and part.step == 3 and part.lora_path is None
-    state = load_checkpoint(tmp_path / "out" / "split.ckpt.pt")
+    state = load_checkpoint(tmp_path / "out" / "split.ckpt.safetensors")
     assert state["step"] == 3 and set(state) >= {"lora", "optimizer", "rng", "config", "losses"}
     assert state["config"]["rank"] == 4
 
@@ -265,23 +269,57 @@ def test_interrupt_by_exception_writes_a_checkpoint(tmp_path, cache):
     with pytest.raises(Cancelled):
         train(tiny_model(0), cfg(tmp_path, steps=5, output_name="cancel"), cache, log=None, write_outputs=False,
               progress=lambda s, t, l: seen.append(s), should_stop=stop)
-    assert load_checkpoint(tmp_path / "out" / "cancel.ckpt.pt")["step"] == 2
+    assert load_checkpoint(tmp_path / "out" / "cancel.ckpt.safetensors")["step"] == 2
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "c.ckpt.pt"
+    path = tmp_path / "c.ckpt.safetensors"
     save_checkpoint(path, {"step": 1, "x": torch.ones(3)})
 
-    def failing_save(obj, handle, *a, **k):
+    def failing_write(handle, *a, **k):
         handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(checkpoint_module, "_write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"step": 2, "x": torch.zeros(3)})
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt.safetensors"]
+
+
+def test_checkpoint_is_a_safetensors_file_and_nothing_is_unpickled(tmp_path, cache):
+    train(tiny_model(0), cfg(tmp_path, steps=2, output_name="st"), cache, log=None, write_outputs=False)
+    path = tmp_path / "out" / "st.ckpt.safetensors"
+    with safe_open(str(path), "pt") as f:  # a plain safetensors file: tensors + string metadata
+        meta, names = f.metadata(), set(f.keys())
+    assert meta["format"] == checkpoint_module.FORMAT and all(isinstance(v, str) for v in meta.values())
+    assert json.loads(meta["step"]) == 2 and len(json.loads(meta["losses"])) == 2
+    assert json.loads(meta["config"])["rank"] == 4
+    assert json.loads(meta["optimizer"])["param_groups"][0]["lr"] == 1e-3
+    lora = {n for n in names if n.startswith("lora/")}
+    assert lora and all(n.endswith(("|down", "|up")) for n in lora)
+    assert {n.rsplit("/", 1)[1] for n in names if n.startswith("optimizer/state/")} == {"exp_avg", "exp_avg_sq",
+                                                                                         "step"}
+    assert {"rng/torch", "rng/numpy/keys"} <= names
+    assert names == lora | {n for n in names if n.startswith(("optimizer/state/", "rng/"))}
+    # an old pickle checkpoint (torch.save) is refused without being unpickled
+    old = tmp_path / "old.ckpt.pt"
+    torch.save({"format": "zimage_core.train_checkpoint/1"}, old)
+    with pytest.raises(ValueError, match="pickle"):
+        load_checkpoint(old)
+    # nothing in zimage_core unpickles (or writes pickles): no torch.load / torch.save, no pickle-family imports
+    package = Path(__file__).resolve().parents[1] / "zimage_core"
+    for file in sorted(package.rglob("*.py")):
+        source = file.read_text(encoding="utf-8")
+        assert "torch.load" not in source, file
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                assert (node.value.id, node.attr) not in {("torch", "load"), ("torch", "save")}, f"{file}:{node.lineno}"
+                assert node.value.id not in {"pickle", "cPickle", "dill"}, f"{file}:{node.lineno}"
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(m.split(".")[0] in {"pickle", "_pickle", "cPickle", "dill"} for m in modules), file
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache, monkeypatch):
@@ -295,7 +333,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache, monk
     monkeypatch.setattr(trainer_module, "sft_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 4.*not finite.*last good checkpoint.*step 2"):
         train(tiny_model(0), cfg(tmp_path, steps=6, checkpoint_every=2, output_name="nan"), cache, log=None)
-    state = load_checkpoint(tmp_path / "out" / "nan.ckpt.pt")
+    state = load_checkpoint(tmp_path / "out" / "nan.ckpt.safetensors")
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["lora"].values())
     assert not (tmp_path / "out" / "nan.safetensors").exists()
 

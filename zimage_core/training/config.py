@@ -96,7 +96,7 @@ class TrainConfig:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.output_path(".ckpt.pt")
+        return self.output_path(".ckpt.safetensors")
 
     # ------------------------------------------------------------------ validation
     def validate_settings(self) -> "TrainConfig":

@@ -368,6 +368,9 @@ class _Run:
             return
         path = cfg.checkpoint_path if cfg.resume == "auto" else Path(cfg.resume)
         if cfg.resume == "auto" and not path.is_file():
+            old = path.with_name(path.name.replace(".ckpt.safetensors", ".ckpt.pt"))
+            if old.is_file():
+                self.log(f"{old.name} is an old pickle checkpoint, which is never loaded: starting from step 0")
             return
         state = load_checkpoint(path)
         saved = state["config"]
