@@ -391,7 +391,10 @@ def test_trainer_cancel_saves_checkpoint_and_requeue_resumes(comfy_host, comfy_m
     comfy_host.interrupt_at_step(2, node_id="11", total=4)
     first = comfy_host.run(prompt, fresh=True)
     assert first.error and first.error["event"] == "execution_interrupted", first.error
-    ckpt = comfy_host.base_dir / "output" / "zimage_training" / "trained_cancel" / "trained_cancel.ckpt.safetensors"
+    from zimage_core.training import TrainConfig
+
+    work = comfy_host.base_dir / "output" / "zimage_training" / "trained_cancel"
+    ckpt = TrainConfig(output_dir=str(work), output_name="trained_cancel").checkpoint_path  # the core's own name
     assert ckpt.is_file()
     assert not (comfy_host.models_dir / "loras" / "trained_cancel.safetensors").exists()
     second = comfy_host.run(prompt, fresh=True)
