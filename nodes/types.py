@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -146,20 +145,7 @@ class LoadedBase:
     offload: str
     active: tuple[LoraSpec, ...] = ()
     reports: list = field(default_factory=list)
-    # zimage_core.lora handle of the merged stack (`.remove()`, `.reports`), in a box that a finalizer shares: the
-    # engine's per-model merge state references the model, so a dropped base must remove its stack to be freed.
-    _handle_box: list = field(default_factory=lambda: [None], repr=False)
-
-    def __post_init__(self):
-        weakref.finalize(self, _remove_boxed_handle, self._handle_box).atexit = False  # nothing to restore at exit
-
-    @property
-    def handle(self):
-        return self._handle_box[0]
-
-    @handle.setter
-    def handle(self, value):
-        self._handle_box[0] = value
+    handle: object = None  # zimage_core.lora handle of the merged stack (`.remove()`, `.reports`)
 
     @classmethod
     def create(cls, transformer: ZImageTransformer, path: str, name: str, dtype: torch.dtype,
@@ -176,12 +162,6 @@ class LoadedBase:
         if self.handle is not None:
             self.handle.remove()
         self.handle, self.active, self.reports = None, (), []
-
-
-def _remove_boxed_handle(box: list) -> None:
-    if box[0] is not None:
-        box[0].remove()
-        box[0] = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -113,12 +113,12 @@ def test_restore_rereads_the_checkpoint_instead_of_keeping_backups(tmp_path):
 
     model.weight_source = Source()
     handle = apply_loras(model, [(random_lora(model, 1), 1.0)])
-    state = apply_module._STATES[model]
+    state = apply_module._merge_state(model)
     assert len(state.backups) == 28 and all(v is None for v in state.backups.values())
     handle.remove()
     assert len(reads) == 28
     assert_identical(model, before)
-    assert model not in apply_module._STATES
+    assert apply_module._merge_state(model) is None
 
 
 def test_runtime_mode_trains_the_lora_tensors_in_bf16_under_checkpointing():
@@ -253,7 +253,28 @@ def test_loaded_model_restores_from_its_checkpoint_file(tmp_path):
     model = load_transformer(path, dtype=torch.bfloat16)
     before = snapshot(model)
     handle = apply_loras(model, [(random_lora(model, 1), 1.0), (random_lora(model, 2), 0.5)])
-    assert all(v is None for v in apply_module._STATES[model].backups.values())
+    assert all(v is None for v in apply_module._merge_state(model).backups.values())
     assert not torch.equal(model.layers[0].attention.to_k.weight, before["layers.0.attention.to_k.weight"])
     handle.remove()
     assert_identical(model, before)
+
+
+def test_a_dropped_model_with_a_merged_stack_is_freed():
+    """The merge state lives on the model, so nothing global keeps a model (and its weights) alive."""
+    import gc
+    import weakref
+
+    from zimage_core import apply_loras, new_lora
+    from zimage_core.testing import tiny_model
+
+    model = tiny_model(seed=7)
+    lora = new_lora(model, rank=2, seed=3)
+    with torch.no_grad():
+        for module in lora.modules.values():
+            module.up.normal_()
+    handle = apply_loras(model, [(lora, 1.0)], mode="merge")
+    assert handle.reports[0].matched > 0
+    alive = weakref.ref(model)
+    del model, handle
+    gc.collect()
+    assert alive() is None

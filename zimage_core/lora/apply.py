@@ -15,7 +15,6 @@ Everything is checked (every key matched, every shape right) before the first te
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -93,7 +92,14 @@ class _MergeState:
             param.copy_(self.source.read(name))
 
 
-_STATES: "weakref.WeakKeyDictionary[nn.Module, _MergeState]" = weakref.WeakKeyDictionary()
+_STATE_ATTR = "_zimage_lora_merge_state"  # kept on the model itself, so a dropped model is freed with its stacks
+
+
+def _merge_state(model: nn.Module, create: bool = False) -> _MergeState | None:
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None and create:
+        state = model.__dict__[_STATE_ATTR] = _MergeState(model)
+    return state
 
 
 def _merge_into(param: Tensor, patches: list[_Patch]) -> None:
@@ -120,7 +126,7 @@ class LoraHandle:
     def _merge(self, patches: list[_Patch]) -> None:
         if not patches:
             return
-        state = _STATES.setdefault(self.model, _MergeState(self.model))
+        state = _merge_state(self.model, create=True)
         state.handles.append(self)
         self._patches = patches
         for name, group in _by_param(patches).items():
@@ -140,7 +146,7 @@ class LoraHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        state = _STATES.get(self.model)
+        state = _merge_state(self.model)
         if state is None or self not in state.handles:
             return
         state.handles.remove(self)
@@ -154,7 +160,7 @@ class LoraHandle:
                 else:
                     del state.backups[name]
         if not state.handles:
-            del _STATES[self.model]
+            del self.model.__dict__[_STATE_ATTR]
 
     def __enter__(self) -> "LoraHandle":
         return self
