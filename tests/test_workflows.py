@@ -2,6 +2,7 @@
 format as the frontend does, pass the real host's validation, and run on the tiny models (text encoder swapped)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,10 +25,15 @@ def host(comfy_host):  # noqa: F811
     """The in-process host with the workflows' standard file names present (tiny weights where they run)."""
     from zimage_core.testing import tiny_model
 
+    from zimage_core import load_lora, save_lora
+
     files = write_test_models(comfy_host)
     models = comfy_host.models_dir
     write_tiny_transformer(models / "diffusion_models" / wf.MODEL_FILE, seed=0)
-    (models / "loras" / wf.SFT_LORA_FILE).write_bytes((models / "loras" / files.user_lora).read_bytes())
+    user_lora = load_lora(models / "loras" / files.user_lora)
+    # what train_sft would have written (train_distill starts from it; train_sft may replace it)
+    save_lora(user_lora, models / "loras" / wf.SFT_LORA_FILE, metadata={"trainer": "zimage_core.training"})
+    save_lora(user_lora, models / "loras" / wf.ADAPTER_FILE)  # stands in for the turbo training adapter
     (models / "text_encoders" / wf.TEXT_ENCODER_FILE).write_bytes(b"")  # only validated; swapped when run
     comfy_host.tiny_width = tiny_model(0).config.cap_feat_dim
     return comfy_host
@@ -46,7 +52,9 @@ def _load(name):
 
 def test_every_definition_is_shipped_with_a_thumbnail():
     assert sorted(w.name for w in wf.definitions()) == NAMES
-    assert {"zimage_turbo_t2i", "zimage_turbo_quality_30step"} <= set(NAMES)
+    assert set(NAMES) == {"zimage_turbo_t2i", "zimage_turbo_quality_30step", "train_sft", "train_differential",
+                          "train_distill"}
+    assert all((ROOT / "workflows" / f"{name}.jpg").is_file() for name in NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -68,7 +76,7 @@ def test_workflow_validates_in_the_real_host(server, host, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_opens_in_the_frontend(server, name, tmp_path):
     result = open_workflow(server.url, _load(name))
-    shots = ROOT / "docs" / "screenshots"
+    shots = Path(os.environ.get("ZIMAGE_SCREENSHOTS", tmp_path))  # tools/screenshots.sh refreshes docs/
     shots.mkdir(parents=True, exist_ok=True)
     (shots / f"{name}.png").write_bytes(result.screenshot_png)
     assert result.unknown_types == []
@@ -85,8 +93,12 @@ def test_workflow_runs_on_the_tiny_model(server, host, name):
     assert result.valid, result.validation_error
     assert result.success, result.events[-1:]
     saved = [img for out in result.ui.values() for img in out.get("images", []) if img.get("type") == "output"]
-    assert saved
+    assert len(saved) == (2 if name.startswith("train_") else 1)  # trained workflows: base and trained, side by side
     from PIL import Image
 
-    path = Path(host.folder_paths.get_output_directory()) / saved[0]["subfolder"] / saved[0]["filename"]
-    assert Image.open(path).size == (1024, 1024)
+    for image in saved:
+        path = Path(host.folder_paths.get_output_directory()) / image["subfolder"] / image["filename"]
+        assert Image.open(path).size == (1024, 1024)
+    if name.startswith("train_"):
+        previews = [img for out in result.ui.values() for img in out.get("images", []) if img.get("type") == "temp"]
+        assert len(previews) == 2  # loss curve and validation grid shown in the UI

@@ -26,7 +26,7 @@ DISTILLPATCH_FILE = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynt
 ADAPTER_FILE = "zimage_turbo_training_adapter_v2.safetensors"  # ostris/zimage_turbo_training_adapter
 SFT_LORA_FILE = "zimage_turbo_sft.safetensors"  # what train_sft writes
 DATASET = "zimage_dataset"  # a folder of images + captions under ComfyUI's input folder
-DEMO_WORKFLOWS = ("zimage_turbo_t2i",)  # what tools/demo.py queues, in order
+DEMO_WORKFLOWS = ("zimage_turbo_t2i", "train_sft")  # what tools/demo.py queues, in order
 
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -64,6 +64,13 @@ def _inputs(info: dict):
             yield name, specs[name], section == "optional"
 
 
+def _has_seed_control(name: str, spec) -> bool:
+    """The frontend adds a "control after generate" widget after seeds: when the node asks for one, and after every
+    INT input named seed / noise_seed."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return bool(options.get("control_after_generate")) or (spec[0] == "INT" and name in ("seed", "noise_seed"))
+
+
 def _default(spec):
     kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
     if "default" in options:
@@ -93,7 +100,7 @@ def build(workflow: Workflow, object_info: dict) -> dict:
             unknown.discard(name)
             if _is_widget(spec) and name not in node.links:
                 widgets.append(node.widgets.get(name, _default(spec)))
-                if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
+                if _has_seed_control(name, spec):
                     widgets.append("fixed")
             elif not _is_widget(spec):
                 link = next((l for l in links if l[3] == node.id and l[4] == name), None)
@@ -125,12 +132,12 @@ def build(workflow: Workflow, object_info: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ definitions
-def _text_to_image(loader_col=0) -> list[Node]:
+def _text_to_image() -> list[Node]:
     return [
         Node(1, "CLIPLoader", {"clip_name": TEXT_ENCODER_FILE, "type": "lumina2"}, col=0, row=0),
         Node(2, "CLIPTextEncode", {"text": PROMPT}, {"clip": (1, 0)}, col=1, row=0, title="Prompt"),
         Node(3, "ZImageTurboModelLoader", {"model_name": MODEL_FILE}, col=0, row=1),
-        Node(5, "VAELoader", {"vae_name": VAE_FILE}, col=3, row=1),
+        Node(5, "VAELoader", {"vae_name": VAE_FILE}, col=0, row=3),
         Node(6, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, col=0, row=2),
     ]
 
@@ -155,7 +162,43 @@ def definitions() -> list[Workflow]:
         Node(9, "SaveImage", {"filename_prefix": "zimage_quality"}, {"images": (8, 0)}, col=4, row=0),
     ], note="Scheme 1: an ordinary (SFT) LoRA without DistillPatch, sampled at 30 steps / cfg 2 with an empty "
             "negative prompt.")
-    return [t2i, quality]
+    return [t2i, quality, _training("sft"), _training("differential"), _training("distill")]
+
+
+_TRAINING = {  # scheme -> (workflow name, trainer widgets, note)
+    "sft": ("train_sft", {"output_name": SFT_LORA_FILE[:-12], "steps": 250},
+            "Scheme 1/4 training: an ordinary LoRA (5 epochs x 50 repeats of a one-image dataset, as DiffSynth's "
+            "example). Sample it at 30 steps / cfg 2 (zimage_turbo_quality_30step) or with the DistillPatch at "
+            "8 steps / cfg 1 (zimage_turbo_t2i); the 8-step sample here shows the blur plain SFT causes."),
+    "differential": ("train_differential", {"preset_lora": ADAPTER_FILE, "output_name": "zimage_turbo_differential",
+                                            "steps": 250},
+                     "Scheme 2: train through the frozen turbo training adapter; the exported LoRA is used alone "
+                     "at 8 steps / cfg 1."),
+    "distill": ("train_distill", {"sft_lora": SFT_LORA_FILE, "output_name": "zimage_turbo_distilled", "steps": 20},
+                "Scheme 3: trajectory imitation. The SFT LoRA (from train_sft) learns to reach its own 50-step / "
+                "cfg-2 result in 8 steps at cfg 1 (DiffSynth's recipe validates after 20 steps)."),
+}
+
+
+def _training(scheme: str) -> Workflow:
+    name, trainer_widgets, note = _TRAINING[scheme]
+    nodes = _text_to_image() + [
+        Node(11, "ZImageTurboTrainLora", {"dataset_folder": DATASET, "scheme": scheme, "learning_rate": 1e-4,
+                                          "rank": 32, "seed": 0, "validation_prompt": PROMPT, **trainer_widgets},
+             {"model": (3, 0), "clip": (1, 0), "vae": (5, 0)}, col=1, row=1),
+        Node(12, "PreviewImage", {}, {"images": (11, 2)}, col=2, row=2, title="Loss curve"),
+        Node(13, "PreviewImage", {}, {"images": (11, 3)}, col=3, row=2, title="Validation grid"),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42},
+             {"model": (3, 0), "positive": (2, 0), "latent_image": (6, 0)}, col=2, row=0, title="Base, 8 steps cfg 1"),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_base"}, {"images": (8, 0)}, col=4, row=0),
+        Node(14, "ZImageTurboSampler", {"preset": "turbo", "seed": 42},
+             {"model": (11, 0), "positive": (2, 0), "latent_image": (6, 0)}, col=2, row=1,
+             title="Trained LoRA, 8 steps cfg 1"),
+        Node(15, "VAEDecode", {}, {"samples": (14, 0), "vae": (5, 0)}, col=3, row=1),
+        Node(16, "SaveImage", {"filename_prefix": f"zimage_{scheme}"}, {"images": (15, 0)}, col=4, row=1),
+    ]
+    return Workflow(name, nodes, note=note)
 
 
 def object_info_from_server() -> dict:
