@@ -153,7 +153,7 @@ class ZImageTurboTrainLora(io.ComfyNode):
                 io.Int.Input("max_pixels", default=1024 * 1024, min=256, max=4096 * 4096, step=256,
                              tooltip="Training images are resized to at most this many pixels (aspect kept, sides "
                                      "multiples of 16)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the LoRA init, batch order, noise and timesteps."),
                 io.String.Input("validation_prompt", default="", multiline=True,
                                 tooltip="Prompt of the validation grid (before/after, 8 steps and 30 steps); empty "

@@ -238,8 +238,25 @@ def swap_text_encoder(prompt: dict, model_width: int) -> dict:
 
 
 def to_api(workflow: dict, object_info: dict) -> dict:
-    """UI -> API format offline (comfyui-autoflow); tests check it equals the frontend's own graphToPrompt."""
-    from autoflow import convert
-
-    result = convert(workflow, node_info=object_info, include_meta=False, disable_autoflow_meta=True)
-    return json.loads(json.dumps(getattr(result, "prompt", None) or getattr(result, "data", None) or result))
+    """UI -> API format offline, for the flat graphs this pack ships (no subgraphs, reroutes or bypassed nodes):
+    widget values are read back with the same layout rules `build` writes them with. The workflow tests check that
+    the result equals the frontend's own `app.graphToPrompt()`."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) != 0:
+            raise ValueError(f"node {node['id']} ({node['type']}) is muted or bypassed; only flat graphs convert")
+        info = object_info[node["type"]]
+        values = iter(node.get("widgets_values") or [])
+        inputs = {}
+        for name, spec, _optional in _inputs(info):
+            if _is_widget(spec):
+                inputs[name] = next(values)
+                if _has_seed_control(name, spec):
+                    next(values)  # the frontend-only "control after generate" value
+        for socket in node.get("inputs", []):
+            if socket.get("link") is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
