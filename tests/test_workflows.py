@@ -102,3 +102,13 @@ def test_workflow_runs_on_the_tiny_model(server, host, name):
     if name.startswith("train_"):
         previews = [img for out in result.ui.values() for img in out.get("images", []) if img.get("type") == "temp"]
         assert len(previews) == 2  # loss curve and validation grid shown in the UI
+
+
+def test_workflows_are_listed_in_the_template_browser(server):
+    """ComfyUI serves the pack's workflows/ folder to its template browser (with the thumbnails)."""
+    listing = server.get_json("/api/workflow_templates")
+    from comfy_host import PACK_NAME
+
+    assert sorted(listing[PACK_NAME]) == NAMES
+    status, thumbnail = server._request(f"/api/workflow_templates/{PACK_NAME}/zimage_turbo_t2i.jpg")
+    assert status == 200 and thumbnail[:2] == b"\xff\xd8"  # a JPEG
