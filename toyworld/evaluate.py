@@ -111,6 +111,16 @@ def run(per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, log=print
         results[label] = row
         log(f"{label}: " + " | ".join(f"{s}: sharp {r['sharp']:.2f} fid {r['fid']:.2f} base-fid {r['base']['fid']:.2f}"
                                       for s, r in row.items()) + f" ({time.time() - t:.0f} s)")
+    world_rows = {}
+    base_more = prompt_set(world.base_prompts(), base_per_prompt * 2)
+    real = world.prompt_batch(base_more, generator=torch.Generator().manual_seed(seed))
+    world_rows["real data"] = {"sharp": sharpness(real, base_more), "fid": fidelity(real, base_more),
+                               "shape_acc": shape_accuracy(real, base_more)}
+    for name, steps, cfg in (("teacher", 50, 2.0), ("teacher", 8, 1.0), ("turbo", 8, 1.0), ("turbo", 30, 2.0)):
+        if name in models:
+            world_rows[f"{name} {steps} st cfg {cfg:g}"] = measure(models[name], base_more, steps, cfg, seed + 2)
+    results["_base_models"] = world_rows
+    log("base prompts: " + "; ".join(f"{k}: sharp {v['sharp']:.2f} fid {v['fid']:.2f}" for k, v in world_rows.items()))
     results["_setup"] = {"concept_samples": len(concept), "base_samples": len(base), "seed": seed}
     return results
 
@@ -127,6 +137,11 @@ def table(results: dict) -> str:
             r = row[setting]
             cells += [f"{r['sharp']:.2f}", f"{r['fid']:.2f}", f"{r['base']['fid']:.2f}", f"{r['base']['sharp']:.2f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if "_base_models" in results:
+        lines += ["", "| base prompts (pretraining data) | sharp | fid (colour and shape) | shape accuracy |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v['sharp']:.2f} | {v['fid']:.2f} | {v['shape_acc']:.2f} |"
+                  for k, v in results["_base_models"].items()]
     return "\n".join(lines)
 
 
