@@ -17,6 +17,7 @@ trained with the project trainer `zimage_core.training.train`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -232,10 +233,12 @@ def write_dataset(folder: Path, images: torch.Tensor, prompts: list[str]) -> Pat
     return folder
 
 
-def concept_dataset(work: Path, n_per_colour: int = 2) -> Path:
-    folder = work / "data_concept"
+def concept_dataset(work: Path, concept: str = "cross", n_images: int = 8) -> Path:
+    """The new concept's training set: n_images // len(prompts) real renderings of each of the concept's prompts."""
+    folder = work / ("data_concept" if concept == "cross" else f"data_concept_{concept}")
     if not folder.exists():
-        prompts = [p for p in world.concept_prompts() for _ in range(n_per_colour)]
+        base = world.concept_prompts(concept)
+        prompts = [p for p in base for _ in range(n_images // len(base))]
         write_dataset(folder, world.prompt_batch(prompts, generator=torch.Generator().manual_seed(31)), prompts)
     return folder
 
@@ -278,14 +281,19 @@ def seed_steps(dataset: Path, batch: int = 1) -> int:
     return 5 * 50 * n // batch
 
 
-def user_settings(args) -> dict:
+def user_settings(args, concept: str = "cross") -> dict:
     return dict(rank=args.lora_rank, lr=args.lora_lr, batch_size=1, lr_schedule="diffsynth",
-                validation_prompts=world.concept_prompts())
+                validation_prompts=world.concept_prompts(concept))
 
 
-def stage_sft(args) -> None:
-    data = concept_dataset(Path(args.work))
-    train_lora(args, "lora_sft", data, scheme="sft", steps=seed_steps(data), repeats=50, **user_settings(args))
+def _suffix(concept: str) -> str:
+    return "" if concept == "cross" else f"_{concept}"
+
+
+def stage_sft(args, concept: str = "cross") -> None:
+    data = concept_dataset(Path(args.work), concept, 8 if concept == "cross" else 9)
+    train_lora(args, f"lora_sft{_suffix(concept)}", data, scheme="sft", steps=seed_steps(data), repeats=50,
+               **user_settings(args, concept))
 
 
 def stage_adapter(args) -> None:
@@ -303,18 +311,19 @@ def stage_adapter(args) -> None:
                steps=args.adapter_steps, batch_size=4, validation_prompts=world.base_prompts()[:4])
 
 
-def stage_differential(args) -> None:
-    data = concept_dataset(Path(args.work))
-    train_lora(args, "lora_differential", data, scheme="differential", steps=seed_steps(data), repeats=50,
-               preset_lora=str(WEIGHTS / "training_adapter.safetensors"), **user_settings(args))
+def stage_differential(args, concept: str = "cross") -> None:
+    data = concept_dataset(Path(args.work), concept, 8 if concept == "cross" else 9)
+    train_lora(args, f"lora_differential{_suffix(concept)}", data, scheme="differential", steps=seed_steps(data),
+               repeats=50, preset_lora=str(WEIGHTS / "training_adapter.safetensors"), **user_settings(args, concept))
 
 
-def stage_trajectory(args) -> None:
-    data = concept_dataset(Path(args.work))
-    settings = user_settings(args)
+def stage_trajectory(args, concept: str = "cross") -> None:
+    data = concept_dataset(Path(args.work), concept, 8 if concept == "cross" else 9)
+    settings = user_settings(args, concept)
     settings.update(batch_size=4, lr_schedule="constant")
-    train_lora(args, "lora_trajectory", data, scheme="trajectory", steps=args.ti_steps,
-               init_lora=str(WEIGHTS / "lora_sft.safetensors"), trajectory_noises=args.ti_noises, **settings)
+    train_lora(args, f"lora_trajectory{_suffix(concept)}", data, scheme="trajectory", steps=args.ti_steps,
+               init_lora=str(WEIGHTS / f"lora_sft{_suffix(concept)}.safetensors"), trajectory_noises=args.ti_noises,
+               **settings)
 
 
 def stage_generic_sft(args) -> None:
@@ -358,6 +367,11 @@ STAGES = {"vae": (stage_vae, "vae.safetensors"), "teacher": (stage_teacher, "tea
           "sft": (stage_sft, "lora_sft.safetensors"),
           "differential": (stage_differential, "lora_differential.safetensors"),
           "trajectory": (stage_trajectory, "lora_trajectory.safetensors"),
+          "sft_purple": (functools.partial(stage_sft, concept="purple"), "lora_sft_purple.safetensors"),
+          "differential_purple": (functools.partial(stage_differential, concept="purple"),
+                                  "lora_differential_purple.safetensors"),
+          "trajectory_purple": (functools.partial(stage_trajectory, concept="purple"),
+                                "lora_trajectory_purple.safetensors"),
           "generic_sft": (stage_generic_sft, "generic_sft.safetensors"),
           "distill_patch": (stage_distill_patch, "distill_patch.safetensors")}
 

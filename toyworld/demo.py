@@ -18,16 +18,20 @@ import torch
 
 from . import WEIGHTS, world
 from .evaluate import decode, generate, load_model, loras_applied, lora_path, table
-from .metrics import fidelity, sharpness
+from .metrics import edge_sharpness, fidelity, sharpness
 from .vae import to_pil
 
-DEMO_ROWS = [
-    ("turbo", []),
-    ("1 SFT", ["lora_sft"]),
-    ("2 differential", ["lora_differential"]),
-    ("3 SFT + traj. imitation", ["lora_trajectory"]),
-    ("4 SFT + DistillPatch", ["lora_sft", "distill_patch"]),
-]
+def demo_rows(concept: str) -> list[tuple[str, list[str]]]:
+    x = "" if concept == "cross" else f"_{concept}"
+    return [
+        ("turbo", []),
+        ("1 SFT", [f"lora_sft{x}"]),
+        ("2 differential", [f"lora_differential{x}"]),
+        ("3 SFT + traj. imitation", [f"lora_trajectory{x}"]),
+        ("4 SFT + DistillPatch", [f"lora_sft{x}", "distill_patch"]),
+    ]
+
+
 SETTINGS = [("8 st cfg 1", 8, 1.0), ("30 st cfg 2", 30, 2.0)]
 
 
@@ -68,30 +72,35 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model = load_model("turbo")
-    concept = [q for q in world.concept_prompts() for _ in range(args.per_prompt)]
     base = [world.caption(c, s) for c, s in zip(world.COLOUR_NAMES, world.BASE_SHAPES + ("circle",))]
-    prompts = concept + base
-    grid_rows, quick = [], {}
-    for label, names in DEMO_ROWS:
-        if any(not lora_path(n).exists() for n in names):
-            print(f"{label}: weights missing, skipped")
-            continue
-        with loras_applied(model, [(lora_path(n), 1.0) for n in names]):
-            for setting, steps, cfg in SETTINGS:
-                images = decode(generate(model, prompts, steps, cfg, seed=args.seed))
-                grid_rows.append((f"{label}\n{setting}", images))
-                c = images[:len(concept)]
-                quick[f"{label} | {setting}"] = {"sharp": round(sharpness(c, concept), 3),
-                                                 "concept fid": round(fidelity(c, concept), 3),
-                                                 "base fid": round(fidelity(images[len(concept):], base), 3)}
-    grid = render_grid(grid_rows, prompts, out / "toyworld_grid.png")
-    real = world.prompt_batch(prompts, generator=torch.Generator().manual_seed(args.seed))
-    render_grid([("real data", real)], prompts, out / "toyworld_real.png")
-    lines = ["# Toy world demo", "", f"Grid: {grid.name} (columns: prompts; rows: scheme and sampler setting). "
-             "Concept = the new word 'cross', trained by each scheme's LoRA; the last columns are base prompts.", "",
+    quick, grids = {}, []
+    for concept in world.CONCEPTS:
+        concept_prompts = world.concept_prompts(concept)
+        concept_set = [q for q in concept_prompts for _ in range(args.per_prompt)]
+        prompts = concept_set + base
+        grid_rows = [("real data", world.prompt_batch(prompts, generator=torch.Generator().manual_seed(args.seed)))]
+        for label, names in demo_rows(concept):
+            if any(not lora_path(n).exists() for n in names):
+                print(f"{concept} / {label}: weights missing, skipped")
+                continue
+            with loras_applied(model, [(lora_path(n), 1.0) for n in names]):
+                for setting, steps, cfg in SETTINGS:
+                    images = decode(generate(model, prompts, steps, cfg, seed=args.seed))
+                    grid_rows.append((f"{label}\n{setting}", images))
+                    c = images[:len(concept_set)]
+                    quick[f"{concept}: {label} | {setting}"] = {
+                        "sharp": round(sharpness(c, concept_set), 3), "edge": round(edge_sharpness(c, concept_set), 3),
+                        "concept fid": round(fidelity(c, concept_set), 3),
+                        "base fid": round(fidelity(images[len(concept_set):], base), 3)}
+        grids.append(render_grid(grid_rows, prompts, out / f"toyworld_grid_{concept}.png"))
+    lines = ["# Toy world demo", "",
+             "Grids: " + ", ".join(g.name for g in grids) + " (columns: prompts; rows: real data, then each scheme at "
+             "8 steps / cfg 1 and 30 steps / cfg 2, same noises). New concepts: the shape word 'cross' and the colour "
+             "word 'purple', each trained by the scheme's LoRA; the last 4 columns are base prompts.", "",
              "## Metrics on these grid samples (small sample, indicative)", "",
-             "| scheme, setting | sharp (concept) | concept fid | base fid |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['sharp']:.2f} | {v['concept fid']:.2f} | {v['base fid']:.2f} |" for k, v in quick.items()]
+             "| concept: scheme, setting | sharp | edge | concept fid | base fid |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['sharp']:.2f} | {v['edge']:.2f} | {v['concept fid']:.2f} | {v['base fid']:.2f} |"
+              for k, v in quick.items()]
     shipped = WEIGHTS.parent / "results.json"
     if shipped.exists():
         lines += ["", "## The measured table (toyworld/results.json, produced by `python -m toyworld.evaluate`)", "",
@@ -100,7 +109,7 @@ def main(argv=None) -> None:
     (out / "toyworld_table.md").write_text("\n".join(lines) + "\n")
     (out / "toyworld_quick.json").write_text(json.dumps(quick, indent=1))
     print("\n".join(lines))
-    print(f"wrote {grid} and {out / 'toyworld_table.md'} in {time.time() - t0:.0f} s")
+    print(f"wrote {', '.join(str(g) for g in grids)} and {out / 'toyworld_table.md'} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

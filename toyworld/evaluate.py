@@ -76,42 +76,54 @@ def lora_path(name: str) -> Path:
     return WEIGHTS / f"{name}.safetensors"
 
 
-def scheme_rows() -> list[tuple[str, str, list[tuple[str, float]]]]:
-    """(label, base model, [(lora file, strength)]) of every evaluated variant."""
+def scheme_rows(concept: str = "cross") -> list[tuple[str, str, list[tuple[str, float]]]]:
+    """(label, base model, [(lora file, strength)]) of every evaluated variant for one concept."""
     L = lambda n: str(lora_path(n))  # noqa: E731
-    return [
+    x = "" if concept == "cross" else f"_{concept}"
+    rows = [
         ("turbo (no LoRA)", "turbo", []),
-        ("teacher (no LoRA)", "teacher", []),
-        ("1 SFT LoRA", "turbo", [(L("lora_sft"), 1.0)]),
-        ("2 differential LoRA (adapter dropped)", "turbo", [(L("lora_differential"), 1.0)]),
-        ("2 differential LoRA + adapter kept", "turbo", [(L("lora_differential"), 1.0), (L("training_adapter"), 1.0)]),
-        ("3 SFT + trajectory imitation", "turbo", [(L("lora_trajectory"), 1.0)]),
-        ("4 SFT + DistillPatch", "turbo", [(L("lora_sft"), 1.0), (L("distill_patch"), 1.0)]),
-        ("adapter only (de-distilled turbo)", "turbo", [(L("training_adapter"), 1.0)]),
-        ("generic SFT (DistillPatch's teacher)", "turbo", [(L("generic_sft"), 1.0)]),
-        ("turbo + DistillPatch", "turbo", [(L("distill_patch"), 1.0)]),
+        ("1 SFT LoRA", "turbo", [(L(f"lora_sft{x}"), 1.0)]),
+        ("2 differential LoRA (adapter dropped)", "turbo", [(L(f"lora_differential{x}"), 1.0)]),
+        ("2 differential LoRA + adapter kept", "turbo", [(L(f"lora_differential{x}"), 1.0),
+                                                         (L("training_adapter"), 1.0)]),
+        ("3 SFT + trajectory imitation", "turbo", [(L(f"lora_trajectory{x}"), 1.0)]),
+        ("4 SFT + DistillPatch", "turbo", [(L(f"lora_sft{x}"), 1.0), (L("distill_patch"), 1.0)]),
     ]
+    if concept == "cross":  # concept-independent models, measured once
+        rows[1:1] = [("teacher (no LoRA)", "teacher", [])]
+        rows += [
+            ("adapter only (de-distilled turbo)", "turbo", [(L("training_adapter"), 1.0)]),
+            ("generic SFT (DistillPatch's teacher)", "turbo", [(L("generic_sft"), 1.0)]),
+            ("generic SFT + DistillPatch", "turbo", [(L("generic_sft"), 1.0), (L("distill_patch"), 1.0)]),
+            ("turbo + DistillPatch", "turbo", [(L("distill_patch"), 1.0)]),
+        ]
+    return rows
 
 
 def run(per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, log=print) -> dict:
+    """per_prompt: samples per cross prompt (48 in all; the purple concept gets the same total over its 3 prompts)."""
     models = {}
     results = {}
-    concept = prompt_set(world.concept_prompts(), per_prompt)
     base = prompt_set(world.base_prompts(), base_per_prompt)
-    for label, base_name, loras in scheme_rows():
-        if any(not Path(p).exists() for p, _ in loras) or not (WEIGHTS / f"{base_name}.safetensors").exists():
-            log(f"{label}: weights missing, skipped")
-            continue
-        model = models.setdefault(base_name, load_model(base_name))
-        t = time.time()
-        row = {}
-        with loras_applied(model, loras):
-            for setting, (steps, cfg) in SETTINGS.items():
-                row[setting] = measure(model, concept, steps, cfg, seed)
-                row[setting]["base"] = measure(model, base, steps, cfg, seed + 1)
-        results[label] = row
-        log(f"{label}: " + " | ".join(f"{s}: sharp {r['sharp']:.2f} fid {r['fid']:.2f} base-fid {r['base']['fid']:.2f}"
-                                      for s, r in row.items()) + f" ({time.time() - t:.0f} s)")
+    for concept in world.CONCEPTS:
+        prompts = world.concept_prompts(concept)
+        concept_set = prompt_set(prompts, per_prompt * 4 // len(prompts))
+        results[concept] = {}
+        for label, base_name, loras in scheme_rows(concept):
+            if any(not Path(p).exists() for p, _ in loras) or not (WEIGHTS / f"{base_name}.safetensors").exists():
+                log(f"{concept} / {label}: weights missing, skipped")
+                continue
+            model = models.setdefault(base_name, load_model(base_name))
+            t = time.time()
+            row = {}
+            with loras_applied(model, loras):
+                for setting, (steps, cfg) in SETTINGS.items():
+                    row[setting] = measure(model, concept_set, steps, cfg, seed)
+                    row[setting]["base"] = measure(model, base, steps, cfg, seed + 1)
+            results[concept][label] = row
+            log(f"{concept} / {label}: " + " | ".join(
+                f"{s}: sharp {r['sharp']:.2f} edge {r['edge']:.2f} fid {r['fid']:.2f} base-fid {r['base']['fid']:.2f}"
+                for s, r in row.items()) + f" ({time.time() - t:.0f} s)")
     world_rows = {}
     base_more = prompt_set(world.base_prompts(), base_per_prompt * 2)
     real = world.prompt_batch(base_more, generator=torch.Generator().manual_seed(seed))
@@ -123,28 +135,32 @@ def run(per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, log=print
             world_rows[f"{name} {steps} st cfg {cfg:g}"] = measure(models[name], base_more, steps, cfg, seed + 2)
     results["_base_models"] = world_rows
     log("base prompts: " + "; ".join(f"{k}: sharp {v['sharp']:.2f} fid {v['fid']:.2f}" for k, v in world_rows.items()))
-    results["_setup"] = {"concept_samples": len(concept), "base_samples": len(base), "seed": seed}
+    results["_setup"] = {"concept_samples": per_prompt * 4, "base_samples": len(base), "seed": seed}
     return results
 
 
 def table(results: dict) -> str:
     """sharp: HF energy vs real data; edge: HF energy per unit of gradient energy vs real data (blur regardless of
-    how much outline the content has); fid: concept fidelity; base: the same on the 12 base prompts."""
-    head = ("| model / scheme | 8 st cfg 1: sharp | edge | fid | base sharp | base edge | base fid "
-            "| 30 st cfg 2: sharp | edge | fid | base sharp | base edge | base fid |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
-    for label, row in results.items():
-        if label.startswith("_"):
+    how much outline or contrast the content has); fid: concept fidelity; base: the same on the 12 base prompts."""
+    lines = []
+    for concept in world.CONCEPTS:
+        if concept not in results:
             continue
-        cells = []
-        for setting in SETTINGS:
-            r, b = row[setting], row[setting]["base"]
-            cells += [f"{r['sharp']:.2f}", f"{r.get('edge', float('nan')):.2f}", f"{r['fid']:.2f}",
-                      f"{b['sharp']:.2f}", f"{b.get('edge', float('nan')):.2f}", f"{b['fid']:.2f}"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        prompts = ", ".join(world.concept_prompts(concept))
+        lines += ["", f"Concept '{concept}' ({prompts}):", "",
+                  "| model / scheme | 8 st cfg 1: sharp | edge | fid | base sharp | base edge | base fid "
+                  "| 30 st cfg 2: sharp | edge | fid | base sharp | base edge | base fid |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for label, row in results[concept].items():
+            cells = []
+            for setting in SETTINGS:
+                r, b = row[setting], row[setting]["base"]
+                cells += [f"{r['sharp']:.2f}", f"{r.get('edge', float('nan')):.2f}", f"{r['fid']:.2f}",
+                          f"{b['sharp']:.2f}", f"{b.get('edge', float('nan')):.2f}", f"{b['fid']:.2f}"]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if "_base_models" in results:
-        lines += ["", "| base prompts (pretraining data) | sharp | edge | fid (colour and shape) | shape accuracy |",
+        lines += ["", "Base prompts (pretraining data), sampled from more noises:", "",
+                  "| model, setting | sharp | edge | fid (colour and shape) | shape accuracy |",
                   "|---|---|---|---|---|"]
         lines += [f"| {k} | {v['sharp']:.2f} | {v.get('edge', float('nan')):.2f} | {v['fid']:.2f} | {v['shape_acc']:.2f} |"
                   for k, v in results["_base_models"].items()]

@@ -63,7 +63,8 @@ def classify(images: Tensor) -> list[tuple[str, str]]:
     """(colour, shape) of each image's nearest clean rendering; ("none", "none") for an empty image."""
     x = images.clamp(0, 1).float()
     bg = world.BACKGROUND
-    palette = torch.tensor([world.COLOURS[c] for c in world.COLOUR_NAMES])  # [K, 3]
+    names = list(world.ALL_COLOURS)
+    palette = torch.tensor([world.ALL_COLOURS[c] for c in names])  # [K, 3]
     bank, labels = _bank()
     bank_sq = bank.pow(2).sum(1)
     diff = x - bg  # [B, 3, H, W]
@@ -71,13 +72,14 @@ def classify(images: Tensor) -> list[tuple[str, str]]:
     fg = (strength > FOREGROUND).float()
     w = strength * fg
     mean_colour = (x * w[:, None]).sum((2, 3)) / w.sum((1, 2)).clamp_min(1e-6)[:, None]  # [B, 3]
-    k = torch.cdist(mean_colour, palette).argmin(1)  # [B]
+    # nearest palette colour by direction from the background (brightness-invariant: anti-aliased rims are darker)
+    k = (F.normalize(mean_colour - bg, dim=1) @ F.normalize(palette - bg, dim=1).T).argmax(1)  # [B]
     direction = palette[k] - bg  # [B, 3]
     cover = (torch.einsum("bc,bchw->bhw", direction, diff) / direction.pow(2).sum(1)[:, None, None]).clamp(0, 1)
     dist = bank_sq[None] - 2 * cover.reshape(len(x), -1) @ bank.T  # [B, bank]
     nearest = dist.argmin(1).tolist()
     empty = (fg.sum((1, 2)) < 4).tolist()
-    return [("none", "none") if e else (world.COLOUR_NAMES[c], labels[n])
+    return [("none", "none") if e else (names[c], labels[n])
             for e, c, n in zip(empty, k.tolist(), nearest)]
 
 

@@ -25,6 +25,11 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "blue": (0.15, 0.30, 0.95),
     "yellow": (0.95, 0.85, 0.10),
 }
+# A second new concept, a colour word absent from pretraining (drawn with the base shapes): it changes no outline,
+# so its LoRAs isolate the sampler-level effect (blur) from the content change a new shape brings.
+NEW_COLOUR = "purple"
+ALL_COLOURS: dict[str, tuple[float, float, float]] = {**COLOURS, NEW_COLOUR: (0.62, 0.20, 0.85)}
+CONCEPTS = ("cross", "purple")
 BASE_SHAPES = ("circle", "square", "triangle")
 NEW_SHAPE = "cross"
 SHAPES = BASE_SHAPES + (NEW_SHAPE,)
@@ -39,8 +44,14 @@ def base_prompts() -> list[str]:
     return [caption(c, s) for s in BASE_SHAPES for c in COLOUR_NAMES]
 
 
-def concept_prompts() -> list[str]:
-    return [caption(c, NEW_SHAPE) for c in COLOUR_NAMES]
+def concept_prompts(concept: str = "cross") -> list[str]:
+    """The prompts of a new concept: "cross" (a new shape word, in the 4 base colours) or "purple" (a new colour
+    word, on the 3 base shapes)."""
+    if concept == "cross":
+        return [caption(c, NEW_SHAPE) for c in COLOUR_NAMES]
+    if concept == NEW_COLOUR:
+        return [caption(NEW_COLOUR, s) for s in BASE_SHAPES]
+    raise ValueError(f"unknown concept {concept!r}; known: {CONCEPTS}")
 
 
 def parse(prompt: str) -> tuple[str, str]:
@@ -116,7 +127,7 @@ def prompt_batch(prompts: list[str], generator: torch.Generator | None = None) -
     cy = lo + span * torch.rand(n, generator=g)
     parsed = [parse(p) for p in prompts]
     shape_idx = torch.tensor([SHAPES.index(s) for _, s in parsed])
-    rgb = torch.tensor([COLOURS[c] for c, _ in parsed])
+    rgb = torch.tensor([ALL_COLOURS[c] for c, _ in parsed])
     return render(shape_idx, rgb, size, cx, cy)
 
 
