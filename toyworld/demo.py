@@ -45,14 +45,14 @@ def _label_strip(text: str, width: int, height: int):
 def render_grid(rows: list[tuple[str, torch.Tensor]], prompts: list[str], path: Path, scale: int = 3) -> Path:
     from PIL import Image
     cell = world.IMG * scale
-    label_w, head_h, pad = 190, 18, 2
+    label_w, head_h, pad = 190, 28, 2
     width = label_w + len(prompts) * (cell + pad)
     height = head_h + len(rows) * (cell + pad)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     from PIL import ImageDraw
     draw = ImageDraw.Draw(canvas)
     for j, p in enumerate(prompts):
-        draw.text((label_w + j * (cell + pad) + 2, 3), p.replace(" ", "\n") if len(p) > 14 else p, fill=(0, 0, 0))
+        draw.text((label_w + j * (cell + pad) + 2, 2), p.replace(" ", "\n"), fill=(0, 0, 0))
     for i, (label, images) in enumerate(rows):
         y = head_h + i * (cell + pad)
         canvas.paste(_label_strip(label, label_w, cell), (0, y))
