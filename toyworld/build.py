@@ -3,12 +3,17 @@ file exists; the teacher also checkpoints periodically and resumes):
 
     PYTHONPATH=. python -m toyworld.build [--work /tmp/toyworld-build] [--stages vae,teacher,...]
 
-Stages (outputs in toyworld/weights/):
-  vae       vae.safetensors             the fixed linear VAE (fit on base + concept images)
-  teacher   teacher.safetensors         full flow-matching training from scratch (caption dropout for cfg)
-  turbo     turbo.safetensors           teacher distilled to 8 steps / cfg 1 (trajectory imitation, full fine-tune)
-  adapter   training_adapter.safetensors  de-distilling LoRA: plain FM LoRA at low lr on turbo's own 8-step outputs
-  loras     scheme LoRAs via zimage_core.training.train: sft, differential, trajectory, generic SFT -> DistillPatch
+Stages (outputs in toyworld/weights/, in this order; intermediates in --work):
+  vae                 vae.safetensors               the fixed linear VAE (fit on base + cross images)
+  teacher             teacher.safetensors           flow matching from scratch, caption dropout for cfg (ComfyUI layout)
+  turbo               turbo.safetensors             teacher distilled to 8 steps / cfg 1 (chord imitation of its 50-step
+                                                    cfg-2 trajectories, full fine-tune; diffusers layout)
+  adapter             training_adapter.safetensors  de-distilling LoRA: plain FM LoRA, low lr, on turbo's 8-step outputs
+  sft / differential / trajectory                   scheme 1 / 2 / 3 LoRAs for the new shape "cross"
+  *_purple                                          the same for the new colour "purple"
+  generic_sft         generic_sft.safetensors       SFT on real base-prompt images (the DistillPatch's teacher)
+  distill_patch       distill_patch.safetensors     trajectory imitation of generic_sft on generic data, shipped as the
+                                                    correction (TI - SFT) at rank 16 in DiffSynth's key format
 
 Full fine-tunes (teacher, turbo) are this module's own loops (the project trainer is LoRA-only); every LoRA is
 trained with the project trainer `zimage_core.training.train`.
