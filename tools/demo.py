@@ -98,7 +98,24 @@ def main(argv=None):
         object_info = server.get_json("/object_info")
         for name in wf.DEMO_WORKFLOWS:
             run_workflow(server, name, object_info, swap, out, args.timeout)
+    run_toy_world(out / "toyworld")
     print(f"\nOutputs: {out}")
+
+
+def run_toy_world(out: Path) -> None:
+    """The miniature Z-Image world (a tiny model this project trained, with a toy VAE and word-vector captions):
+    recognisable shapes, the blur of an ordinary LoRA at 8 steps / cfg 1 and its three cures, through zimage_core."""
+    from toyworld import WEIGHTS
+
+    if not (WEIGHTS / "turbo.safetensors").is_file():
+        print("toy world: weights not built (python -m toyworld.build); skipped")
+        return
+    from toyworld import demo as toy_demo
+
+    print("Toy world (core API; toy VAE and captions, not ComfyUI's): sample grid and metrics table")
+    start = time.time()
+    toy_demo.main([str(out)])
+    print(f"  toy world: {out} in {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 from zimage_core import ZImageConfig, ZImageTransformer, load_transformer, save_transformer
 from zimage_core.scheduler import shift_sigmas
 from zimage_core.testing import init_random_
+from zimage_core.training.checkpoint import load_checkpoint, save_checkpoint
 
 from . import WEIGHTS, world
 from .vae import ToyVAE
@@ -74,7 +74,7 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.
 
 def stage_teacher(args) -> None:
     work = Path(args.work)
-    ckpt_path = work / "teacher.ckpt.pt"
+    ckpt_path = work / "teacher.ckpt.safetensors"
     vae = ToyVAE.load()
     model = init_random_(ZImageTransformer(MODEL_CONFIG), seed=0)
     with torch.no_grad():  # start from a zero velocity (as DiT-style inits do)
@@ -87,7 +87,7 @@ def stage_teacher(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.01, betas=(0.9, 0.99))
     start, history = 0, []
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -122,10 +122,8 @@ def stage_teacher(args) -> None:
             log(f"teacher step {step + 1}/{total} loss {history[-1][1]:.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
             running = []
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == total:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "step": step + 1, "history": history}, tmp)
-            os.replace(tmp, ckpt_path)
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),  # atomic
+                                        "opt": opt.state_dict(), "step": step + 1, "history": history})
             save_transformer(ema.eval(), work / "teacher_partial.safetensors", dtype=torch.bfloat16)
             ema.requires_grad_(False)
     finish_teacher(args)
@@ -134,7 +132,7 @@ def stage_teacher(args) -> None:
 def finish_teacher(args) -> None:
     """Ship the (possibly partial) EMA teacher in bf16, ComfyUI single-file layout."""
     work = Path(args.work)
-    state = torch.load(work / "teacher.ckpt.pt", weights_only=False)
+    state = load_checkpoint(work / "teacher.ckpt.safetensors")
     ema = ZImageTransformer(MODEL_CONFIG)
     ema.load_state_dict(state["ema"])
     save_transformer(ema.eval(), WEIGHTS / "teacher.safetensors", layout="comfyui", dtype=torch.bfloat16)
@@ -154,10 +152,10 @@ def stage_turbo(args) -> None:
     teacher = load_model("teacher")
     student_sigmas, grid, keep = trajectory_grids(50, 8, 3.0)
     weights = student_step_weights(student_sigmas)
-    traj_path = work / "turbo_trajectories.pt"
+    traj_path = work / "turbo_trajectories.safetensors"
     prompts = world.base_prompts()
     if traj_path.exists():
-        data = torch.load(traj_path)
+        data = load_checkpoint(traj_path)
     else:
         t = time.time()
         g = torch.Generator().manual_seed(2024)
@@ -170,7 +168,7 @@ def stage_turbo(args) -> None:
             states.append(teacher_trajectory(teacher, noise[i:i + 64], caps, [empty] * len(caps), grid, 2.0, keep))
             log(f"turbo: teacher trajectories {i + len(caps)}/{len(all_prompts)}")
         data = {"states": torch.cat(states, dim=1), "prompts": all_prompts}
-        torch.save(data, traj_path)
+        save_checkpoint(traj_path, data)
         log(f"turbo: {len(all_prompts)} trajectories in {time.time() - t:.0f} s")
     states, traj_prompts = data["states"], data["prompts"]  # [9, N, C, H, W]
     targets = chord_targets(states, student_sigmas)  # [8, N, C, H, W]
