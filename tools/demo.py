@@ -61,10 +61,12 @@ def run_workflow(server: ComfyServer, name: str, object_info: dict, swap_width: 
     if entry["status"]["status_str"] != "success":
         errors = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
         raise RuntimeError(f"workflow {name} failed: {errors[-1][1].get('exception_message') if errors else entry}")
+    titles = {str(n["id"]): (n.get("title") or n["type"]).lower().replace(" ", "_").replace(",", "")
+              for n in ui["nodes"]}
     saved = []
-    for node_out in entry["outputs"].values():
+    for node_id, node_out in entry["outputs"].items():
         for image in node_out.get("images", []):
-            target = out / f"{name}__{image['filename']}"
+            target = out / f"{name}__{titles.get(node_id, node_id)}__{image['filename']}"
             target.write_bytes(server.view(image))
             saved.append(target)
     print(f"  {name}: {len(saved)} image(s) in {time.time() - start:.1f} s")
