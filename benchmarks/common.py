@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_worker(script: Path, *args: str) -> dict:
     """Run `script --worker args...` in a fresh interpreter; it prints one JSON line. Adds its peak RSS (MiB)."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # A fixed glibc mmap threshold: freed buffers go back to the OS at once, so RSS follows live memory and both
+    # sides of a comparison are measured alike (glibc's adaptive threshold otherwise keeps some in its heap).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     code = ("import resource, runpy, sys, json; sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code, str(script), "--worker", *args], env=env,
