@@ -37,6 +37,17 @@ def hashed_features(text: str, width: int) -> torch.Tensor:
     return torch.stack(rows)[None]
 
 
+def _width_inputs() -> list:
+    """The feature width, or a model to take it from: shared by both demo nodes."""
+    return [
+        io.Int.Input("width", default=2560, min=8, max=8192,
+                     tooltip="Feature width (the released model reads 2560). Ignored when a model is "
+                             "connected: its caption width is used."),
+        ZIMAGE_MODEL.Input("model", optional=True,
+                           tooltip="Optional: take the feature width from this model."),
+    ]
+
+
 class DemoTextEncoder:
     """Stand-in for a ComfyUI CLIP object (demo/test only): hashed word vectors of a fixed width."""
 
@@ -71,13 +82,7 @@ class ZImageTurboDemoTextEncoder(io.ComfyNode):
             description="DEMO / TEST ONLY: a stand-in text encoder for the CLIP socket (CLIPTextEncode, the "
                         "trainer) that turns each word into a fixed pseudo-random vector, for tiny demo/test "
                         "models. It does not understand language; for real images load qwen_3_4b with CLIPLoader.",
-            inputs=[
-                io.Int.Input("width", default=2560, min=8, max=8192,
-                             tooltip="Feature width (the released model reads 2560). Ignored when a model is "
-                                     "connected: its caption width is used."),
-                ZIMAGE_MODEL.Input("model", optional=True,
-                                   tooltip="Optional: take the feature width from this model."),
-            ],
+            inputs=_width_inputs(),
             outputs=[io.Clip.Output("CLIP", display_name="CLIP",
                                     tooltip="Stand-in text encoder for CLIPTextEncode and the Z-Image trainer.")],
         )
@@ -102,11 +107,7 @@ class ZImageTurboDemoConditioning(io.ComfyNode):
             inputs=[
                 io.String.Input("text", multiline=True, default="a photo of a cat",
                                 tooltip="Prompt; each word becomes one fixed pseudo-random feature vector."),
-                io.Int.Input("width", default=2560, min=8, max=8192,
-                             tooltip="Feature width (the released model reads 2560). Ignored when a model is "
-                                     "connected: its caption width is used."),
-                ZIMAGE_MODEL.Input("model", optional=True,
-                                   tooltip="Optional: take the feature width from this model."),
+                *_width_inputs(),
             ],
             outputs=[io.Conditioning.Output("CONDITIONING", display_name="CONDITIONING",
                                             tooltip="Stand-in text conditioning for the Z-Image sampler/trainer.")],
