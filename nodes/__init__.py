@@ -1,5 +1,5 @@
 """The pack's ComfyUI nodes (V3 schema). Thin adapters over zimage_core; registered only through
-`comfy_entrypoint` (no NODE_CLASS_MAPPINGS, which would make ComfyUI ignore the V3 entry point).
+`comfy_entrypoint` (no V1 mapping dict: ComfyUI checks it first and would then ignore the V3 entry point).
 
 Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
 ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.

@@ -1,4 +1,4 @@
-"""Shared test setup: repo root on sys.path, deterministic small-thread torch, tiny-model fixtures."""
+"""Shared test setup: repo root and tools/ on sys.path, deterministic small-thread torch, tiny-model fixtures."""
 
 import os
 import sys
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tools"):  # tools/: the ComfyUI host harness, workflow builder, frontend driver
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 torch.set_num_threads(int(os.environ.get("ZIMAGE_TEST_THREADS", "1")))
 

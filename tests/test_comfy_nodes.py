@@ -1,4 +1,4 @@
-"""The pack inside a real ComfyUI 0.3.75 (in-process host of tests/comfy_host.py; no mocks of ComfyUI).
+"""The pack inside a real ComfyUI 0.3.75 (in-process host of tools/comfy_host.py; no mocks of ComfyUI).
 
 Tiny Z-Image models, LoRAs, a random Flux-architecture VAE and a small dataset are written into the host's models
 folder; prompts run through ComfyUI's own validation and PromptExecutor."""

@@ -3,13 +3,11 @@ format as the frontend does, pass the real host's validation, and run on the tin
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 from comfy_host import ComfyServer, comfy_host, write_test_models, write_tiny_transformer  # noqa: E402,F401
 from frontend import chromium_path, open_workflow  # noqa: E402

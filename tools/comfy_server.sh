@@ -4,7 +4,7 @@
 #   BASE_DIR  ComfyUI --base-directory (default: .cache/comfy-base); the pack is symlinked into BASE_DIR/custom_nodes,
 #             put models into BASE_DIR/models/{diffusion_models,loras,vae,text_encoders}
 #   PORT      default 8188
-# Add --cpu for machines without a GPU (the lite test venv's torch is CPU-only). Same layout as tests/comfy_host.py.
+# Add --cpu for machines without a GPU (the lite test venv's torch is CPU-only). Same layout as tools/comfy_host.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${ZIMAGE_VENV:-$ROOT/.venv}"

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 import workflows as wf  # noqa: E402
 from comfy_host import ComfyServer, make_base_dir, write_dataset, write_lora, write_random_flux_vae  # noqa: E402

@@ -48,7 +48,7 @@ grep -q '__version__ = "0.3.75"' "$COMFY/comfyui_version.py"
 
 # PyPI's torchvision needs the CUDA torch; ComfyUI imports it at module level but Z-Image never uses it.
 # The stand-in raises on any real use. It is NOT put on sys.path globally (transformers would then believe
-# torchvision is installed): tests/comfy_host.py and tools/comfy_server.sh add it for ComfyUI processes only.
+# torchvision is installed): tools/comfy_host.py and tools/comfy_server.sh add it for ComfyUI processes only.
 if ! "$PY" -c "import importlib.metadata as m; m.version('torchvision')" 2>/dev/null; then
   STUBS="$VENV/comfy-stubs"
   mkdir -p "$STUBS/torchvision/transforms" "$STUBS/torchvision/models"

@@ -202,7 +202,7 @@ def _training(scheme: str) -> Workflow:
 
 
 def object_info_from_server() -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tools"))
     import tempfile
 
     from comfy_host import ComfyServer, make_base_dir
