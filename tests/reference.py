@@ -43,3 +43,75 @@ def diffusers_sigmas(steps: int) -> torch.Tensor:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
     return scheduler.sigmas
+
+
+# ---------------------------------------------------------------------------------------------- ControlNet
+def diffusers_controlnet_twin(net, ref):
+    """diffusers' ZImageControlNetModel with exactly the weights of our ZImageControlNet, sharing `ref`'s modules."""
+    from diffusers import ZImageControlNetModel
+
+    cfg, n_layers = net.config, len(ref.layers)
+    mode = {"plain": None, "shared": "control_layers", "own": "control_noise_refiner"}[cfg.refiner]
+    cn = ZImageControlNetModel(
+        control_layers_places=net.layer_places(n_layers), control_refiner_layers_places=list(range(cfg.n_refiner_layers)),
+        control_in_dim=cfg.control_in_dim, add_control_noise_refiner=mode, dim=cfg.dim,
+        n_refiner_layers=cfg.n_refiner_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads).to(net.dtype)
+    missing, unexpected = cn.load_state_dict(net.state_dict(), strict=True)
+    assert not missing and not unexpected
+    return ZImageControlNetModel.from_transformer(cn, ref).eval()
+
+
+class RefinerHintsToTransformer:
+    """Test-side adaptor: diffusers 0.42.1 adds a 2.x ControlNet's refiner-stage hints only inside its own copy of
+    the noise refiner; VideoX-Fun / DiffSynth / ComfyUI add them to the transformer's noise refiner too. This captures
+    them (the stacked output of the last refiner-stage block, times the scale) during the controlnet call and adds
+    them after the transformer's noise_refiner blocks, so diffusers' loop runs the original model."""
+
+    def __init__(self, cn, ref):
+        self.cn, self.ref, self.hints, self.inside = cn, ref, None, False
+        blocks = cn.control_noise_refiner if cn.add_control_noise_refiner == "control_noise_refiner" \
+            else cn.control_layers
+        self.handles = [blocks[-1].register_forward_hook(self._capture)]
+        self.handles += [layer.register_forward_hook(self._add(i)) for i, layer in enumerate(ref.noise_refiner)]
+        self.handles.append(cn.register_forward_pre_hook(self._enter, with_kwargs=True))
+        self.handles.append(cn.register_forward_hook(self._leave))
+
+    def _enter(self, module, args, kwargs):
+        self.inside, self.hints, self.scale = True, None, kwargs.get("conditioning_scale", 1.0)
+
+    def _leave(self, module, args, out):
+        self.inside = False
+
+    def _capture(self, module, args, out):
+        if self.inside and self.hints is None:  # the first call of the last block is the refiner stage
+            self.hints = torch.unbind(out)[:-1]
+
+    def _add(self, i):
+        def hook(module, args, out):
+            if not self.inside and self.hints is not None and i < self.cn.config.n_refiner_layers \
+                    and i in self.cn.control_refiner_layers_places:
+                return out + self.hints[i] * self.scale
+            return out
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def tiny_vae(seed: int = 0):
+    """A random diffusers AutoencoderKL shaped like the Flux VAE (16 latent channels, 8x, Flux shift/scale)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
+                         block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.1159,
+                         scaling_factor=0.3611).eval()
+
+
+def vae_latent(vae, image):
+    """Model-space latent of a [-1, 1] image, as the diffusers pipelines encode it (argmax, shift, scale)."""
+    with torch.no_grad():
+        z = vae.encode(image).latent_dist.mode()
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
