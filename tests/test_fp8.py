@@ -154,3 +154,95 @@ def test_a_build_that_cannot_cast_fp8_is_refused_before_loading(bf16_file, monke
     monkeypatch.setattr(torch.Tensor, "to", to_without_fp8)
     with pytest.raises(ValueError, match=r"weight_storage='fp8_e4m3fn': this torch build .* cannot cast"):
         load_transformer(bf16_file, weight_storage="fp8_e4m3fn")
+
+
+# ---------------------------------------------------------------------------------------------- LoRAs on fp8
+def _random_lora(model, seed=3, rank=4):
+    from zimage_core.lora import new_lora
+    lora = new_lora(model, rank=rank, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for m in lora.modules.values():
+        m.up.copy_(torch.randn(m.up.shape, generator=gen) * 0.3)
+    return lora
+
+
+def _fp8_bits(model):
+    return {p: m.weight.view(torch.uint8).clone() for p, m in _fp8_linears(model).items()}
+
+
+@pytest.mark.parametrize("mode", ["merge", "runtime"])
+def test_loras_on_an_fp8_base_run_beside_the_weights_and_remove_exactly(bf16_file, mode):
+    from zimage_core.lora import apply_loras
+    model = load_transformer(bf16_file, dtype=torch.float32, weight_storage="fp8_e4m3fn")
+    lora = _random_lora(model)
+    base, bits = _out(model), _fp8_bits(model)
+    with apply_loras(model, [(lora, 0.8)], mode=mode) as handle:
+        assert all(torch.equal(bits[p], m.weight.view(torch.uint8)) for p, m in _fp8_linears(model).items())
+        assert handle._patches == []  # nothing merged: every LoRA module is a side branch
+        with_lora = _out(model)
+    assert torch.equal(_out(model), base)  # removing hooks is exact
+    # the branch computes exactly the LoRA on the dequantised weights (no fp8 rounding of the sum)
+    plain = load_transformer(bf16_file, dtype=torch.float32)
+    for path, m in _fp8_linears(model).items():
+        plain.get_submodule(path).weight.data.copy_(m.dequantized(torch.float32))
+    with apply_loras(plain, [(lora, 0.8)], mode="merge"):
+        merged = _out(plain)
+    assert (with_lora - merged).abs().max() < 1e-4 and (with_lora - base).abs().max() > 0.05
+
+
+def test_full_size_deltas_on_fp8_are_branches_too(bf16_file):
+    from zimage_core.lora import LoraWeights, apply_loras
+    from zimage_core.lora.weights import LoraModule
+    model = load_transformer(bf16_file, dtype=torch.float32, weight_storage="fp8_e4m3fn")
+    gen = torch.Generator().manual_seed(9)
+    w1 = model.layers[0].feed_forward.w1
+    lokr = LoraModule(kind="lokr", alpha=None, factors={
+        "lokr_w1": torch.randn(8, 4, generator=gen) * 0.1,
+        "lokr_w2": torch.randn(w1.out_features // 8, w1.in_features // 4, generator=gen) * 0.1})
+    diff = LoraModule(kind="diff", diff=torch.randn(96, 96, generator=gen) * 0.05)
+    norm = LoraModule(kind="diff", diff=torch.randn(96, generator=gen) * 0.1)  # a bf16 norm: merged as before
+    lora = LoraWeights({"layers.0.feed_forward.w1": lokr, "layers.1.attention.to_v": diff,
+                        "layers.0.ffn_norm1": norm}, format="test")
+    base, bits = _out(model), _fp8_bits(model)
+    with apply_loras(model, [(lora, 1.0)]) as handle:
+        assert [p.param for p in handle._patches] == ["layers.0.ffn_norm1.weight"]
+        assert all(torch.equal(bits[p], m.weight.view(torch.uint8)) for p, m in _fp8_linears(model).items())
+        applied = _out(model)
+    plain = load_transformer(bf16_file, dtype=torch.float32)
+    for path, m in _fp8_linears(model).items():
+        plain.get_submodule(path).weight.data.copy_(m.dequantized(torch.float32))
+    with apply_loras(plain, [(lora, 1.0)]):
+        expected = _out(plain)
+    assert (applied - expected).abs().max() < 1e-4 and (applied - base).abs().max() > 0.01
+    assert torch.equal(_out(model), base)
+
+
+def test_training_a_lora_on_a_frozen_fp8_base(tmp_path):
+    from zimage_core.training import TrainConfig, build_cache, train
+    from zimage_core.training.toy import make_toy_dataset, toy_encoders
+    folder = make_toy_dataset(tmp_path / "data", n=2, sizes=((64, 64),))
+    cache = build_cache(folder, tmp_path / "cache", toy_encoders(), prompts=["a red square", "a blue square"])
+    model = to_fp8_storage(tiny_model(0).to(torch.bfloat16))
+    model.gradient_checkpointing = True
+    bits = _fp8_bits(model)
+    cfg = TrainConfig(rank=4, lr=1e-3, steps=6, output_dir=str(tmp_path / "out"), validate=False,
+                      checkpoint_every=0, log_every=0, base_model="tiny:0")
+    result = train(model, cfg, cache, log=None, write_outputs=False)
+    assert all(torch.equal(bits[p], m.weight.view(torch.uint8)) for p, m in _fp8_linears(model).items())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    ups = [m.up for path, m in result.lora.modules.items() if isinstance(model.get_submodule(path), Fp8Linear)]
+    assert len(ups) == len(_fp8_linears(model)) and all(float(u.abs().max()) > 0 for u in ups)
+
+
+def test_gradient_through_an_fp8_linear_equals_the_dequantised_linear():
+    from zimage_core.quantization import Fp8Linear as Lin
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(24, 16, generator=gen) * 0.05
+    lin = Lin(16, 24, compute_dtype=torch.float32)
+    lin.weight.data, lin.weight_scale.data = quantize_fp8(weight)
+    x = torch.randn(3, 16, generator=gen, requires_grad=True)
+    lin(x).pow(2).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, lin.dequantized()).pow(2).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6) and lin.weight.grad is None
