@@ -28,7 +28,7 @@ INPUT_SNAPSHOT = {
         "required": [("model", "ZIMAGE_MODEL"), ("lora_1", "COMBO"), ("strength_1", "FLOAT"), ("lora_2", "COMBO"),
                      ("strength_2", "FLOAT"), ("lora_3", "COMBO"), ("strength_3", "FLOAT"),
                      ("distillpatch", "COMBO"), ("distillpatch_strength", "FLOAT")],
-        "optional": [],
+        "optional": [("strict", "BOOLEAN")],
     },
     "ZImageTurboSampler": {
         "required": [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),

@@ -5,6 +5,13 @@ layout loads with no renaming and LoRA keys address modules by their usual paths
 
 Sequence layout per sample (full attention, positions live in RoPE):
     [ image tokens (N, padded to 32) | caption tokens (L, padded to 32) | batch padding (masked) ]
+
+fp16 (GPUs without bf16): Z-Image's activations exceed fp16's 65504. Newer ComfyUI replaces inf by +-65504
+(`clamp_fp16` on the SwiGLU product and on the attention / feed-forward outputs of comfy/ldm/lumina/model.py), which
+keeps the output finite but changes it wherever it acts. Here every branch output goes through a sandwich RMSNorm,
+which does not care about scale, so in fp16 the branch is computed 2^-8 smaller (an exact power of two: the input of
+its last Linear is scaled) and the norm undoes that in fp32; the norm's output and the residual stream stay fp32.
+The result is the fp32-range computation at fp16 precision, not a clamped one. bf16 and fp32 take the plain path.
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ from torch.utils.checkpoint import checkpoint
 from .config import FREQ_EMBED_DIM, SEQ_MULTIPLE, T_EMBED_MID, ZImageConfig
 
 
+FP16_BRANCH_SCALE = 2.0 ** -8  # fp16 branch outputs are computed this much smaller: 256x more headroom
+
+
+def _branch_scale(dtype: torch.dtype) -> float | None:
+    return FP16_BRANCH_SCALE if dtype == torch.float16 else None
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with fp32 statistics; the normalised value is cast to the weight dtype before the scale."""
 
@@ -36,6 +50,11 @@ class RMSNorm(nn.Module):
         variance = x.float().pow(2).mean(-1, keepdim=True)
         x = x.float() * torch.rsqrt(variance + self.eps)
         return x.to(self.weight.dtype) * self.weight
+
+    def unscaled_fp32(self, x: Tensor, scale: float) -> Tensor:
+        """The norm of x / scale (a power of two: exact), computed and returned in fp32 (the fp16 branch path)."""
+        x = x.float() / scale
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -90,13 +109,15 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(head_dim, qk_norm_eps)
         self.norm_k = RMSNorm(head_dim, qk_norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                out_scale: float | None = None) -> Tensor:
         q = self.norm_q(self.to_q(x).unflatten(-1, (self.n_heads, -1)))  # [B, S, H, D]
         k = self.norm_k(self.to_k(x).unflatten(-1, (self.n_heads, -1)))
         v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
+        out = out.transpose(1, 2).flatten(2)
+        return self.to_out[0](out if out_scale is None else out * out_scale)
 
 
 class FeedForward(nn.Module):
@@ -108,8 +129,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: Tensor, out_scale: float | None = None) -> Tensor:
+        gate = self.w3(x)
+        return self.w2(F.silu(self.w1(x)) * (gate if out_scale is None else gate * out_scale))
 
 
 class TransformerBlock(nn.Module):
@@ -129,14 +151,19 @@ class TransformerBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * cfg.dim))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, adaln: Tensor | None = None):
+        s = _branch_scale(self.attention_norm1.weight.dtype)  # fp16: see the module docstring
         if not self.modulation:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
-            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+            x = x + _post_norm(self.attention_norm2, self.attention(self.attention_norm1(x), rope, mask, s), s)
+            return x + _post_norm(self.ffn_norm2, self.feed_forward(self.ffn_norm1(x), s), s)
         scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
-        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_attn), rope, mask)
-        x = x + gate_attn.tanh() * self.attention_norm2(attn)
-        ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_ffn))
-        return x + gate_ffn.tanh() * self.ffn_norm2(ffn)
+        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_attn), rope, mask, s)
+        x = x + gate_attn.tanh() * _post_norm(self.attention_norm2, attn, s)
+        ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_ffn), s)
+        return x + gate_ffn.tanh() * _post_norm(self.ffn_norm2, ffn, s)
+
+
+def _post_norm(norm: RMSNorm, branch: Tensor, scale: float | None) -> Tensor:
+    return norm(branch) if scale is None else norm.unscaled_fp32(branch, scale)
 
 
 class FinalLayer(nn.Module):
@@ -149,7 +176,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, cfg.dim))
 
     def forward(self, x: Tensor, adaln: Tensor) -> Tensor:
-        return self.linear(self.norm_final(x) * (1.0 + self.adaLN_modulation(adaln)[:, None]))
+        h = self.norm_final(x) * (1.0 + self.adaLN_modulation(adaln)[:, None])
+        return self.linear(h.to(self.linear.weight.dtype))  # an fp32 residual stream (fp16 models) back to fp16
 
 
 def _pad_len(n: int) -> int:
