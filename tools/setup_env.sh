@@ -9,8 +9,11 @@ PY="$VENV/bin/python"
 COMFY="$VENV/ComfyUI"
 STAMP="$VENV/.zimage-setup-v2"
 say() { echo "[setup] $*"; }
+# The stamp holds a digest of what the environment was built from: a changed requirements file (or this script)
+# re-runs the install steps on an existing venv instead of silently keeping the old packages.
+WANT="$(cat "$0" "$ROOT"/tools/requirements-*.txt | sha256sum | cut -d' ' -f1)"
 
-if [ -f "$STAMP" ] && [ -f "$COMFY/main.py" ]; then
+if [ -f "$STAMP" ] && [ -f "$COMFY/main.py" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   say "environment ready at $VENV"; exit 0
 fi
 [ -x "$PY" ] || { say "creating venv $VENV"; python3 -m venv "$VENV"; }
@@ -72,5 +75,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
     || say "could not install chromium: the frontend tests will fail"
 fi
-touch "$STAMP"
+echo "$WANT" > "$STAMP"
 say "environment ready at $VENV ($(du -sh "$VENV" | cut -f1))"
