@@ -3,13 +3,15 @@ format as the frontend does, pass the real host's validation, and run on the tin
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from comfy_host import ComfyServer, comfy_host, write_test_models, write_tiny_transformer  # noqa: E402,F401
+from comfy_host import (ComfyServer, comfy_host, write_dataset, write_test_models,  # noqa: E402,F401
+                        write_tiny_transformer)
 from frontend import chromium_path, open_workflow  # noqa: E402
 import workflows as wf  # noqa: E402
 
@@ -21,7 +23,8 @@ NAMES = [p.stem for p in SHIPPED]
 @pytest.fixture(scope="module")
 def host(comfy_host):  # noqa: F811
     """The in-process host with the workflows' standard file names present (tiny weights where they run)."""
-    from zimage_core.testing import tiny_model
+    from safetensors.torch import save_file
+    from zimage_core.testing import tiny_controlnet, tiny_model
 
     from zimage_core import load_lora, save_lora
 
@@ -33,6 +36,12 @@ def host(comfy_host):  # noqa: F811
     save_lora(user_lora, models / "loras" / wf.SFT_LORA_FILE, metadata={"trainer": "zimage_core.training"})
     save_lora(user_lora, models / "loras" / wf.ADAPTER_FILE)  # stands in for the turbo training adapter
     (models / "text_encoders" / wf.TEXT_ENCODER_FILE).write_bytes(b"")  # only validated; swapped when run
+    (models / "model_patches").mkdir(exist_ok=True)
+    save_file(tiny_controlnet("2.1", base=tiny_model(0).config).state_dict(),
+              str(models / "model_patches" / wf.CONTROLNET_FILE))
+    write_dataset(comfy_host.base_dir / "input" / "zimage_control_src", n=1, size=96)
+    shutil.copyfile(comfy_host.base_dir / "input" / "zimage_control_src" / "img0.png",
+                    comfy_host.base_dir / "input" / wf.CONTROL_IMAGE)  # 96 px: fitted to the 1024 px latent
     comfy_host.tiny_width = tiny_model(0).config.cap_feat_dim
     return comfy_host
 
@@ -50,8 +59,8 @@ def _load(name):
 
 def test_every_definition_is_shipped_with_a_thumbnail():
     assert sorted(w.name for w in wf.definitions()) == NAMES
-    assert set(NAMES) == {"zimage_turbo_t2i", "zimage_turbo_quality_30step", "train_sft", "train_differential",
-                          "train_distill"}
+    assert set(NAMES) == {"zimage_turbo_t2i", "zimage_turbo_quality_30step", "zimage_turbo_controlnet", "train_sft",
+                          "train_differential", "train_distill"}
     assert all((ROOT / "workflows" / f"{name}.jpg").is_file() for name in NAMES)
 
 

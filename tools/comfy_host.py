@@ -54,7 +54,7 @@ PACK_NAME = "ComfyUI-ZImage-Turbo"
 NODE_IDS = ("ZImageTurboModelLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboTrainLora",
             "ZImageTurboControlNetLoader", "ZImageTurboApplyControlNet")
 DEMO_NODE_IDS = ("ZImageTurboDemoConditioning",)
-MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints")
+MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints", "model_patches")
 
 
 def find_comfyui() -> Path:

@@ -26,6 +26,8 @@ DISTILLPATCH_FILE = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynt
 ADAPTER_FILE = "zimage_turbo_training_adapter_v2.safetensors"  # ostris/zimage_turbo_training_adapter
 SFT_LORA_FILE = "zimage_turbo_sft.safetensors"  # what train_sft writes
 DATASET = "zimage_dataset"  # a folder of images + captions under ComfyUI's input folder
+CONTROLNET_FILE = "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2602-8steps.safetensors"  # alibaba-pai, in model_patches
+CONTROL_IMAGE = "zimage_control_example.png"  # in ComfyUI's input folder: a canny / depth / pose picture
 DEMO_WORKFLOWS = ("zimage_turbo_t2i", "train_sft")  # what tools/demo.py queues, in order
 
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -162,7 +164,26 @@ def definitions() -> list[Workflow]:
         Node(9, "SaveImage", {"filename_prefix": "zimage_quality"}, {"images": (8, 0)}, col=4, row=0),
     ], note="Scheme 1: an ordinary (SFT) LoRA without DistillPatch, sampled at 30 steps / cfg 2 with an empty "
             "negative prompt.")
-    return [t2i, quality, _training("sft"), _training("differential"), _training("distill")]
+    return [t2i, quality, _controlnet(), _training("sft"), _training("differential"), _training("distill")]
+
+
+def _controlnet() -> Workflow:
+    """Text-to-image guided by a Fun ControlNet Union 2.1 control image (8 steps, cfg 1, alibaba-pai's strength)."""
+    return Workflow("zimage_turbo_controlnet", _text_to_image() + [
+        Node(4, "ZImageTurboLoraStack", {"distillpatch": DISTILLPATCH_FILE, "distillpatch_strength": 1.0},
+             {"model": (3, 0)}, col=1, row=1),
+        Node(30, "ZImageTurboControlNetLoader", {"controlnet_name": CONTROLNET_FILE}, col=1, row=2),
+        Node(31, "LoadImage", {"image": CONTROL_IMAGE}, col=1, row=3, title="Control image (canny / depth / pose)"),
+        Node(32, "ZImageTurboApplyControlNet", {"strength": 0.9, "start": 0.0, "end": 1.0},
+             {"controlnet": (30, 0), "vae": (5, 0), "image": (31, 0)}, col=2, row=2),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42},
+             {"model": (4, 0), "positive": (2, 0), "latent_image": (6, 0), "control": (32, 0)}, col=2, row=0),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_controlnet"}, {"images": (8, 0)}, col=4, row=0),
+    ], note="Fun ControlNet Union 2.1 (models/model_patches): the control image (a canny, HED, depth, pose or MLSD "
+            "picture; any size, it is fitted to the latent) guides an 8-step / cfg-1 Turbo image. alibaba-pai use "
+            "strength 0.9 for 2.1; lower it, or end the control earlier, to give the prompt more freedom. Chain "
+            "another Apply ControlNet into its control input for a second condition.")
 
 
 _TRAINING = {  # scheme -> (workflow name, trainer widgets, note)
