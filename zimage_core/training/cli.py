@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +21,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="override the config's steps")
     parser.add_argument("--resume", help="'auto' or a checkpoint path (overrides the config)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="compute dtype of the frozen base (auto: bf16 on GPU, fp32 on CPU); LoRA stays fp32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def resolve_device_dtype(device: str, dtype: str, local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
+    """--device / --dtype: auto is this process's GPU (cuda:LOCAL_RANK) when there is one, in bf16; else CPU, fp32."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    chosen = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    return chosen, DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if use_cuda else torch.float32)
 
 
 def load_base_model(name: str, dtype: torch.dtype, device):
@@ -52,9 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("the headless trainer needs cache_dir (an encoded dataset cache with manifest.json)")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    device, dtype = resolve_device_dtype(args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     distributed = world > 1
@@ -62,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
         import torch.distributed as dist
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = int(os.environ.get("RANK", "0"))
-    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if use_cuda else torch.float32)
     try:
         model = load_base_model(config.base_model, dtype, device)
         cache = DatasetCache.load(config.cache_dir)
