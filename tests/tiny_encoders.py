@@ -78,7 +78,7 @@ def tiny_vae(seed: int = 0, latent_channels: int = 16):
 
 def qwen_tokenizer_dir(dest: Path, comfy_dir: Path, chat_template: str | None = QWEN3_CHAT_TEMPLATE) -> Path:
     """ComfyUI's Qwen vocabulary with Qwen3's chat template (chat_template=None keeps ComfyUI's Qwen2.5 one)."""
-    source = comfy_dir / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    source = comfy_tokenizer_dir(comfy_dir)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(source / name, dest / name)
@@ -145,3 +145,22 @@ def write_tiny_encoders(root: Path, comfy_dir: Path, seed: int = 0) -> TinyEncod
     vae_single = comfy / "ae.safetensors"
     save_file(ldm_vae_state_dict(vae), str(vae_single))
     return TinyEncoderFiles(repo, text_single, vae_single, tokenizer, qwen, vae)
+
+
+def comfy_tokenizer_dir(comfy_dir: Path) -> Path:
+    """The Qwen tokenizer folder ComfyUI ships and uses for Z-Image (Qwen2.5's chat template)."""
+    return comfy_dir / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+try:
+    import pytest
+except ImportError:
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def tiny_encoders(tmp_path_factory) -> TinyEncoderFiles:
+        """The tiny encoders written once per test session, in both layouts."""
+        from comfy_host import find_comfyui
+
+        return write_tiny_encoders(tmp_path_factory.mktemp("tiny_encoders"), find_comfyui())

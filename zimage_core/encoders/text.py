@@ -42,6 +42,7 @@ _SINGLE_FILE_PREFIXES = ("text_encoders.qwen3_4b.transformer.", "qwen3_4b.transf
 _PROBE = "model.layers.0.self_attn.q_norm.weight"  # Qwen3's per-head q norm: absent from Qwen2.5, Llama, CLIP, T5
 _LOOKALIKES = [  # (key fragment, what the file probably is)
     ("text_model.encoder.layers.", "a CLIP text encoder"),
+    ("embeddings.position_embedding.", "a CLIP text encoder"),
     ("encoder.block.", "a T5 encoder"),
     ("self_attn.k_proj.bias", "a Qwen2.5 text encoder (Qwen-Image's)"),
     ("post_feedforward_layernorm", "a Gemma model"),
