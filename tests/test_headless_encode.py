@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from comfy_host import find_comfyui
-from tiny_encoders import comfy_tokenizer_dir, ldm_vae_state_dict, tiny_encoders, tiny_vae  # noqa: F401 (fixture)
+from tiny_encoders import SIZES, comfy_tokenizer_dir, ldm_vae_state_dict, tiny_encoders, tiny_vae, \
+    write_images  # noqa: F401 (fixture)
 from zimage_core import apply_loras, load_lora, save_transformer
 from zimage_core.__main__ import main
 from zimage_core.encoders import EncoderError, MAX_SEQUENCE_LENGTH, load_prompt_encoder, load_vae_encoder
@@ -27,16 +28,6 @@ from zimage_core.training.config import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox in the snow", "", "Ein Fuchs im Schnee, 雪の中の狐 ✓\nzweite Zeile", "  spaces around  "]
-SIZES = [(64, 48), (48, 64), (64, 48)]  # two buckets
-
-
-def write_images(folder: Path, sizes=SIZES, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (w, h) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"picture {i}: a red fox, {w}x{h}", encoding="utf-8")
-    return folder
 
 
 def reference_pipeline(files, tokenizer_dir: Path):
@@ -99,12 +90,16 @@ def test_latents_equal_autoencoderkl_encode_with_flux_shift_scale(tiny_encoders)
     with torch.no_grad():
         mean = f.vae.encode(pixels).latent_dist.mode()
     reference = ((mean - f.vae.config.shift_factor) * f.vae.config.scaling_factor)[0]
+    worst = 0.0
     for source in (f.repo / "vae", f.vae_single):
         encoder = load_vae_encoder(source)
         ours = encoder(image)
         assert ours.shape == (16, 6, 10) and encoder.spatial_factor == 8
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5, msg=str(source))
         torch.testing.assert_close(encoder(image), ours, atol=0, rtol=0)  # the posterior's mean, never a sample
+        worst = max(worst, float((ours - reference).abs().max()))
+    print(f"\nlatents vs AutoencoderKL.encode + Flux shift/scale: max |diff| {worst:.2g} "
+          f"(latents up to {float(reference.abs().max()):.3g})")
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -147,6 +147,22 @@ def write_tiny_encoders(root: Path, comfy_dir: Path, seed: int = 0) -> TinyEncod
     return TinyEncoderFiles(repo, text_single, vae_single, tokenizer, qwen, vae)
 
 
+SIZES = [(64, 48), (48, 64), (64, 48)]  # two buckets
+
+
+def write_images(folder: Path, sizes=SIZES, seed: int = 0) -> Path:
+    """Random images with same-name .txt captions."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"picture {i}: a red fox, {w}x{h}", encoding="utf-8")
+    return folder
+
+
 def comfy_tokenizer_dir(comfy_dir: Path) -> Path:
     """The Qwen tokenizer folder ComfyUI ships and uses for Z-Image (Qwen2.5's chat template)."""
     return comfy_dir / "comfy" / "text_encoders" / "qwen25_tokenizer"
