@@ -310,3 +310,32 @@ def test_shipped_examples_are_valid_commented_configs(example):
             assert table in SECTIONS[""][1], (example, table)
     expected = {"train_sft.toml": "sft", "train_differential.toml": "differential", "train_distill.toml": "trajectory"}
     assert config.scheme == expected[path.name]
+
+
+def test_fp8_text_encoder_is_upcast_and_scaled_fp8_refused(tiny_encoders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_encoders.text_single))
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()}
+    save_file(fp8, str(tmp_path / "qwen_3_4b_fp8.safetensors"))
+    encoder = load_prompt_encoder(tmp_path / "qwen_3_4b_fp8.safetensors", tiny_encoders.tokenizer)
+    reference = load_prompt_encoder(tiny_encoders.text_single, tiny_encoders.tokenizer)
+    ours, full = encoder(PROMPTS[0]), reference(PROMPTS[0])
+    assert ours.shape == full.shape and 0 < float((ours - full).abs().max()) < 0.2 * float(full.abs().max())
+    save_file({**fp8, "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)},
+              str(tmp_path / "qwen_3_4b_scaled.safetensors"))
+    with pytest.raises(EncoderError, match=r"qwen_3_4b_scaled\.safetensors is a scaled-fp8 checkpoint"):
+        load_prompt_encoder(tmp_path / "qwen_3_4b_scaled.safetensors", tiny_encoders.tokenizer)
+
+
+def test_train_refuses_a_cache_encoded_for_another_model(tmp_path, capsys):
+    from zimage_core.training import Encoders, build_cache
+
+    write_images(tmp_path / "dataset", sizes=[(32, 32)])
+    other = Encoders(lambda image: torch.zeros(16, image.height // 8, image.width // 8),
+                     lambda text: torch.ones(3, 32), "a 32-wide text encoder")
+    build_cache(tmp_path / "dataset", tmp_path / "cache", other)
+    config = tmp_path / "run.toml"
+    config.write_text('base_model = "tiny:0"\ncache_dir = "cache"\nsteps = 1\n', encoding="utf-8")
+    assert main(["train", "--config", str(config), "--quiet", "--device", "cpu"]) == 2
+    assert "holds 32 caption features but tiny:0 reads 48" in capsys.readouterr().err

@@ -102,6 +102,17 @@ def load_config(path: str, steps: int | None = None, resume: str | None = None):
     return config
 
 
+def check_cache_fits(cache, model_config, model_name: str) -> None:
+    """Refuse, before training starts, a cache encoded for another model (a text encoder or VAE of another width)."""
+    widths = {"caption features": (cache.caption(0).shape[-1], model_config.cap_feat_dim),
+              "latent channels": (cache.latent(0).shape[0], model_config.in_channels)}
+    for what, (got, wanted) in widths.items():
+        if got != wanted:
+            raise ValueError(f"the cache {cache.folder} holds {got} {what} but {model_name} reads {wanted}: encode "
+                             "the dataset with this model's text encoder and VAE (Qwen3-4B and the Flux VAE for "
+                             "Z-Image-Turbo)")
+
+
 def run(args: argparse.Namespace) -> int:
     from .data import DatasetCache
     from .trainer import train
@@ -121,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_base_model(config.base_model, dtype, device)
         cache = DatasetCache.load(config.cache_dir)
+        check_cache_fits(cache, model.config, config.base_model)
         bar = None
         if rank == 0 and not args.quiet:
             from tqdm import tqdm
