@@ -27,7 +27,7 @@ needs: pip install transformers diffusers tqdm (optional dependencies of the hea
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from ..training.cli import DTYPES
+    from ..training.cli import DEVICES, DTYPES
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
@@ -51,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-files", action="store_true",
                         help="skip unreadable images and missing or non-UTF-8 captions (listed in a warning) "
                              "instead of stopping")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="text encoder dtype (auto: bf16 on GPU, fp32 on CPU); the VAE runs in fp32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

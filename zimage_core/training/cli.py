@@ -1,8 +1,9 @@
 """The headless trainer: `python -m zimage_core train --config FILE.toml`.
 
-It reads an encoded dataset cache (built by the ComfyUI training node or `build_cache`), so no VAE or text encoder
-is loaded. Under `torchrun --nproc_per_node N` it trains data-parallel (gradients averaged over processes; NCCL on
-GPUs, gloo on CPU): the global batch_size of the config is split evenly over the processes.
+It reads an encoded dataset cache (built by `python -m zimage_core encode`, the ComfyUI training node or
+`build_cache`), so no VAE or text encoder is loaded. Under `torchrun --nproc_per_node N` (and torchrun's multi-node
+rendezvous) it trains data-parallel (gradients averaged over processes; NCCL on GPUs, gloo on CPU): the global
+batch_size of the config is split evenly over the processes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import textwrap
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICES = ("auto", "cpu", "cuda")
 
 
 SCHEME_HELP = {
@@ -60,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training config (TOML), e.g. examples/train_sft.toml")
     parser.add_argument("--steps", type=int, help="override the config's steps")
     parser.add_argument("--resume", help="'auto' or a checkpoint path (overrides the config)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="compute dtype of the frozen base (auto: bf16 on GPU, fp32 on CPU); LoRA stays fp32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -69,8 +71,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def resolve_device_dtype(device: str, dtype: str, local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
     """--device / --dtype: auto is this process's GPU (cuda:LOCAL_RANK) when there is one, in bf16; else CPU, fp32."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     chosen = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     return chosen, DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if use_cuda else torch.float32)
 
