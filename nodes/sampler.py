@@ -80,6 +80,11 @@ def check_controls(chain, model: ZImageModel, latent_shape) -> list:
         if net.dtype != model.base.dtype:
             raise ValueError(f"control: ControlNet '{net.name}' was loaded in {net.dtype} but the model runs in "
                              f"{model.base.dtype}: pick the same weight_dtype in both loaders")
+    for spec in chain:  # the ControlNet streams its blocks when the transformer does (loader offload = block)
+        shell = spec.controlnet.patcher.model
+        if shell.offload != model.base.offload:
+            spec.controlnet.patcher.detach(unpatch_all=True)
+            shell.offload = model.base.offload
     return control_inputs(chain, latent_shape)
 
 
