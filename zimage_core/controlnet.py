@@ -349,6 +349,7 @@ class ControlSchedule:
     def __init__(self, model: ZImageTransformer, controls: Sequence[ControlInput], latent_shape):
         self.model = model
         self.controls = list(controls)
+        self.contexts = []
         for n, control in enumerate(self.controls):
             label = f"control {n + 1} ({control.controlnet.config.describe()})"
             control.controlnet.check_fits(model, label)
@@ -356,10 +357,10 @@ class ControlSchedule:
                 h, w = control.size
                 raise ValueError(f"{label}: its image is {w * 8}x{h * 8} px but the latent is "
                                  f"{latent_shape[-1] * 8}x{latent_shape[-2] * 8} px; resize the control image")
-            batch = control.context().shape[0]
-            if batch not in (1, latent_shape[0]):
-                raise ValueError(f"{label}: {batch} control images for a batch of {latent_shape[0]}")
-        self.contexts = [c.context() for c in self.controls]
+            self.contexts.append(control.context())
+            if self.contexts[-1].shape[0] not in (1, latent_shape[0]):
+                raise ValueError(f"{label}: {self.contexts[-1].shape[0]} control images for a batch of "
+                                 f"{latent_shape[0]}")
 
     def at(self, step: int, steps: int):
         passes = [_ControlPass(c.controlnet, ctx, c.strength, self.model.x_pad_token,
