@@ -66,11 +66,16 @@ def _inputs(info: dict):
             yield name, specs[name], section == "optional"
 
 
-def _has_seed_control(name: str, spec) -> bool:
-    """The frontend adds a "control after generate" widget after seeds: when the node asks for one, and after every
-    INT input named seed / noise_seed."""
+def _frontend_extras(name: str, spec) -> list:
+    """The values of the widgets the frontend adds after an input's own widget (saved in widgets_values, never sent
+    to the API): "control after generate" after seeds (when the node asks for one, and after every INT input named
+    seed / noise_seed), and the upload button of image combos (LoadImage)."""
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return bool(options.get("control_after_generate")) or (spec[0] == "INT" and name in ("seed", "noise_seed"))
+    if options.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
+        return ["fixed"]
+    if options.get("image_upload"):
+        return ["image"]
+    return []
 
 
 def _default(spec):
@@ -102,8 +107,7 @@ def build(workflow: Workflow, object_info: dict) -> dict:
             unknown.discard(name)
             if _is_widget(spec) and name not in node.links:
                 widgets.append(node.widgets.get(name, _default(spec)))
-                if _has_seed_control(name, spec):
-                    widgets.append("fixed")
+                widgets.extend(_frontend_extras(name, spec))
             elif not _is_widget(spec):
                 link = next((l for l in links if l[3] == node.id and l[4] == name), None)
                 if link is None and not optional:
@@ -273,8 +277,8 @@ def to_api(workflow: dict, object_info: dict) -> dict:
         for name, spec, _optional in _inputs(info):
             if _is_widget(spec):
                 inputs[name] = next(values)
-                if _has_seed_control(name, spec):
-                    next(values)  # the frontend-only "control after generate" value
+                for _ in _frontend_extras(name, spec):
+                    next(values)  # frontend-only widgets
         for socket in node.get("inputs", []):
             if socket.get("link") is not None:
                 link = links[socket["link"]]
