@@ -34,7 +34,7 @@ INPUT_SNAPSHOT = {
         "required": [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
                      ("preset", "COMBO"), ("steps", "INT"), ("cfg", "FLOAT"), ("shift", "FLOAT"), ("seed", "INT"),
                      ("denoise", "FLOAT")],
-        "optional": [("negative", "CONDITIONING")],
+        "optional": [("negative", "CONDITIONING"), ("sampler", "COMBO")],
     },
     "ZImageTurboTrainLora": {
         "required": [("model", "ZIMAGE_MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset_folder", "STRING"),
