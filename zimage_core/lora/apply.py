@@ -10,6 +10,11 @@ LoraWeights tensors themselves (cast to x's dtype and device at call time), so g
 training uses. Full-size deltas (ComfyUI .diff/.diff_b, LoKr, LoHa) have no cheap side branch and are merged in both
 modes; the handle restores them the same way.
 
+fp8 storage (zimage_core.quantization): a Linear whose weight is stored in fp8 is never merged into, whatever the
+mode, since the sum would be rounded to fp8. Its LoRAs run as the runtime branches above, and full-size deltas as a
+branch x @ delta.T whose delta is rebuilt in the compute dtype at call time (one layer at a time, like the fp8
+weight itself). Removing them only removes hooks: the fp8 bits are never touched.
+
 Everything is checked (every key matched, every shape right) before the first tensor is touched."""
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quantization import is_fp8
 from .io import load_lora
 from .weights import LoraError, LoraModule, LoraWeights
 
@@ -135,7 +141,7 @@ class LoraHandle:
                 state.remember(name, param)
                 _merge_into(param, group)
 
-    def _add_branches(self, branches: dict[nn.Linear, list[tuple[Tensor, Tensor, float]]]) -> None:
+    def _add_branches(self, branches: dict[nn.Linear, list]) -> None:
         for linear, items in branches.items():
             self._hooks.append(linear.register_forward_hook(_branch_hook(items)))
 
@@ -180,12 +186,24 @@ def _by_param(patches: list[_Patch]) -> dict[str, list[_Patch]]:
     return groups
 
 
-def _branch_hook(items: list[tuple[Tensor, Tensor, float]]):
+def _low_rank_branch(down: Tensor, up: Tensor, factor: float):
+    def branch(x: Tensor) -> Tensor:
+        h = F.linear(x, down.to(device=x.device, dtype=x.dtype))
+        return factor * F.linear(h, up.to(device=x.device, dtype=x.dtype))
+    return branch
+
+
+def _full_delta_branch(module: LoraModule, strength: float):
+    def branch(x: Tensor) -> Tensor:
+        return F.linear(x, module.weight_delta(strength, x.device).to(x.dtype))
+    return branch
+
+
+def _branch_hook(branches: list):
     def hook(module, args, output):
         x = args[0]
-        for down, up, factor in items:
-            h = F.linear(x, down.to(device=x.device, dtype=x.dtype))
-            output = output + factor * F.linear(h, up.to(device=x.device, dtype=x.dtype))
+        for branch in branches:
+            output = output + branch(x)
         return output
     return hook
 
@@ -209,7 +227,7 @@ def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: 
     stack = [(item, 1.0) if not isinstance(item, tuple) else item for item in loras]
     modules = dict(model.named_modules())
     reports, patches = [], []
-    branches: dict[nn.Linear, list[tuple[Tensor, Tensor, float]]] = {}
+    branches: dict[nn.Linear, list] = {}
     for item, strength in stack:
         lora = _as_lora(item)
         strength = float(strength)
@@ -232,9 +250,12 @@ def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: 
             continue
         for path, lmod, target in matched:
             name = _model_path(path, model)
-            if lmod.kind == "lora" and mode == "runtime" and isinstance(target, nn.Linear):
-                branches.setdefault(target, []).append((lmod.down, lmod.up, strength * lmod.scale))
-            elif lmod.kind != "diff" or lmod.diff is not None:
+            changes_weight = lmod.kind != "diff" or lmod.diff is not None
+            if lmod.kind == "lora" and isinstance(target, nn.Linear) and (mode == "runtime" or is_fp8(target)):
+                branches.setdefault(target, []).append(_low_rank_branch(lmod.down, lmod.up, strength * lmod.scale))
+            elif changes_weight and is_fp8(target):
+                branches.setdefault(target, []).append(_full_delta_branch(lmod, strength))
+            elif changes_weight:
                 patches.append(_Patch(f"{name}.weight", lmod, strength, "weight"))
             if lmod.diff_b is not None:
                 patches.append(_Patch(f"{name}.bias", lmod, strength, "bias"))
