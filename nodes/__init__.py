@@ -2,7 +2,7 @@
 `comfy_entrypoint` (no V1 mapping dict: ComfyUI checks it first and would then ignore the V3 entry point).
 
 Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
-ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.
+ZImageTurboTrainLora, ZImageTurboToModel, and the demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.
 The wire type is documented in types.py.
 """
 
@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .bridge import ZImageTurboToModel
 from .demo import ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder
 from .loader import ZImageTurboModelLoader
 from .lora_stack import ZImageTurboLoraStack
@@ -23,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     ZImageTurboLoraStack,
     ZImageTurboSampler,
     ZImageTurboTrainLora,
+    ZImageTurboToModel,
     ZImageTurboDemoConditioning,
     ZImageTurboDemoTextEncoder,
 ]

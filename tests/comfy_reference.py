@@ -55,3 +55,14 @@ def ksampler(model, latent: dict, positive, negative, seed: int, steps: int, cfg
 
     return nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
                                  denoise=denoise)[0]["samples"]
+
+
+def apply_node(class_type: str, **inputs):
+    """The first output of a core node's function called directly (V1 or V3 node), e.g. on a MODEL that no prompt
+    can produce (ComfyUI's own tiny Z-Image)."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+    if hasattr(cls, "FUNCTION"):
+        return getattr(cls(), cls.FUNCTION)(**inputs)[0]
+    return cls.execute(**inputs).args[0]

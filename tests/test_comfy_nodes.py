@@ -43,12 +43,14 @@ INPUT_SNAPSHOT = {
                      ("seed", "INT"), ("validation_prompt", "STRING"), ("output_name", "STRING")],
         "optional": [],
     },
+    "ZImageTurboToModel": {"required": [("model", "ZIMAGE_MODEL")], "optional": []},
 }
 OUTPUT_SNAPSHOT = {
     "ZImageTurboModelLoader": ["ZIMAGE_MODEL"],
     "ZImageTurboLoraStack": ["ZIMAGE_MODEL"],
     "ZImageTurboSampler": ["LATENT"],
     "ZImageTurboTrainLora": ["ZIMAGE_MODEL", "STRING", "IMAGE", "IMAGE"],
+    "ZImageTurboToModel": ["MODEL"],
 }
 
 
