@@ -3,12 +3,13 @@ from `samplers` (euler, res_multistep) and inpainting with a noise mask, as Comf
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .controlnet import ControlSchedule
 from .samplers import step_rule
 from .scheduler import DEFAULT_SHIFT, denoise_sigmas
 
@@ -53,7 +54,8 @@ def _as_mask(mask: Tensor, noise: Tensor, init_latent: Tensor | None) -> Tensor:
 
 def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.steps, cfg: float = TURBO.cfg,
            shift: float = DEFAULT_SHIFT, denoise: float = 1.0, callback: StepCallback | None = None,
-           init_latent: Tensor | None = None, sampler: str = "euler", mask: Tensor | None = None) -> Tensor:
+           init_latent: Tensor | None = None, sampler: str = "euler", mask: Tensor | None = None,
+           control: Sequence = ()) -> Tensor:
     """Sample and return the final latent (model space, fp32).
 
     noise: [B, C, H, W] Gaussian noise. The start is `init_latent` (the clean latent, if given) noised to the first
@@ -67,6 +69,7 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
     of the model input is replaced by `init_latent` noised to the current sigma with the same `noise`, and the kept
     region of the x0 estimate by `init_latent`, so the result keeps `init_latent` there (up to rounding).
 
+    control: `zimage_core.controlnet.ControlInput`s (several add up), each acting on its start/end share of the steps.
     callback(step, total, x0_estimate) runs after each step and may raise to interrupt.
     """
     if int(steps) != steps or steps < 1:
@@ -86,17 +89,21 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
     if guided:
         neg = [torch.zeros_like(c) for c in pos] if negative is None else _as_caption_list(negative, batch, "negative")
 
+    controls = ControlSchedule(model, control, noise.shape) if control else None
     noise = noise.float()
     init = None if init_latent is None else init_latent.float()
     x = noise if init is None else (1.0 - float(schedule[0])) * init + float(schedule[0]) * noise
     for i in range(int(steps)):
         sigma = float(schedule[i])
         x_in = x if mask is None else x * mask + ((1.0 - sigma) * init + sigma * noise) * keep
+        hook = controls.at(i, int(steps)) if controls is not None else None
+        extra = {} if hook is None else {"residuals": hook}
         if guided:
-            v_pos, v_neg = model(torch.cat([x_in, x_in]), torch.full((2 * batch,), sigma), pos + neg).float().chunk(2)
+            v_pos, v_neg = model(torch.cat([x_in, x_in]), torch.full((2 * batch,), sigma), pos + neg,
+                                 **extra).float().chunk(2)
             v = v_neg + cfg * (v_pos - v_neg)
         else:
-            v = model(x_in, torch.full((batch,), sigma), pos).float()
+            v = model(x_in, torch.full((batch,), sigma), pos, **extra).float()
         denoised = x_in - sigma * v
         if mask is not None:
             denoised = denoised * mask + init * keep
