@@ -30,7 +30,8 @@ def comfy_zimage_model(path, axes_dims, dtype: torch.dtype = torch.float32):
 
     # comfy.model_detection's Z-Image branch, at these sizes (plus the refiner depth it leaves at NextDiT's default)
     unet_config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": dim,
-                   "cap_feat_dim": cap_feat_dim, "n_layers": count("layers."), "n_refiner_layers": count("noise_refiner."),
+                   "cap_feat_dim": cap_feat_dim, "n_layers": count("layers."),
+                   "n_refiner_layers": count("noise_refiner."),
                    "qk_norm": True, "n_heads": dim // head_dim, "n_kv_heads": dim // head_dim,
                    "axes_dims": list(axes_dims), "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
                    "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,

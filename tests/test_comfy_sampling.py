@@ -88,8 +88,8 @@ CASES = [  # variant, sampler, steps, cfg, denoise
 
 
 @pytest.mark.parametrize("variant, sampler, steps, cfg, denoise", CASES)
-def test_sampler_node_equals_ksampler_on_comfyui_zimage(comfy_host, comfy_models, comfy_own, inpaint_image,  # noqa: F811
-                                                        variant, sampler, steps, cfg, denoise):
+def test_sampler_node_equals_ksampler_on_comfyui_zimage(comfy_host, comfy_models, comfy_own,  # noqa: F811
+                                                        inpaint_image, variant, sampler, steps, cfg, denoise):
     seed = 17
     prompt, wires = _graph(comfy_models, inpaint_image, variant, sampler, steps, cfg, denoise, seed)
     result = comfy_host.run(prompt)
