@@ -53,6 +53,7 @@ _LOOKALIKES = [  # (key fragment, what the file probably is)
     ("self_attn.q_proj", "a text encoder (e.g. Qwen3)"),
     ("layers.0.adaLN_modulation.1.", "a Lumina 2 transformer (Z-Image has adaLN_modulation.0 without SiLU)"),
     ("siglip_embedder.", "a Z-Image Omni/Edit transformer (only text-to-image Z-Image is supported)"),
+    ("control_all_x_embedder.", "a Z-Image Fun ControlNet (load it with the ControlNet loader, not as a model)"),
 ]
 _REQUIRED = ("cap_embedder.1.weight", "t_embedder.mlp.0.weight", "layers.0.adaLN_modulation.0.weight")
 
@@ -157,8 +158,8 @@ def _strip_prefix(keys: list[str]) -> str:
     return ""
 
 
-def _describe_foreign(keys: list[str]) -> str:
-    for fragment, what in _LOOKALIKES:
+def _describe_foreign(keys: list[str], lookalikes=_LOOKALIKES) -> str:
+    for fragment, what in lookalikes:
         if any(fragment in k for k in keys):
             return f"; it looks like {what}"
     return ""
@@ -170,17 +171,19 @@ def _to_diffusers_name(key: str) -> str:
     return key
 
 
-def _map_sources(files: list[SafetensorsFile], label: str) -> tuple[dict[str, _Source], dict[str, tuple], str]:
-    """Map every stored tensor to the diffusers parameter name(s) it provides."""
+def _map_sources(files: list[SafetensorsFile], label: str, required=_REQUIRED, what: str = "a Z-Image transformer",
+                 lookalikes=_LOOKALIKES) -> tuple[dict[str, _Source], dict[str, tuple], str]:
+    """Map every stored tensor to the diffusers parameter name(s) it provides; a file without the `required` keys
+    is refused as not being `what`, with a guess at what it is instead."""
     entries = [(f, k) for f in files for k in f.keys()]
     keys = [k for _, k in entries]
     prefix = _strip_prefix(keys)
     names = {k: k[len(prefix):] for k in keys}
     stripped = set(names.values())
-    missing = [k for k in _REQUIRED if k not in stripped]
+    missing = [k for k in required if k not in stripped]
     if missing:
         raise ValueError(
-            f"{label} is not a Z-Image transformer: missing {missing}{_describe_foreign(keys)} "
+            f"{label} is not {what}: missing {missing}{_describe_foreign(keys, lookalikes)} "
             f"(first keys: {sorted(keys)[:4]})")
     comfy = any(n.endswith("attention.qkv.weight") or n.startswith("x_embedder.") for n in stripped)
     sources: dict[str, _Source] = {}

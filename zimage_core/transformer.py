@@ -17,7 +17,9 @@ The result is the fp32-range computation at fp16 precision, not a clamped one. b
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +184,37 @@ def _pad_len(n: int) -> int:
     return (-n) % SEQ_MULTIPLE
 
 
+def patchify(latents: Tensor, p: int) -> Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C]: rows ordered (h', w'), values (ph, pw, c) with c fastest."""
+    batch, channels, height, width = latents.shape
+    x = latents.reshape(batch, channels, height // p, p, width // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+@dataclass(frozen=True)
+class StreamStage:
+    """The token stream at the start of a stage of blocks, as a `BlockResiduals` hook sees it.
+
+    name: "noise_refiner" (image tokens only) or "layers" (image tokens, then caption tokens). hidden: the stream
+    before the stage's first block [B, S, dim]; rope, mask, adaln: what the stage's blocks are called with;
+    img_len: the image tokens (padded to 32 with x_pad_token) at the start of the sequence."""
+
+    name: str
+    hidden: Tensor
+    rope: tuple[Tensor, Tensor]
+    mask: Tensor | None
+    adaln: Tensor
+    img_len: int
+
+
+class BlockResiduals(Protocol):
+    """A hook that adds residuals to the stream (how a ControlNet's hints enter the transformer): called once at the
+    start of each stage, it returns None or a function `residual(i)` giving the tensor to add after block i of that
+    stage (or None). The context refiner has no hook: no Z-Image ControlNet writes there."""
+
+    def __call__(self, stage: StreamStage) -> Callable[[int], Tensor | None] | None: ...
+
+
 class ZImageTransformer(nn.Module):
     """Z-Image DiT in the sigma convention: `model(latents, sigmas, captions)` returns the flow velocity
     `noise - x0` (minus the raw DiT output evaluated at t = 1 - sigma), as the diffusers pipeline uses it.
@@ -252,7 +285,8 @@ class ZImageTransformer(nn.Module):
         return captions
 
     # ------------------------------------------------------------------ forward
-    def forward(self, latents: Tensor, sigmas: Tensor | float, captions) -> Tensor:
+    def forward(self, latents: Tensor, sigmas: Tensor | float, captions,
+                residuals: BlockResiduals | None = None) -> Tensor:
         cfg = self.config
         captions = self._check_inputs(latents, captions)
         batch, _, height, width = latents.shape
@@ -261,13 +295,10 @@ class ZImageTransformer(nn.Module):
 
         adaln = self.t_embedder((1.0 - sigmas) * cfg.t_scale).to(dtype)  # [B, adaln_dim]
 
-        # Image tokens: [B, C, H, W] -> [B, N, p*p*C], rows ordered (h', w'), values (ph, pw, c) with c fastest.
         gh, gw = height // p, width // p
         n_img = gh * gw
         img_len = n_img + _pad_len(n_img)
-        x = latents.to(device, dtype).reshape(batch, cfg.in_channels, gh, p, gw, p)
-        x = x.permute(0, 2, 4, 3, 5, 1).reshape(batch, n_img, cfg.patch_dim)
-        x = self.x_embedder(x)
+        x = self.x_embedder(patchify(latents.to(device, dtype), p))
         x = torch.cat([x, self.x_pad_token.expand(batch, img_len - n_img, -1).to(dtype)], dim=1)
 
         # Caption tokens: each padded to a multiple of 32 with cap_pad_token, then to the batch maximum.
@@ -294,15 +325,13 @@ class ZImageTransformer(nn.Module):
         cap_mask = None if equal else self._key_mask([n for n in cap_lens], cap_max)
         seq_mask = None if equal else self._key_mask([img_len + n for n in cap_lens], img_len + cap_max)
 
-        for block in self.noise_refiner:
-            x = self._run(block, x, img_rope, None, adaln)
+        x = self._stage("noise_refiner", x, img_rope, None, adaln, img_len, residuals)
         for block in self.context_refiner:
             cap = self._run(block, cap, cap_rope, cap_mask)
 
         h = torch.cat([x, cap], dim=1)
         rope = tuple(torch.cat([a, b], dim=1) for a, b in zip(img_rope, cap_rope))
-        for block in self.layers:
-            h = self._run(block, h, rope, seq_mask, adaln)
+        h = self._stage("layers", h, rope, seq_mask, adaln, img_len, residuals)
         out = self.final_layer(h[:, :n_img], adaln)  # [B, N, p*p*C]
 
         out = out.reshape(batch, gh, gw, p, p, cfg.in_channels).permute(0, 5, 1, 3, 2, 4)
@@ -312,6 +341,15 @@ class ZImageTransformer(nn.Module):
     def _key_mask(lengths: list[int], total: int) -> Tensor:
         keep = torch.arange(total)[None] < torch.tensor(lengths)[:, None]
         return keep[:, None, None, :]  # [B, 1, 1, S] for SDPA; True = attend
+
+    def _stage(self, name: str, h: Tensor, rope, mask, adaln, img_len: int, residuals: BlockResiduals | None):
+        """Run the modulated blocks of one stage, adding the hook's residual after each block that has one."""
+        add = residuals(StreamStage(name, h, rope, mask, adaln, img_len)) if residuals is not None else None
+        for i, block in enumerate(getattr(self, name)):
+            h = self._run(block, h, rope, mask, adaln)
+            if add is not None and (residual := add(i)) is not None:
+                h = h + residual
+        return h
 
     def _run(self, block, x, rope, mask, adaln=None):
         if mask is not None:

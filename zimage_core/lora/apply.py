@@ -36,7 +36,8 @@ MODES = ("merge", "runtime")
 
 @dataclass
 class LoraReport:
-    """What one LoRA of a stack did: modules patched, file keys that mapped to nothing, keys skipped as copies."""
+    """What one LoRA of a stack did: modules patched, file keys that mapped to nothing, keys skipped because they have
+    no effect (copies, unused modules), and text-encoder keys left to the text encoder."""
 
     name: str
     format: str
@@ -44,13 +45,16 @@ class LoraReport:
     matched: int
     unmatched: list[str] = field(default_factory=list)
     redundant: list[str] = field(default_factory=list)
+    text_encoder: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = f"{self.name} [{self.format}] x{self.strength:g}: {self.matched} modules"
         if self.unmatched:
             text += f", {len(self.unmatched)} keys NOT applied (first: {self.unmatched[:3]})"
         if self.redundant:
-            text += f", {len(self.redundant)} duplicate keys skipped"
+            text += f", {len(self.redundant)} keys without effect skipped"
+        if self.text_encoder:
+            text += f", {len(self.text_encoder)} text-encoder keys NOT applied (first: {self.text_encoder[:3]})"
         return text
 
 
@@ -216,12 +220,14 @@ def _as_lora(item) -> LoraWeights:
     raise TypeError(f"apply_loras: expected a LoraWeights or a path, got {type(item).__name__}")
 
 
-def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: bool = True) -> LoraHandle:
+def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: bool = True,
+                skip_text_encoder: bool = False) -> LoraHandle:
     """Apply `[(lora_or_path, strength), ...]` to `model` and return a handle whose `.remove()` undoes it exactly.
 
-    strict=True (default) refuses a LoRA with any key that maps to no module of the model, naming the file, the
-    detected format and the first such keys; strict=False applies the rest and reports them in `handle.reports`.
-    A shape mismatch is always an error. On any error nothing is applied."""
+    strict=True (default) refuses a LoRA with any key that maps to no module of the model, or with a text-encoder
+    part, naming the file, the detected format and the first such keys; strict=False applies the rest and reports
+    them in `handle.reports`. skip_text_encoder=True leaves text-encoder keys out (reported by name) while strict
+    still refuses unknown keys. A shape mismatch is always an error. On any error nothing is applied."""
     if mode not in MODES:
         raise ValueError(f"apply_loras: mode must be one of {MODES}, got {mode!r}")
     stack = [(item, 1.0) if not isinstance(item, tuple) else item for item in loras]
@@ -245,7 +251,14 @@ def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: 
                 f"{lora.name} (detected format: {lora.format}): {len(unmatched)} key(s) map to no module of this "
                 f"model, first: {unmatched[:5]}. Nothing was applied. If this LoRA is meant for this model, pass "
                 f"strict=False to apply its other {len(matched)} modules anyway.")
-        reports.append(LoraReport(lora.name, lora.format, strength, len(matched), unmatched, list(lora.redundant)))
+        if lora.text_encoder and strict and not skip_text_encoder:
+            raise LoraError(
+                f"{lora.name} (detected format: {lora.format}) also trains the text encoder: {len(lora.text_encoder)} "
+                f"key(s), first: {lora.text_encoder[:5]}, which this transformer LoRA engine cannot apply. Nothing "
+                f"was applied. Pass skip_text_encoder=True (the LoRA stack node: strict off) to apply its "
+                f"{len(matched)} transformer modules and leave the text-encoder part out.")
+        reports.append(LoraReport(lora.name, lora.format, strength, len(matched), unmatched, list(lora.redundant),
+                                  list(lora.text_encoder)))
         if strength == 0.0:
             continue
         for path, lmod, target in matched:
