@@ -222,3 +222,13 @@ def test_controlnet_follows_the_model_block_offload(comfy_host, comfy_models, cn
     again = _latent(comfy_host.run(control_prompt(m, controls)))  # back to offload none
     torch.testing.assert_close(again, plain, rtol=0, atol=0)
     assert loaded.patcher.model.offload == "none" and not is_offloaded(loaded.net)
+
+
+def test_fp8_model_and_controlnet(comfy_host, comfy_models, cn_files):
+    has_fp8_storage = comfy_host.pack_module("zimage_core.quantization").has_fp8_storage  # the pack's own classes
+    m = comfy_models
+    prompt = control_prompt(m, [dict(controlnet=CN_21)], weight_dtype="fp8_e4m3fn")
+    prompt["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"  # the model too: both compute in bf16
+    result = comfy_host.run(prompt)
+    assert torch.isfinite(_latent(result)).all()
+    assert has_fp8_storage(comfy_host.pack_module("nodes.controlnet").load(CN_21, "fp8_e4m3fn").net)

@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from PIL import Image  # noqa: E402
 
 import workflows as wf  # noqa: E402
-from comfy_host import ComfyServer, make_base_dir  # noqa: E402
+from comfy_host import ComfyServer, make_base_dir, write_inpaint_image  # noqa: E402
 from frontend import open_workflow  # noqa: E402
 
 PLACEHOLDERS = {"diffusion_models": [wf.MODEL_FILE], "text_encoders": [wf.TEXT_ENCODER_FILE], "vae": [wf.VAE_FILE],
@@ -33,6 +33,7 @@ def main():
             (base / "models" / folder / name).write_bytes(b"")
     (base / "input" / wf.DATASET).mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (64, 64), "gray").save(base / "input" / wf.CONTROL_IMAGE)
+    write_inpaint_image(base / "input" / wf.INPAINT_IMAGE)
     shots = ROOT / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with ComfyServer(base) as server:

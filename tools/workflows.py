@@ -28,6 +28,7 @@ SFT_LORA_FILE = "zimage_turbo_sft.safetensors"  # what train_sft writes
 DATASET = "zimage_dataset"  # a folder of images + captions under ComfyUI's input folder
 CONTROLNET_FILE = "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2602-8steps.safetensors"  # alibaba-pai, in model_patches
 CONTROL_IMAGE = "zimage_control_example.png"  # in ComfyUI's input folder: a canny / depth / pose picture
+INPAINT_IMAGE = "zimage_inpaint_example.png"  # in ComfyUI's input folder: the image, its mask in the alpha channel
 DEMO_WORKFLOWS = ("zimage_turbo_t2i", "train_sft")  # what tools/demo.py queues, in order
 
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -168,7 +169,8 @@ def definitions() -> list[Workflow]:
         Node(9, "SaveImage", {"filename_prefix": "zimage_quality"}, {"images": (8, 0)}, col=4, row=0),
     ], note="Scheme 1: an ordinary (SFT) LoRA without DistillPatch, sampled at 30 steps / cfg 2 with an empty "
             "negative prompt.")
-    return [t2i, quality, _controlnet(), _training("sft"), _training("differential"), _training("distill")]
+    return [t2i, quality, _controlnet(), _inpaint(), _training("sft"), _training("differential"),
+            _training("distill")]
 
 
 def _controlnet() -> Workflow:
@@ -188,6 +190,39 @@ def _controlnet() -> Workflow:
             "picture; any size, it is fitted to the latent) guides an 8-step / cfg-1 Turbo image. alibaba-pai use "
             "strength 0.9 for 2.1; lower it, or end the control earlier, to give the prompt more freedom. Chain "
             "another Apply ControlNet into its control input for a second condition.")
+
+
+def _inpaint() -> Workflow:
+    """Inpainting, two variants side by side on one image and mask: the plain noise mask (any Z-Image model, no
+    ControlNet; top row) and the Fun ControlNet 2.1 inpaint mode (mask + masked image into the ControlNet; row 2)."""
+    nodes = _text_to_image()[:3] + [
+        Node(5, "VAELoader", {"vae_name": VAE_FILE}, col=0, row=2),
+        Node(20, "LoadImage", {"image": INPAINT_IMAGE}, col=0, row=3, title="Image (paint the mask in MaskEditor)"),
+        Node(21, "VAEEncode", {}, {"pixels": (20, 0), "vae": (5, 0)}, col=1, row=3),
+        Node(22, "SetLatentNoiseMask", {}, {"samples": (21, 0), "mask": (20, 1)}, col=1, row=2,
+             title="Noise mask: repaint only inside the mask"),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42, "denoise": 1.0},
+             {"model": (3, 0), "positive": (2, 0), "latent_image": (22, 0)}, col=2, row=0,
+             title="Inpaint, 8 steps cfg 1"),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_inpaint"}, {"images": (8, 0)}, col=4, row=0),
+        Node(40, "ZImageTurboControlNetLoader", {"controlnet_name": CONTROLNET_FILE}, col=1, row=1),
+        Node(41, "ZImageTurboApplyControlNet", {"strength": 0.9, "start": 0.0, "end": 1.0},
+             {"controlnet": (40, 0), "vae": (5, 0), "inpaint_image": (20, 0), "mask": (20, 1)}, col=2, row=1,
+             title="ControlNet inpaint mode (add a control image too, if you like)"),
+        Node(42, "ZImageTurboSampler", {"preset": "turbo", "seed": 42, "denoise": 1.0},
+             {"model": (3, 0), "positive": (2, 0), "latent_image": (21, 0), "control": (41, 0)}, col=3, row=1,
+             title="ControlNet inpaint, 8 steps cfg 1"),
+        Node(43, "VAEDecode", {}, {"samples": (42, 0), "vae": (5, 0)}, col=4, row=1),
+        Node(44, "SaveImage", {"filename_prefix": "zimage_inpaint_controlnet"}, {"images": (43, 0)}, col=4, row=2),
+    ]
+    return Workflow("zimage_turbo_inpaint", nodes,
+                    note="Inpainting: open the image in LoadImage's MaskEditor (right click) and paint what to "
+                         "replace. Top: without ControlNet, SetLatentNoiseMask keeps everything outside the mask and "
+                         "the Turbo sampler repaints inside it at 8 steps / cfg 1 exactly as KSampler inpaints; lower "
+                         "denoise to keep more of what is under the mask. Second row: the Fun ControlNet 2.1 inpaint "
+                         "mode (models/model_patches) redraws the whole picture from noise, guided by the masked "
+                         "image, as alibaba-pai's pipeline does. Describe the whole picture in the prompt.")
 
 
 _TRAINING = {  # scheme -> (workflow name, trainer widgets, note)
