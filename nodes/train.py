@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,7 @@ class ZImageTurboTrainLora(io.ComfyNode):
 
         # Training base: the incoming stack without its DistillPatch (which only joins the validation grid).
         patches = [s for s in model.loras if s.role == ROLE_DISTILLPATCH]
-        base = ZImageModel(model.base, tuple(s for s in model.loras if s.role != ROLE_DISTILLPATCH))
+        base = replace(model, loras=tuple(s for s in model.loras if s.role != ROLE_DISTILLPATCH))
         node_id = cls.hidden.unique_id
 
         def say(text: str):
@@ -249,7 +250,8 @@ class ZImageTurboTrainLora(io.ComfyNode):
 
         preset = spec_for(preset_lora, 1.0, "preset").path if scheme == "differential" else None
         init = spec_for(sft_lora, 1.0, "sft").path if scheme == "distill" else None
-        config = TrainConfig(scheme=core_scheme, base_model=model.base.name, rank=rank, targets=target_list,
+        config = TrainConfig(scheme=core_scheme, base_model=model.base.name, model_variant=model.variant,
+                             rank=rank, targets=target_list,
                              preset_lora=preset, init_lora=init, distill_patch=patches[-1].path if patches else None,
                              dataset_dir=str(data_dir), cache_dir=str(work / "cache"), max_pixels=max_pixels,
                              steps=steps, lr=learning_rate, seed=seed % 2**63, output_dir=str(work), output_name=name,

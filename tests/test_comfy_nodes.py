@@ -22,13 +22,13 @@ pytestmark = pytest.mark.comfy
 INPUT_SNAPSHOT = {
     "ZImageTurboModelLoader": {
         "required": [("model_name", "COMBO"), ("weight_dtype", "COMBO"), ("offload", "COMBO")],
-        "optional": [],
+        "optional": [("variant", "COMBO")],
     },
     "ZImageTurboLoraStack": {
         "required": [("model", "ZIMAGE_MODEL"), ("lora_1", "COMBO"), ("strength_1", "FLOAT"), ("lora_2", "COMBO"),
                      ("strength_2", "FLOAT"), ("lora_3", "COMBO"), ("strength_3", "FLOAT"),
                      ("distillpatch", "COMBO"), ("distillpatch_strength", "FLOAT")],
-        "optional": [("strict", "BOOLEAN")],
+        "optional": [("loras_from", "ZIMAGE_MODEL"), ("strict", "BOOLEAN")],
     },
     "ZImageTurboSampler": {
         "required": [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),

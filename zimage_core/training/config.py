@@ -14,7 +14,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..variants import VARIANTS
+
 SCHEMES = ("sft", "differential", "trajectory", "distillpatch")
+# On Z-Image base: the differential adapter and trajectory imitation exist to keep Turbo's distillation, which base
+# does not have (making base 8-step capable is a full distillation, e.g. alibaba-pai's Fun-Lora-Distill at rank 128).
+BASE_SCHEMES = ("sft", "distillpatch")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
 LR_SCHEDULES = ("constant", "diffsynth")
 LOSS_WEIGHTINGS = ("bell", "none")
@@ -30,6 +35,7 @@ class TrainConfig:
     # what to train
     scheme: str = "sft"  # sft | differential | trajectory | distillpatch (= sft, validated with the DistillPatch)
     base_model: str = ""  # a name recorded in the LoRA metadata; the CLI loads it (a path, or "tiny:SEED")
+    model_variant: str = "turbo"  # "turbo" | "base" (zimage_core.variants): the validation recipe and allowed schemes
     rank: int = 32
     alpha: float | None = None  # None: alpha = rank (scale 1), as DiffSynth
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -110,6 +116,12 @@ class TrainConfig:
                 raise ConfigError(message)
 
         need(self.scheme in SCHEMES, f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        need(self.model_variant in VARIANTS,
+             f"model_variant must be one of {', '.join(VARIANTS)}, got {self.model_variant!r}")
+        need(self.model_variant != "base" or self.scheme in BASE_SCHEMES,
+             f"scheme {self.scheme!r} keeps a distilled Turbo sharp at 8 steps, but model_variant 'base' is Z-Image "
+             f"base, which is not distilled: there is no Turbo to keep. Train scheme 'sft' on base (then sample it "
+             f"on Turbo with the DistillPatch, or on base with a distillation LoRA such as Z-Image-Fun-Lora-Distill)")
         need(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
              f"rank must be a positive integer, got {self.rank!r}")
         need(self.alpha is None or (_finite(self.alpha) and self.alpha > 0), f"alpha must be > 0, got {self.alpha!r}")

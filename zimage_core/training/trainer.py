@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..lora import LoraWeights, apply_loras, load_lora, new_lora, save_lora
-from ..sampling import QUALITY, TURBO, sample
+from ..sampling import TURBO, sample
+from ..variants import LABELS, REFERENCE_RECIPE
 from .adapters import check_lora_fits, count_parameters, frozen_copy, grow_lora
 from .checkpoint import (lora_state, load_checkpoint, load_lora_state, restore_rng_states, rng_states,
                          save_checkpoint)
@@ -422,14 +423,16 @@ class _Run:
         return out
 
     def _validate(self, validation, when: str) -> dict:
-        """Turbo (8 / cfg 1) and quality (30 / cfg 2) samples with the current LoRA, preset removed."""
+        """Turbo (8 / cfg 1) and reference-recipe samples (Turbo: 30 / cfg 2; Z-Image base: its 50 / cfg 4) with the
+        current LoRA, preset removed."""
+        reference = REFERENCE_RECIPE[self.cfg.model_variant]
         loras = [] if (when == "before" and self.cfg.scheme != "trajectory") else [
             (self.teacher if when == "before" else self.lora, 1.0)]
         rows = {"turbo": self._samples(validation, loras, TURBO.steps, TURBO.cfg),
-                "quality": self._samples(validation, loras, QUALITY.steps, QUALITY.cfg)}
+                "quality": self._samples(validation, loras, reference.steps, reference.cfg)}
         if when == "before" and self.cfg.scheme == "trajectory":
             rows["base_turbo"] = self._samples(validation, [], TURBO.steps, TURBO.cfg)
-            rows["base_quality"] = self._samples(validation, [], QUALITY.steps, QUALITY.cfg)
+            rows["base_quality"] = self._samples(validation, [], reference.steps, reference.cfg)
         if when == "after" and self.distill_patch is not None:
             rows["patched"] = self._samples(validation, [(self.lora, 1.0), (self.distill_patch, 1.0)],
                                             TURBO.steps, TURBO.cfg)
@@ -438,7 +441,8 @@ class _Run:
     def _write_outputs(self, result: TrainResult, validation, before: dict):
         cfg = self.cfg
         metadata = {"scheme": cfg.scheme, "rank": str(cfg.rank), "alpha": str(cfg.lora_alpha),
-                    "steps": str(self.step), "base_model": cfg.base_model, "preset_lora": str(cfg.preset_lora or ""),
+                    "steps": str(self.step), "base_model": cfg.base_model,
+                    "model_variant": cfg.model_variant, "preset_lora": str(cfg.preset_lora or ""),
                     "init_lora": str(cfg.init_lora or ""), "targets": ",".join(cfg.targets), "lr": str(cfg.lr),
                     "seed": str(cfg.seed), "loss_weighting": cfg.loss_weighting, "trainer": "zimage_core.training"}
         if cfg.scheme == "trajectory":
@@ -454,13 +458,16 @@ class _Run:
             after = self._validate(validation, "after")
             render = self.decode or latent_preview
             rows = []
+            model_name, reference = LABELS[cfg.model_variant], REFERENCE_RECIPE[cfg.model_variant]
+            fast, slow = f"{TURBO.steps} steps cfg {TURBO.cfg:g}", f"{reference.steps} steps cfg {reference.cfg:g}"
             if "base_turbo" in before:
-                rows += [("base 8 steps cfg 1", before["base_turbo"]), ("base 30 steps cfg 2", before["base_quality"])]
-            label = "SFT LoRA" if cfg.scheme == "trajectory" else "before"
-            rows += [(f"{label} 8 steps cfg 1", before["turbo"]), (f"{label} 30 steps cfg 2", before["quality"]),
-                     ("after 8 steps cfg 1", after["turbo"]), ("after 30 steps cfg 2", after["quality"])]
+                rows += [(f"{model_name}, no LoRA, {fast}", before["base_turbo"]),
+                         (f"{model_name}, no LoRA, {slow}", before["base_quality"])]
+            label = "SFT LoRA" if cfg.scheme == "trajectory" else f"{model_name}, before"
+            rows += [(f"{label}, {fast}", before["turbo"]), (f"{label}, {slow}", before["quality"]),
+                     (f"after, {fast}", after["turbo"]), (f"after, {slow}", after["quality"])]
             if "patched" in after:
-                rows.append(("after + DistillPatch 8 steps cfg 1", after["patched"]))
+                rows.append((f"after + DistillPatch, {fast}", after["patched"]))
             images = [(name, [render(x) for x in latents]) for name, latents in rows]
             result.grid_path = grid_png(images, [p for p, _ in validation], cfg.output_path(".grid.png"))
             check = {"base": _gap(before.get("base_turbo", before["turbo"]), before.get("base_quality",
@@ -471,8 +478,9 @@ class _Run:
             if "patched" in after:
                 check["trained+distillpatch"] = _gap(after["patched"], after["quality"])
             result.turbo_check = check
-            self.log("turbo check (RMS distance between 8-step/cfg-1 and 30-step/cfg-2 samples; smaller keeps the "
-                     "Turbo): " + ", ".join(f"{k} {v:.4f}" for k, v in check.items()))
+            self.log(f"turbo check on {model_name} (RMS distance between {fast} and {slow} samples; smaller keeps "
+                     f"the Turbo; 'base' = {model_name} without the trained LoRA): "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in check.items()))
 
 
 def trajectory_pool_noise(seed: int, entry: int, k: int, shape) -> Tensor:
