@@ -41,14 +41,17 @@ INPUT_SNAPSHOT = {
                      ("scheme", "COMBO"), ("preset_lora", "COMBO"), ("sft_lora", "COMBO"), ("steps", "INT"),
                      ("learning_rate", "FLOAT"), ("rank", "INT"), ("targets", "STRING"), ("max_pixels", "INT"),
                      ("seed", "INT"), ("validation_prompt", "STRING"), ("output_name", "STRING")],
-        "optional": [],
+        "optional": [("batch_size", "INT"), ("grad_accum", "INT"), ("alpha", "FLOAT"), ("target_preset", "COMBO"),
+                     ("optimizer", "COMBO"), ("lr_schedule", "COMBO"), ("warmup_steps", "INT"),
+                     ("caption_dropout_rate", "FLOAT"), ("flip_horizontal", "BOOLEAN"), ("ema_decay", "FLOAT"),
+                     ("validation_every", "INT"), ("save_every", "INT"), ("keep_last", "INT")],
     },
 }
 OUTPUT_SNAPSHOT = {
     "ZImageTurboModelLoader": ["ZIMAGE_MODEL"],
     "ZImageTurboLoraStack": ["ZIMAGE_MODEL"],
     "ZImageTurboSampler": ["LATENT"],
-    "ZImageTurboTrainLora": ["ZIMAGE_MODEL", "STRING", "IMAGE", "IMAGE"],
+    "ZImageTurboTrainLora": ["ZIMAGE_MODEL", "STRING", "IMAGE", "IMAGE", "IMAGE"],
 }
 
 

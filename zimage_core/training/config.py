@@ -14,9 +14,19 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .optimizers import OPTIMIZERS
+
 SCHEMES = ("sft", "differential", "trajectory", "distillpatch")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
-LR_SCHEDULES = ("constant", "diffsynth")
+# Names usable in `targets` that stand for a group of modules in every block (layers and both refiners). The
+# embedders and the final layer are never targets: peers train the blocks only, and the export layout covers those.
+TARGET_PRESETS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention_ffn": DEFAULT_TARGETS,
+    "all_linear": (*DEFAULT_TARGETS, "adaLN_modulation.0"),
+}
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "diffsynth")
+WARMUP_SCHEDULES = ("constant_with_warmup", "cosine", "linear")
 LOSS_WEIGHTINGS = ("bell", "none")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 
@@ -44,6 +54,8 @@ class TrainConfig:
     max_pixels: int = 1024 * 1024
     bucket_step: int = 16  # bucket sides are multiples of this (16 = DiffSynth's per-image resolution)
     repeats: int = 1
+    caption_dropout_rate: float = 0.0  # share of samples trained on the empty caption (ai-toolkit's option)
+    flip_horizontal: bool = False  # half the samples use the mirrored image (encoded in pixel space, cached)
 
     # optimisation
     steps: int = 250
@@ -53,7 +65,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    lr_schedule: str = "constant"  # "diffsynth": the first 5 steps at lr/3 (ConstantLR defaults), then lr
+    lr_schedule: str = "constant"  # see schedules.py; "diffsynth": the first 5 steps at lr/3, then lr
+    warmup_steps: int = 0  # linear warm-up of constant_with_warmup, cosine and linear
+    optimizer: str = "adamw"  # see optimizers.py: adamw | adafactor | prodigy | adamw8bit
+    ema_decay: float = 0.0  # 0: no EMA; else an EMA of the LoRA tensors, exported next to the LoRA as NAME_ema
     seed: int = 0
     shift: float = 3.0
     num_train_timesteps: int = 1000
@@ -72,12 +87,15 @@ class TrainConfig:
     output_dir: str = "output"
     output_name: str = "zimage_lora"
     checkpoint_every: int = 100  # 0: only at the end and on interrupt
+    save_every: int = 0  # 0: no intermediate LoRA files; N: NAME.stepNNNNNN.safetensors every N steps
+    keep_last: int = 0  # with save_every: keep only the newest K intermediate LoRA files (0: keep all)
     resume: str | None = None  # a checkpoint path, or "auto" for the run's own checkpoint if it exists
     validation_prompts: list[str] = field(default_factory=list)
     validation_seed: int = 0
     validation_width: int = 0  # 0: the first training image's bucket
     validation_height: int = 0
     validate: bool = True
+    validation_every: int = 0  # 0: only before and after; N: also a grid (and the loss curve) every N steps
     log_every: int = 10
     save_dtype: str = "bf16"  # dtype of the exported LoRA file (DiffSynth saves bf16); training is always fp32
 
@@ -101,7 +119,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def validate_settings(self) -> "TrainConfig":
         """Check every field; raise ConfigError with a message naming the field. Returns self."""
-        self.targets = tuple(self.targets)
+        self.targets = expand_targets(self.targets)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.validation_prompts = [str(p) for p in self.validation_prompts]
 
@@ -128,7 +146,8 @@ class TrainConfig:
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{name} must be an integer >= 1, got {value!r}")
         for name in ("trajectory_noises", "student_chunk", "checkpoint_every", "log_every", "seed",
-                     "validation_width", "validation_height"):
+                     "validation_width", "validation_height", "warmup_steps", "save_every", "keep_last",
+                     "validation_every"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                  f"{name} must be an integer >= 0, got {value!r}")
@@ -145,6 +164,25 @@ class TrainConfig:
         need(_finite(self.adam_eps) and self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps!r}")
         need(self.save_dtype in SAVE_DTYPES, f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        need(self.warmup_steps == 0 or self.lr_schedule in WARMUP_SCHEDULES,
+             f"warmup_steps ({self.warmup_steps}) needs lr_schedule {', '.join(WARMUP_SCHEDULES)}; lr_schedule "
+             f"{self.lr_schedule!r} has no warm-up")
+        need(self.lr_schedule != "constant_with_warmup" or self.warmup_steps >= 1,
+             "lr_schedule 'constant_with_warmup' needs warmup_steps >= 1")
+        need(self.warmup_steps < self.steps,
+             f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps}): the run would end "
+             "before the warm-up")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(_finite(self.ema_decay) and 0 <= self.ema_decay < 1,
+             f"ema_decay must be in [0, 1) (0 = no EMA; 1 would never update the average), got {self.ema_decay!r}")
+        need(_finite(self.caption_dropout_rate) and 0 <= self.caption_dropout_rate <= 1,
+             f"caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate!r}")
+        need(isinstance(self.flip_horizontal, bool), f"flip_horizontal must be true or false, got "
+                                                     f"{self.flip_horizontal!r}")
+        need(self.keep_last == 0 or self.save_every > 0,
+             f"keep_last ({self.keep_last}) needs save_every > 0 (it limits the intermediate LoRA files)")
+        need(self.validation_every == 0 or self.validate,
+             f"validation_every ({self.validation_every}) needs validate = true")
         need(self.loss_weighting in LOSS_WEIGHTINGS,
              f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         need(_finite(self.shift) and self.shift > 0, f"shift must be > 0, got {self.shift!r}")
@@ -205,6 +243,19 @@ class TrainConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"training config {path} is not valid TOML: {exc}") from exc
         return cls.from_dict(data, base_dir=path.parent)
+
+
+def expand_targets(targets) -> tuple[str, ...]:
+    """Module names with the preset names of TARGET_PRESETS replaced by their modules (order kept, no repeats).
+    A single string is one name or a comma-separated list."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    out: list[str] = []
+    for name in targets:
+        for module in TARGET_PRESETS.get(name, (name,)) if isinstance(name, str) else (name,):
+            if module not in out:
+                out.append(module)
+    return tuple(out)
 
 
 def check_output_name(name: str) -> str:
