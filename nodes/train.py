@@ -174,7 +174,6 @@ class ZImageTurboTrainLora(io.ComfyNode):
                 io.String.Input("output_name", default="zimage_turbo_lora",
                                 tooltip="File name of the LoRA in models/loras (no folders). The same name again "
                                         "resumes its checkpoint."),
-            ],
                 # Appended after the original inputs (saved workflows keep their widget order); optional, so API
                 # prompts saved before they existed run with these defaults, which are the earlier behaviour.
                 io.Int.Input("batch_size", default=1, min=1, max=64, optional=True,
