@@ -34,7 +34,7 @@ INPUT_SNAPSHOT = {
         "required": [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
                      ("preset", "COMBO"), ("steps", "INT"), ("cfg", "FLOAT"), ("shift", "FLOAT"), ("seed", "INT"),
                      ("denoise", "FLOAT")],
-        "optional": [("negative", "CONDITIONING")],
+        "optional": [("negative", "CONDITIONING"), ("control", "ZIMAGE_CONTROL"), ("sampler", "COMBO")],
     },
     "ZImageTurboTrainLora": {
         "required": [("model", "ZIMAGE_MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset_folder", "STRING"),
@@ -46,12 +46,23 @@ INPUT_SNAPSHOT = {
                      ("caption_dropout_rate", "FLOAT"), ("flip_horizontal", "BOOLEAN"), ("ema_decay", "FLOAT"),
                      ("validation_every", "INT"), ("save_every", "INT"), ("keep_last", "INT")],
     },
+    "ZImageTurboControlNetLoader": {"required": [("controlnet_name", "COMBO"), ("weight_dtype", "COMBO")],
+                                    "optional": []},
+    "ZImageTurboApplyControlNet": {
+        "required": [("controlnet", "ZIMAGE_CONTROLNET"), ("vae", "VAE"), ("strength", "FLOAT"), ("start", "FLOAT"),
+                     ("end", "FLOAT")],
+        "optional": [("image", "IMAGE"), ("inpaint_image", "IMAGE"), ("mask", "MASK"), ("control", "ZIMAGE_CONTROL")],
+    },
+    "ZImageTurboToModel": {"required": [("model", "ZIMAGE_MODEL")], "optional": []},
 }
 OUTPUT_SNAPSHOT = {
     "ZImageTurboModelLoader": ["ZIMAGE_MODEL"],
     "ZImageTurboLoraStack": ["ZIMAGE_MODEL"],
     "ZImageTurboSampler": ["LATENT"],
     "ZImageTurboTrainLora": ["ZIMAGE_MODEL", "STRING", "IMAGE", "IMAGE", "IMAGE"],
+    "ZImageTurboControlNetLoader": ["ZIMAGE_CONTROLNET"],
+    "ZImageTurboApplyControlNet": ["ZIMAGE_CONTROL"],
+    "ZImageTurboToModel": ["MODEL"],
 }
 
 

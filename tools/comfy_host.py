@@ -51,7 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-ZImage-Turbo"
-NODE_IDS = ("ZImageTurboModelLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboTrainLora")
+NODE_IDS = ("ZImageTurboModelLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboTrainLora",
+            "ZImageTurboControlNetLoader", "ZImageTurboApplyControlNet", "ZImageTurboToModel")
 DEMO_NODE_IDS = ("ZImageTurboDemoConditioning",)
 MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints")
 
@@ -517,6 +518,21 @@ def write_dataset(folder: str | os.PathLike, n: int = 2, size: int = 32, seed: i
         Image.fromarray(pixels).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(f"a test picture number {i}")
     return folder
+
+
+def write_inpaint_image(path: str | os.PathLike, size: int = 1024) -> Path:
+    """An RGBA picture whose transparent centre square is the inpainting mask (LoadImage's MASK is 1 - alpha), as
+    ComfyUI's MaskEditor saves a painted mask."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([0.3 + 0.5 * x, 0.4 + 0.4 * y, 0.6 + 0.3 * np.sin(8 * x * y)], -1)
+    alpha = np.ones((size, size))
+    alpha[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0.0
+    pixels = (np.concatenate([rgb, alpha[..., None]], -1).clip(0, 1) * 255).astype(np.uint8)
+    Image.fromarray(pixels, "RGBA").save(path)
+    return Path(path)
 
 
 # =============================================================================================== test models + graphs
