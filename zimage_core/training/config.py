@@ -282,13 +282,16 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lora": ("the trained LoRA and the LoRAs around it", (
         "rank", "alpha", "targets", "preset_lora", "preset_strength", "init_lora", "distill_patch")),
     "data": ("the encoded dataset (python -m zimage_core encode builds cache_dir)", (
-        "dataset_dir", "cache_dir", "max_pixels", "bucket_step", "repeats")),
+        "dataset_dir", "cache_dir", "max_pixels", "bucket_step", "repeats", "caption_dropout_rate",
+        "flip_horizontal")),
     "optim": ("optimisation", (
-        "steps", "batch_size", "grad_accum", "lr", "weight_decay", "adam_betas", "adam_eps", "lr_schedule", "seed",
-        "shift", "num_train_timesteps", "loss_weighting", "gradient_checkpointing")),
+        "steps", "batch_size", "grad_accum", "lr", "weight_decay", "adam_betas", "adam_eps", "lr_schedule",
+        "warmup_steps", "optimizer", "ema_decay", "seed", "shift", "num_train_timesteps", "loss_weighting",
+        "gradient_checkpointing")),
     "trajectory": ("trajectory imitation (scheme trajectory)", (
         "teacher_steps", "teacher_cfg", "student_steps", "trajectory_noises", "cache_teacher", "student_chunk")),
     "output": ("files, checkpoints and validation", (
-        "output_dir", "output_name", "checkpoint_every", "resume", "validation_prompts", "validation_seed",
-        "validation_width", "validation_height", "validate", "log_every", "save_dtype")),
+        "output_dir", "output_name", "checkpoint_every", "save_every", "keep_last", "resume", "validation_prompts",
+        "validation_seed", "validation_width", "validation_height", "validate", "validation_every", "log_every",
+        "save_dtype")),
 }
