@@ -2,7 +2,8 @@
 `comfy_entrypoint` (no V1 mapping dict: ComfyUI checks it first and would then ignore the V3 entry point).
 
 Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
-ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.
+ZImageTurboTrainLora, ZImageTurboControlNetLoader, ZImageTurboApplyControlNet, ZImageTurboToModel, and the
+demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.
 The wire type is documented in types.py.
 """
 
@@ -12,6 +13,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .bridge import ZImageTurboToModel
+from .controlnet import ZImageTurboApplyControlNet, ZImageTurboControlNetLoader
 from .demo import ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder
 from .loader import ZImageTurboModelLoader
 from .lora_stack import ZImageTurboLoraStack
@@ -23,6 +26,9 @@ NODES: list[type[io.ComfyNode]] = [
     ZImageTurboLoraStack,
     ZImageTurboSampler,
     ZImageTurboTrainLora,
+    ZImageTurboControlNetLoader,
+    ZImageTurboApplyControlNet,
+    ZImageTurboToModel,
     ZImageTurboDemoConditioning,
     ZImageTurboDemoTextEncoder,
 ]

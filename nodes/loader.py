@@ -18,7 +18,9 @@ from ..zimage_core import load_transformer
 from ..zimage_core.variants import LABELS, VARIANTS, detect_variant
 from .types import OFFLOAD_MODES, ZIMAGE_MODEL, LoadedBase, ZImageModel, log
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# weight_dtype option -> (compute dtype, weight storage of zimage_core.load_transformer)
+DTYPES = {"bf16": (torch.bfloat16, "same"), "fp16": (torch.float16, "same"), "fp32": (torch.float32, "same"),
+          "fp8_e4m3fn": (torch.bfloat16, "fp8_e4m3fn")}
 FOLDER = "diffusion_models"
 AUTO = "auto"
 
@@ -93,15 +95,15 @@ def core_warnings():
 
 def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> LoadedBase:
     path = resolve(name)
-    dtype = DTYPES[weight_dtype]
-    key = (path, _mtime(path), dtype, offload)
+    dtype, storage = DTYPES[weight_dtype]
+    key = (path, _mtime(path), dtype, storage, offload)
     base = _cache.get(key)
     if base is None:
         # Load outside inference mode: ComfyUI runs nodes under torch.inference_mode(), and inference-mode weights
         # could not be used by the trainer's backward pass.
         with torch.inference_mode(False):
             try:
-                transformer = load_transformer(path, dtype=dtype, device="cpu")
+                transformer = load_transformer(path, dtype=dtype, device="cpu", weight_storage=storage)
             except (ValueError, KeyError) as e:
                 raise ValueError(f"'{name}' cannot be loaded as a Z-Image transformer: {e}") from e
         base = LoadedBase.create(transformer, path, name, dtype, offload)
@@ -121,7 +123,8 @@ class ZImageTurboModelLoader(io.ComfyNode):
             category="ZImageTurbo",
             description="Loads a Z-Image / Z-Image-Turbo transformer from models/diffusion_models: a single "
                         ".safetensors in diffusers or ComfyUI (fused qkv) layout, with or without key prefixes, or a "
-                        "diffusers folder. fp8 files are up-cast to the chosen dtype (with a quality warning). The "
+                        "diffusers folder. fp8 files are up-cast to the chosen dtype (with a quality warning), or "
+                        "kept in fp8 with weight_dtype fp8_e4m3fn. The "
                         "model is cached across runs and takes part in ComfyUI's memory management.",
             inputs=[
                 io.Combo.Input("model_name", options=model_options(),
@@ -129,7 +132,9 @@ class ZImageTurboModelLoader(io.ComfyNode):
                                        "models/diffusion_models, e.g. z_image_turbo_bf16.safetensors."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Precision the weights are held and run in. bf16 is the released precision; "
-                                       "fp16 for GPUs without bf16; fp32 for reference/CPU runs."),
+                                       "fp16 for GPUs without bf16; fp32 for reference/CPU runs; fp8_e4m3fn stores "
+                                       "the transformer blocks' weights in fp8 (half the memory, computed in bf16; "
+                                       "a small loss of quality, see the README) and loads fp8 files as they are."),
                 io.Combo.Input("offload", options=list(OFFLOAD_MODES), default="none",
                                tooltip="none: the whole model moves to the GPU for sampling. block: only the "
                                        "embedders stay on the GPU and each transformer block is streamed from RAM "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -43,6 +45,29 @@ def diffusers_sigmas(steps: int) -> torch.Tensor:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
     return scheduler.sigmas
+
+
+def diffusers_inpaint(ref, image_latents, mask, positive, negative, steps, cfg, seed, strength=1.0):
+    """ZImageInpaintPipeline's denoising loop on a latent image (its image processor is told the image is a
+    16-channel latent, and a one-level 16-channel VAE keeps the mask at latent size, so no real VAE is involved).
+    mask: [1, 1, H, W] at latent size, 1 = repaint. The noise is randn from a CPU generator seeded with `seed`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageInpaintPipeline
+    from diffusers.image_processor import VaeImageProcessor
+
+    channels = image_latents.shape[1]
+    # only encodes the (unused) masked-image latents; one level keeps the pipeline's pixel size = latent size
+    vae = AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=channels,
+                        block_out_channels=(8,), norm_num_groups=4, layers_per_block=1,
+                        scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImageInpaintPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=ref)
+    pipe.image_processor = VaeImageProcessor(vae_scale_factor=2, vae_latent_channels=channels)
+    pipe.set_progress_bar_config(disable=True)
+    h, w = image_latents.shape[-2:]
+    return pipe(image=image_latents.clone(), mask_image=mask.clone(), prompt_embeds=list(positive),
+                negative_prompt_embeds=list(negative) if negative is not None else None, height=h, width=w,
+                num_inference_steps=steps, strength=strength, guidance_scale=cfg - 1.0,
+                generator=torch.Generator().manual_seed(seed), output_type="latent", return_dict=False)[0]
 
 
 # ---------------------------------------------------------------------------------------------- ControlNet
@@ -115,3 +140,74 @@ def vae_latent(vae, image):
     with torch.no_grad():
         z = vae.encode(image).latent_dist.mode()
     return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+@functools.lru_cache(maxsize=1)
+def diffsynth_modules():
+    """DiffSynth-Studio's Z-Image DiT, ControlNet and turbo model function (pip `diffsynth`, installed --no-deps).
+    Its package `__init__`s import its whole stack (torchvision, modelscope, ...); the three modules need only torch
+    and einops, so the packages are registered bare and just these modules are imported."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("diffsynth")
+    if spec is None:
+        import pytest
+        pytest.skip("diffsynth is not installed (tools/requirements-nodeps.txt)")
+    root = Path(spec.origin).parent
+    for name, folder in (("diffsynth", root), ("diffsynth.core", root / "core"), ("diffsynth.models", root / "models"),
+                         ("diffsynth.pipelines", root / "pipelines")):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = [str(folder)]
+            sys.modules[name] = module
+    import importlib
+    dit = importlib.import_module("diffsynth.models.z_image_dit")
+    controlnet = importlib.import_module("diffsynth.models.z_image_controlnet")
+    return dit, controlnet
+
+
+def diffsynth_turbo_velocity(model, net, latents, sigma, caption, context, scale):
+    """DiffSynth's `model_fn_z_image_turbo` (batch 1) on our weights, in our velocity convention. Its timestep
+    embedder hard-casts its input to bf16; the test gives its fp32 MLP the fp32 features instead (nothing else
+    changes). Its ZImageControlNet builds blocks at the released width whatever `dim` says; the test rebuilds its
+    block lists with DiffSynth's own block class at the tiny width."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    dit_mod, cn_mod = diffsynth_modules()
+    cfg, ncfg = model.config, net.config
+    dit = dit_mod.ZImageDiT(in_channels=cfg.in_channels, dim=cfg.dim, n_layers=cfg.n_layers,
+                            n_refiner_layers=cfg.n_refiner_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
+                            cap_feat_dim=cfg.cap_feat_dim, axes_dims=list(cfg.axes_dims))
+    dit.load_state_dict(model.state_dict(), strict=True)
+    emb = dit.t_embedder
+    emb.forward = lambda t: emb.mlp(emb.timestep_embedding(t, emb.frequency_embedding_size))
+    with torch.device("meta"):
+        cn = cn_mod.ZImageControlNet(control_layers_places=tuple(net.layer_places(cfg.n_layers)),
+                                     control_in_dim=ncfg.control_in_dim, dim=ncfg.dim)
+    block = cn_mod.ZImageControlTransformerBlock
+    cn.control_layers = torch.nn.ModuleList(block(i, ncfg.dim, ncfg.n_heads, ncfg.n_heads, block_id=i)
+                                            for i in net.layer_places(cfg.n_layers))
+    cn.control_noise_refiner = torch.nn.ModuleList(block(1000 + j, ncfg.dim, ncfg.n_heads, ncfg.n_heads, block_id=j)
+                                                   for j in range(ncfg.n_refiner_layers))
+    cn.control_all_x_embedder = torch.nn.ModuleDict({"2-1": torch.nn.Linear(4 * ncfg.control_in_dim, ncfg.dim)})
+    cn.load_state_dict(net.state_dict(), strict=True)
+
+    # model_fn_z_image_turbo lives in diffsynth/pipelines/z_image.py, whose imports pull in the whole pipeline
+    # stack; compile just that function from the installed file, with the names it uses.
+    source = Path(inspect.getfile(dit_mod)).parents[1] / "pipelines" / "z_image.py"
+    tree = ast.parse(source.read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "model_fn_z_image_turbo")
+    from einops import rearrange
+    scope = {"torch": torch, "rearrange": rearrange, "ZImageDiT": dit_mod.ZImageDiT,
+             "ZImageControlNet": cn_mod.ZImageControlNet, "gradient_checkpoint_forward":
+             cn_mod.gradient_checkpoint_forward}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(source), "exec"), scope)
+    with torch.no_grad():
+        return scope["model_fn_z_image_turbo"](
+            dit, cn, latents=latents, timestep=torch.tensor([sigma * 1000.0]), prompt_embeds=caption,
+            control_context=context[:, :, None], control_scale=scale)

@@ -289,3 +289,18 @@ def test_schedule_builds_contexts_once(model):
     ctx = schedule.contexts[0]
     assert ctx.shape == (1, 33, 8, 8) and torch.equal(ctx[:, :16], torch.zeros(1, 16, 8, 8))
     assert torch.equal(ctx[:, 16:17], 1 - mask) and torch.equal(ctx[:, 17:], masked)
+
+
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_velocity_equals_diffsynth(model, inpaint):
+    """DiffSynth's ZImageControlNet (2.1 layout; its mapping of control layers is hard-coded to the 15-layer file)."""
+    from reference import diffsynth_turbo_velocity
+
+    net = _net("2.1")
+    lat, caps, control, mask, masked = _inputs(seed=4, cap_len=21)
+    ctl = zc.ControlInput(net, control, strength=0.9, mask=mask if inpaint else None,
+                          inpaint_latent=masked if inpaint else None)
+    theirs = diffsynth_turbo_velocity(model, net, lat, 0.7, caps[0], ctl.context(), 0.9)
+    with torch.no_grad():
+        ours = model(lat, torch.tensor([0.7]), caps, residuals=control_residuals(model, [ctl]))
+    assert (ours - theirs).abs().max() < 1e-4

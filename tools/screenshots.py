@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from PIL import Image  # noqa: E402
 
 import workflows as wf  # noqa: E402
-from comfy_host import ComfyServer, make_base_dir  # noqa: E402
+from comfy_host import ComfyServer, make_base_dir, write_inpaint_image  # noqa: E402
 from frontend import open_workflow  # noqa: E402
 
 PLACEHOLDERS = {"diffusion_models": [wf.MODEL_FILE, wf.BASE_MODEL_FILE], "text_encoders": [wf.TEXT_ENCODER_FILE], "vae": [wf.VAE_FILE],
@@ -31,6 +31,7 @@ def main():
         for name in names:
             (base / "models" / folder / name).write_bytes(b"")
     (base / "input" / wf.DATASET).mkdir(parents=True, exist_ok=True)
+    write_inpaint_image(base / "input" / wf.INPAINT_IMAGE)
     shots = ROOT / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with ComfyServer(base) as server:

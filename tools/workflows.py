@@ -27,6 +27,7 @@ DISTILLPATCH_FILE = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynt
 ADAPTER_FILE = "zimage_turbo_training_adapter_v2.safetensors"  # ostris/zimage_turbo_training_adapter
 SFT_LORA_FILE = "zimage_turbo_sft.safetensors"  # what train_sft writes
 DATASET = "zimage_dataset"  # a folder of images + captions under ComfyUI's input folder
+INPAINT_IMAGE = "zimage_inpaint_example.png"  # in ComfyUI's input folder: the image, its mask in the alpha channel
 DEMO_WORKFLOWS = ("zimage_turbo_t2i", "train_sft")  # what tools/demo.py queues, in order
 
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -65,11 +66,16 @@ def _inputs(info: dict):
             yield name, specs[name], section == "optional"
 
 
-def _has_seed_control(name: str, spec) -> bool:
-    """The frontend adds a "control after generate" widget after seeds: when the node asks for one, and after every
-    INT input named seed / noise_seed."""
+def _frontend_extras(name: str, spec) -> list:
+    """The values of the widgets the frontend adds after an input's own widget (saved in widgets_values, never sent
+    to the API): "control after generate" after seeds (when the node asks for one, and after every INT input named
+    seed / noise_seed), and the upload button of image combos (LoadImage)."""
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return bool(options.get("control_after_generate")) or (spec[0] == "INT" and name in ("seed", "noise_seed"))
+    if options.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
+        return ["fixed"]
+    if options.get("image_upload"):
+        return ["image"]
+    return []
 
 
 def _default(spec):
@@ -101,8 +107,7 @@ def build(workflow: Workflow, object_info: dict) -> dict:
             unknown.discard(name)
             if _is_widget(spec) and name not in node.links:
                 widgets.append(node.widgets.get(name, _default(spec)))
-                if _has_seed_control(name, spec):
-                    widgets.append("fixed")
+                widgets.extend(_frontend_extras(name, spec))
             elif not _is_widget(spec):
                 link = next((l for l in links if l[3] == node.id and l[4] == name), None)
                 if link is None and not optional:
@@ -163,7 +168,29 @@ def definitions() -> list[Workflow]:
         Node(9, "SaveImage", {"filename_prefix": "zimage_quality"}, {"images": (8, 0)}, col=4, row=0),
     ], note="Scheme 1: an ordinary (SFT) LoRA without DistillPatch, sampled at 30 steps / cfg 2 with an empty "
             "negative prompt.")
-    return [t2i, quality, _training("sft"), _training("differential"), _training("distill"), _train_base()]
+    return [t2i, quality, _inpaint(), _training("sft"), _training("differential"), _training("distill"),
+            _train_base()]
+
+
+def _inpaint() -> Workflow:
+    """Inpainting: the plain noise-mask variant (any Z-Image model, no ControlNet)."""
+    nodes = _text_to_image()[:3] + [
+        Node(5, "VAELoader", {"vae_name": VAE_FILE}, col=0, row=2),
+        Node(20, "LoadImage", {"image": INPAINT_IMAGE}, col=0, row=3, title="Image (paint the mask in MaskEditor)"),
+        Node(21, "VAEEncode", {}, {"pixels": (20, 0), "vae": (5, 0)}, col=1, row=3),
+        Node(22, "SetLatentNoiseMask", {}, {"samples": (21, 0), "mask": (20, 1)}, col=1, row=2,
+             title="Noise mask: repaint only inside the mask"),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42, "denoise": 1.0},
+             {"model": (3, 0), "positive": (2, 0), "latent_image": (22, 0)}, col=2, row=0,
+             title="Inpaint, 8 steps cfg 1"),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_inpaint"}, {"images": (8, 0)}, col=4, row=0),
+    ]
+    return Workflow("zimage_turbo_inpaint", nodes,
+                    note="Inpainting without ControlNet: open the image in LoadImage's MaskEditor (right click) and "
+                         "paint what to replace. SetLatentNoiseMask keeps everything outside the mask; the Turbo "
+                         "sampler repaints inside it at 8 steps / cfg 1 exactly as KSampler inpaints. Describe the "
+                         "whole picture in the prompt; lower denoise to keep more of what is under the mask.")
 
 
 def _train_base() -> Workflow:
@@ -285,8 +312,8 @@ def to_api(workflow: dict, object_info: dict) -> dict:
         for name, spec, _optional in _inputs(info):
             if _is_widget(spec):
                 inputs[name] = next(values)
-                if _has_seed_control(name, spec):
-                    next(values)  # the frontend-only "control after generate" value
+                for _ in _frontend_extras(name, spec):
+                    next(values)  # frontend-only widgets
         for socket in node.get("inputs", []):
             if socket.get("link") is not None:
                 link = links[socket["link"]]
