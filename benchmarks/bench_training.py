@@ -182,7 +182,8 @@ def main():
             runs = [run_worker(script, option, name, str(args.steps), str(args.threads)) for _ in range(2)]
             extra = {k: median([r[k] for r in runs]) for k in ("step_s", "peak_mib")}
             overhead = extra["peak_mib"] - ours["peak_mib"]
-            print(f"  {option:8s} step memory {extra['peak_mib']:8.1f} MiB: +{overhead:.1f} MiB over the default (LoRA tensors {lora_mib:.1f} MiB fp32); step time {extra['step_s'] * 1e3:.1f} ms "
+            print(f"  {option:8s} step memory {extra['peak_mib']:8.1f} MiB: +{overhead:.1f} MiB over the default "
+                  f"(LoRA tensors {lora_mib:.1f} MiB fp32); step time {extra['step_s'] * 1e3:.1f} ms "
                   f"({extra['step_s'] / ours['step_s']:.3f}x the default)")
         if name == "tiny":
             fresh = run_worker(script, "ti-fresh", name, str(args.ti_steps + 4), str(args.threads))
