@@ -23,12 +23,13 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..zimage_core import QUALITY, TURBO, sample
+from ..zimage_core.sampling import BASE
 from ..zimage_core.samplers import SAMPLERS
 from ..zimage_core.scheduler import DEFAULT_SHIFT
 from .controlnet import control_inputs
 from .types import ZIMAGE_CONTROL, ZIMAGE_MODEL, ZImageModel
 
-PRESETS = {"turbo": TURBO, "quality": QUALITY, "custom": None}
+PRESETS = {"turbo": TURBO, "quality": QUALITY, "base": BASE, "custom": None}
 
 
 def conditioning_features(conditioning, model: ZImageModel, name: str) -> list[torch.Tensor]:
@@ -124,8 +125,9 @@ class ZImageTurboSampler(io.ComfyNode):
                                                         "InpaintModelConditioning) for inpainting: only the "
                                                         "masked area is repainted."),
                 io.Combo.Input("preset", options=list(PRESETS), default="turbo",
-                               tooltip="turbo: 8 steps, cfg 1. quality: 30 steps, cfg 2. custom: use the steps and "
-                                       "cfg below (they are ignored by the other presets)."),
+                               tooltip="turbo: 8 steps, cfg 1. quality: 30 steps, cfg 2. base: 50 steps, cfg 4, the "
+                                       "Z-Image base recipe (connect an empty-prompt CLIPTextEncode as negative). "
+                                       "custom: use the steps and cfg below (ignored by the other presets)."),
                 io.Int.Input("steps", default=TURBO.steps, min=1, max=200,
                              tooltip="Sampling steps (preset custom only)."),
                 io.Float.Input("cfg", default=TURBO.cfg, min=0.0, max=20.0, step=0.1, round=0.01,

@@ -6,7 +6,9 @@ with these LoRAs". It holds
 * `base`: a `LoadedBase`, the one shared, cached transformer loaded from a file (per path, mtime, dtype and offload
   mode), wrapped in a ComfyUI `ModelPatcher` (`ZImagePatcher`) so that ComfyUI's memory management can free VRAM for
   it before sampling and unload it when another model needs the memory;
-* `loras`: the ordered LoRA stack (`LoraSpec`s, user LoRAs and the DistillPatch) this wire wants applied.
+* `loras`: the ordered LoRA stack (`LoraSpec`s, user LoRAs and the DistillPatch) this wire wants applied;
+* `variant`: "turbo" or "base" (zimage_core.variants: same weights layout, told apart by the loader), which the
+  trainer's turbo check and validation grid follow.
 
 Nodes never modify a `ZImageModel`; the LoRA stack node returns a new one with more LoRAs. Because the weights are
 shared, a stack is *merged* into the base weights only when a node calls `activate()`: it removes whatever other
@@ -193,6 +195,7 @@ class ZImageModel:
 
     base: LoadedBase
     loras: tuple[LoraSpec, ...] = ()
+    variant: str = "turbo"
 
     @property
     def transformer(self) -> ZImageTransformer:
@@ -225,7 +228,8 @@ class ZImageModel:
     def describe(self) -> str:
         stack = ", ".join(f"{s.name} @ {s.strength:g}" + (" (DistillPatch)" if s.role == ROLE_DISTILLPATCH else "")
                           for s in self.loras)
-        return f"{self.base.name} [{self.base.dtype}, offload {self.base.offload}]" + (f" + {stack}" if stack else "")
+        return (f"{self.base.name} [{self.variant}, {self.base.dtype}, offload {self.base.offload}]"
+                + (f" + {stack}" if stack else ""))
 
 
 @dataclass(frozen=True, eq=False)

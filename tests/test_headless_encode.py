@@ -339,3 +339,18 @@ def test_train_refuses_a_cache_encoded_for_another_model(tmp_path, capsys):
     config.write_text('base_model = "tiny:0"\ncache_dir = "cache"\nsteps = 1\n', encoding="utf-8")
     assert main(["train", "--config", str(config), "--quiet", "--device", "cpu"]) == 2
     assert "holds 32 caption features but tiny:0 reads 48" in capsys.readouterr().err
+
+
+def test_encode_flip_stores_the_mirrored_images_latents(tiny_encoders, tmp_path):
+    from zimage_core.training.data import crop_resize
+
+    dataset = write_images(tmp_path / "dataset", sizes=[(64, 48)])
+    assert main(["encode", "--dataset", str(dataset), "--cache", str(tmp_path / "cache"), "--model",
+                 str(tiny_encoders.repo), "--max-pixels", "4096", "--flip", "--quiet"]) == 0
+    cache = DatasetCache.load(tmp_path / "cache")
+    assert cache.has_flips
+    with Image.open(dataset / "img0.png") as im:
+        mirrored = crop_resize(im, 64, 48).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    expected = load_vae_encoder(tiny_encoders.repo / "vae")(mirrored)
+    torch.testing.assert_close(cache.latent(0, flipped=True), expected, atol=1e-6, rtol=1e-6)
+    assert float((cache.latent(0, flipped=True) - cache.latent(0)).abs().max()) > 1e-3

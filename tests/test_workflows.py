@@ -32,6 +32,7 @@ def host(comfy_host):  # noqa: F811
     files = write_test_models(comfy_host)
     models = comfy_host.models_dir
     write_tiny_transformer(models / "diffusion_models" / wf.MODEL_FILE, seed=0)
+    write_tiny_transformer(models / "diffusion_models" / wf.BASE_MODEL_FILE, seed=5)  # a tiny "Z-Image base"
     user_lora = load_lora(models / "loras" / files.user_lora)
     # what train_sft would have written (train_distill starts from it; train_sft may replace it)
     save_lora(user_lora, models / "loras" / wf.SFT_LORA_FILE, metadata={"trainer": "zimage_core.training"})
@@ -62,7 +63,8 @@ def _load(name):
 def test_every_definition_is_shipped_with_a_thumbnail():
     assert sorted(w.name for w in wf.definitions()) == NAMES
     assert set(NAMES) == {"zimage_turbo_t2i", "zimage_turbo_quality_30step", "zimage_turbo_controlnet",
-                          "zimage_turbo_inpaint", "train_sft", "train_differential", "train_distill"}
+                          "zimage_turbo_inpaint", "train_sft", "train_differential", "train_distill",
+                          "train_base_sample_turbo"}
     assert all((ROOT / "workflows" / f"{name}.jpg").is_file() for name in NAMES)
 
 

@@ -619,9 +619,9 @@ def t2i_prompt(m: ModelFiles, loras=(), distillpatch: str | None = None, seed: i
 
 def train_prompt(m: ModelFiles, scheme: str = "sft", steps: int = 3, output_name: str = "trained_sft",
                  preset_lora: str = "None", sft_lora: str = "None", dataset: str | None = None,
-                 distillpatch: str | None = None, lr: float = 1e-3, seed: int = 0) -> dict:
+                 distillpatch: str | None = None, lr: float = 1e-3, seed: int = 0, **options) -> dict:
     """API prompt: loader -> (stack) -> trainer (demo text encoder, real VAE) -> sampler -> VAEDecode -> SaveImage,
-    plus PreviewImage of the loss curve and validation grid."""
+    plus PreviewImage of the loss curve and validation grid. `options` sets further trainer inputs."""
     prompt = t2i_prompt(m, distillpatch=distillpatch, prefix=f"after_{output_name}", steps=8, size=32)
     prompt["2"]["inputs"]["model"] = ["1", 0]
     prompt.update({
@@ -631,7 +631,7 @@ def train_prompt(m: ModelFiles, scheme: str = "sft", steps: int = 3, output_name
                           "scheme": scheme, "preset_lora": preset_lora, "sft_lora": sft_lora, "steps": steps,
                           "learning_rate": lr, "rank": 4, "targets": "to_q,to_k,to_v,to_out.0,w1,w2,w3",
                           "max_pixels": 1024, "seed": seed, "validation_prompt": "a red fox",
-                          "output_name": output_name}},
+                          "output_name": output_name, **options}},
         "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 2]}},
         "13": {"class_type": "PreviewImage", "inputs": {"images": ["11", 3]}},
     })

@@ -20,6 +20,7 @@ WORKFLOWS = ROOT / "workflows"
 
 PROMPT = ("a red fox sitting in fresh snow at golden hour, detailed fur, shallow depth of field, photograph")
 MODEL_FILE = "z_image_turbo_bf16.safetensors"  # Comfy-Org/z_image_turbo split_files/diffusion_models
+BASE_MODEL_FILE = "z_image_bf16.safetensors"  # Z-Image base: Comfy-Org/z_image split_files/diffusion_models
 TEXT_ENCODER_FILE = "qwen_3_4b.safetensors"  # split_files/text_encoders, CLIPLoader type lumina2
 VAE_FILE = "ae.safetensors"  # the Flux VAE, split_files/vae
 DISTILLPATCH_FILE = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynth-Studio/Z-Image-Turbo-DistillPatch
@@ -170,7 +171,8 @@ def definitions() -> list[Workflow]:
     ], note="Scheme 1: an ordinary (SFT) LoRA without DistillPatch, sampled at 30 steps / cfg 2 with an empty "
             "negative prompt.")
     return [t2i, quality, _controlnet(), _inpaint(), _training("sft"), _training("differential"),
-            _training("distill")]
+            _training("distill"), _train_base()]
+
 
 
 def _controlnet() -> Workflow:
@@ -223,6 +225,38 @@ def _inpaint() -> Workflow:
                          "denoise to keep more of what is under the mask. Second row: the Fun ControlNet 2.1 inpaint "
                          "mode (models/model_patches) redraws the whole picture from noise, guided by the masked "
                          "image, as alibaba-pai's pipeline does. Describe the whole picture in the prompt.")
+
+
+def _train_base() -> Workflow:
+    """Train on Z-Image base (sft), sample the LoRA on Turbo with the DistillPatch at 8 steps / cfg 1."""
+    nodes = [n for n in _text_to_image() if n.id != 3] + [
+        Node(3, "ZImageTurboModelLoader", {"model_name": BASE_MODEL_FILE, "variant": "auto"}, col=0, row=1,
+             title="Z-Image base"),
+        Node(11, "ZImageTurboTrainLora", {"dataset_folder": DATASET, "scheme": "sft", "learning_rate": 1e-4,
+                                          "rank": 32, "seed": 0, "validation_prompt": PROMPT, "steps": 250,
+                                          "output_name": "zimage_base_lora"},
+             {"model": (3, 0), "clip": (1, 0), "vae": (5, 0)}, col=1, row=1),
+        Node(12, "PreviewImage", {}, {"images": (11, 2)}, col=2, row=2, title="Loss curve"),
+        Node(13, "PreviewImage", {}, {"images": (11, 3)}, col=3, row=2, title="Validation grid (on base)"),
+        Node(20, "ZImageTurboModelLoader", {"model_name": MODEL_FILE}, col=0, row=2, title="Z-Image-Turbo"),
+        Node(21, "ZImageTurboLoraStack", {"distillpatch": DISTILLPATCH_FILE, "distillpatch_strength": 1.0},
+             {"model": (20, 0), "loras_from": (11, 0)}, col=1, row=2, title="Base LoRA + DistillPatch on Turbo"),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42},
+             {"model": (20, 0), "positive": (2, 0), "latent_image": (6, 0)}, col=2, row=0,
+             title="Turbo, no LoRA, 8 steps cfg 1"),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_turbo"}, {"images": (8, 0)}, col=4, row=0),
+        Node(14, "ZImageTurboSampler", {"preset": "turbo", "seed": 42},
+             {"model": (21, 0), "positive": (2, 0), "latent_image": (6, 0)}, col=2, row=1,
+             title="Base LoRA on Turbo + DistillPatch, 8 steps cfg 1"),
+        Node(15, "VAEDecode", {}, {"samples": (14, 0), "vae": (5, 0)}, col=3, row=1),
+        Node(16, "SaveImage", {"filename_prefix": "zimage_base_lora_on_turbo"}, {"images": (15, 0)}, col=4, row=1),
+    ]
+    return Workflow("train_base_sample_turbo", nodes,
+                    note="Train an ordinary (SFT) LoRA on Z-Image base (z_image_bf16.safetensors, recognised by the "
+                         "loader), then use it on Z-Image-Turbo with the DistillPatch at 8 steps / cfg 1: the LoRA "
+                         "stack's loras_from takes the trained LoRA from the trainer's model output. The validation "
+                         "grid shows the LoRA on base at 8 steps / cfg 1 and at the base recipe (50 steps, cfg 4).")
 
 
 _TRAINING = {  # scheme -> (workflow name, trainer widgets, note)

@@ -23,6 +23,9 @@ class SamplerPreset:
 
 TURBO = SamplerPreset("turbo", steps=8, cfg=1.0)  # what Z-Image-Turbo is distilled for
 QUALITY = SamplerPreset("quality", steps=30, cfg=2.0)  # an SFT LoRA without a DistillPatch (scheme 1)
+# Z-Image base (not distilled): DiffSynth-Studio's Z-Image example and ComfyUI's image_z_image template both sample
+# 50 steps at cfg 4, shift 3, with an empty negative prompt.
+BASE = SamplerPreset("base", steps=50, cfg=4.0)
 
 StepCallback = Callable[[int, int, Tensor], None]
 

@@ -35,7 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                           "with image,prompt columns (default: the config's dataset_dir)")
     parser.add_argument("--cache", help="cache folder to build (default: the config's cache_dir)")
     parser.add_argument("--config", help="a training config (TOML): dataset_dir, cache_dir, max_pixels, bucket_step, "
-                                         "repeats and validation_prompts are read from it; flags override them")
+                                         "repeats, flip_horizontal and validation_prompts are read from it; flags "
+                                         "override them")
     parser.add_argument("--model", help="Z-Image-Turbo in the diffusers repository layout (text_encoder/, "
                                         "tokenizer/, vae/)")
     parser.add_argument("--text-encoder", help="Qwen3-4B: a transformers folder, or ComfyUI's qwen_3_4b.safetensors "
@@ -48,6 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                        "(default: the config's, else 1048576)")
     parser.add_argument("--bucket-step", type=int, help="bucket sides are multiples of this (default 16)")
     parser.add_argument("--repeats", type=int, help="times each image appears per epoch (default 1)")
+    parser.add_argument("--flip", action="store_true",
+                        help="also encode each image mirrored, for flip_horizontal training (on when the config "
+                             "sets flip_horizontal)")
     parser.add_argument("--skip-bad-files", action="store_true",
                         help="skip unreadable images and missing or non-UTF-8 captions (listed in a warning) "
                              "instead of stopping")
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cache = build_cache(dataset, cache_dir, encoders, max_pixels=settings.max_pixels,
                             bucket_step=settings.bucket_step, repeats=settings.repeats, prompts=prompts,
-                            progress=progress, strict=not args.skip_bad_files)
+                            progress=progress, strict=not args.skip_bad_files,
+                            flip=args.flip or config.flip_horizontal)  # flip training needs mirrored latents
     except KeyboardInterrupt:
         print(f"interrupted: {cache_dir} is incomplete (no manifest.json); run the same command again to finish it "
               "(what was encoded is kept)", file=sys.stderr)
