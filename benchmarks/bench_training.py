@@ -1,6 +1,7 @@
 """LoRA training step of zimage_core's trainer vs diffusers + peft (DiffSynth's Z-Image LoRA step is the same
 computation: peft LoRA on to_q,to_k,to_v,to_out.0,w1,w2,w3, velocity MSE with the bell weight, AdamW), plus the
-cost of a trajectory-imitation step with and without the cached teacher trajectory.
+cost of a trajectory-imitation step with and without the cached teacher trajectory, and the memory the EMA and
+the Prodigy optimizer add to the default SFT step (same worker, one option changed).
 
 CPU, fp32, no gradient checkpointing on either side, batch 1, rank 16. Each measurement runs in its own fresh
 process (alternating order, so load drift hits both): time = median step time after 3 warm-up steps; memory = peak
@@ -69,15 +70,15 @@ def worker_ours(config_name: str, steps: int, scheme: str) -> dict:
     model = init_random_(ZImageTransformer(cfg), seed=0).eval()
     tmp = Path(tempfile.mkdtemp())
     cache = dataset(config_name, tmp)
-    extra = {}
+    extra = {"ema": dict(ema_decay=0.99), "prodigy": dict(optimizer="prodigy", lr=1.0)}.get(scheme, {})
     if scheme.startswith("ti"):
         save_lora(new_lora(model, rank=RANK, seed=1), tmp / "sft.safetensors")
         extra = dict(scheme="trajectory", init_lora=str(tmp / "sft.safetensors"),
                      trajectory_noises=1 if scheme == "ti-cached" else 0)
     stamps = []
     _warm_torch()
-    config = TrainConfig(rank=RANK, lr=1e-4, steps=steps, output_dir=str(tmp / "out"), validate=False,
-                         checkpoint_every=0, log_every=0, gradient_checkpointing=False, **extra)
+    config = TrainConfig(**{**dict(rank=RANK, lr=1e-4, steps=steps, output_dir=str(tmp / "out"), validate=False,
+                                   checkpoint_every=0, log_every=0, gradient_checkpointing=False), **extra})
     peaks = []
 
     def progress(step, total, loss):
@@ -90,6 +91,7 @@ def worker_ours(config_name: str, steps: int, scheme: str) -> dict:
     times = [b - a for a, b in zip(stamps[3:], stamps[4:])]
     return {"step_s": median(times), "first_step_s": stamps[1] - stamps[0],
             "peak_mib": (peaks[-1] - peak.start) / 2**20,
+            "lora_mib": sum(t.numel() * t.element_size() for t in result.lora.parameters()) / 2**20,
             "teacher_forwards_per_step": result.teacher_forwards / steps,
             "student_forwards_per_step": result.student_forwards / steps}
 
@@ -175,6 +177,14 @@ def main():
               f"   ratio {ours['step_s'] / ref['step_s']:.3f}")
         print(f"  SFT step memory zimage_core {ours['peak_mib']:8.1f} MiB  diffusers+peft {ref['peak_mib']:8.1f} MiB"
               f"  ratio {ours['peak_mib'] / max(ref['peak_mib'], 1e-9):.3f}")
+        lora_mib = results["zimage_core"][0]["lora_mib"]
+        for option in ("ema", "prodigy"):
+            runs = [run_worker(script, option, name, str(args.steps), str(args.threads)) for _ in range(2)]
+            extra = {k: median([r[k] for r in runs]) for k in ("step_s", "peak_mib")}
+            overhead = extra["peak_mib"] - ours["peak_mib"]
+            print(f"  {option:8s} step memory {extra['peak_mib']:8.1f} MiB: +{overhead:.1f} MiB over the default "
+                  f"(LoRA tensors {lora_mib:.1f} MiB fp32); step time {extra['step_s'] * 1e3:.1f} ms "
+                  f"({extra['step_s'] / ours['step_s']:.3f}x the default)")
         if name == "tiny":
             fresh = run_worker(script, "ti-fresh", name, str(args.ti_steps + 4), str(args.threads))
             cached = run_worker(script, "ti-cached", name, str(args.ti_steps + 4), str(args.threads))

@@ -2,8 +2,8 @@
 `comfy_entrypoint` (no V1 mapping dict: ComfyUI checks it first and would then ignore the V3 entry point).
 
 Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
-ZImageTurboTrainLora, ZImageTurboControlNetLoader, ZImageTurboApplyControlNet, and the demo/test-only
-ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.
+ZImageTurboTrainLora, ZImageTurboControlNetLoader, ZImageTurboApplyControlNet, ZImageTurboToModel, and the
+demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.
 The wire type is documented in types.py.
 """
 
@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .bridge import ZImageTurboToModel
 from .controlnet import ZImageTurboApplyControlNet, ZImageTurboControlNetLoader
 from .demo import ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder
 from .loader import ZImageTurboModelLoader
@@ -27,6 +28,7 @@ NODES: list[type[io.ComfyNode]] = [
     ZImageTurboTrainLora,
     ZImageTurboControlNetLoader,
     ZImageTurboApplyControlNet,
+    ZImageTurboToModel,
     ZImageTurboDemoConditioning,
     ZImageTurboDemoTextEncoder,
 ]

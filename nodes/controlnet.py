@@ -59,11 +59,12 @@ def load(name: str, weight_dtype: str) -> LoadedControlNet:
     loaded = _cache.get(key)
     if loaded is None:
         with torch.inference_mode(False):
+            dtype, storage = DTYPES[weight_dtype]
             try:
-                net = load_controlnet(path, dtype=DTYPES[weight_dtype], device="cpu")
+                net = load_controlnet(path, dtype=dtype, device="cpu", weight_storage=storage)
             except ValueError as e:
                 raise ValueError(f"controlnet_name '{name}' cannot be loaded as a Z-Image Fun ControlNet: {e}") from e
-        loaded = LoadedControlNet.create(net, name, DTYPES[weight_dtype])
+        loaded = LoadedControlNet.create(net, name, dtype)
         _cache[key] = loaded
     _last[:] = [loaded]
     return loaded
@@ -84,7 +85,8 @@ class ZImageTurboControlNetLoader(io.ComfyNode):
                                tooltip="Fun ControlNet file in models/model_patches (or models/controlnet), e.g. "
                                        "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="bf16",
-                               tooltip="Precision of the ControlNet weights: the same as the model loader's."),
+                               tooltip="Precision of the ControlNet weights, the same as the model loader's "
+                                       "(fp8_e4m3fn: its blocks stored in fp8, computed in bf16)."),
             ],
             outputs=[ZIMAGE_CONTROLNET.Output("controlnet", display_name="controlnet",
                                               tooltip="The ControlNet, for Z-Image Turbo Apply ControlNet.")],

@@ -15,10 +15,14 @@ from comfy_api.latest import io, ui
 from server import PromptServer
 
 from ..zimage_core import load_transformer
+from ..zimage_core.variants import LABELS, VARIANTS, detect_variant
 from .types import OFFLOAD_MODES, ZIMAGE_MODEL, LoadedBase, ZImageModel, log
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# weight_dtype option -> (compute dtype, weight storage of zimage_core.load_transformer)
+DTYPES = {"bf16": (torch.bfloat16, "same"), "fp16": (torch.float16, "same"), "fp32": (torch.float32, "same"),
+          "fp8_e4m3fn": (torch.bfloat16, "fp8_e4m3fn")}
 FOLDER = "diffusion_models"
+AUTO = "auto"
 
 # Module-level cache (V3 nodes keep no instance state): (path, mtime, dtype, offload) -> LoadedBase. The most recent
 # model is held strongly, the others only while something (ComfyUI's output cache, a workflow branch) still uses them,
@@ -91,15 +95,15 @@ def core_warnings():
 
 def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> LoadedBase:
     path = resolve(name)
-    dtype = DTYPES[weight_dtype]
-    key = (path, _mtime(path), dtype, offload)
+    dtype, storage = DTYPES[weight_dtype]
+    key = (path, _mtime(path), dtype, storage, offload)
     base = _cache.get(key)
     if base is None:
         # Load outside inference mode: ComfyUI runs nodes under torch.inference_mode(), and inference-mode weights
         # could not be used by the trainer's backward pass.
         with torch.inference_mode(False):
             try:
-                transformer = load_transformer(path, dtype=dtype, device="cpu")
+                transformer = load_transformer(path, dtype=dtype, device="cpu", weight_storage=storage)
             except (ValueError, KeyError) as e:
                 raise ValueError(f"'{name}' cannot be loaded as a Z-Image transformer: {e}") from e
         base = LoadedBase.create(transformer, path, name, dtype, offload)
@@ -119,7 +123,8 @@ class ZImageTurboModelLoader(io.ComfyNode):
             category="ZImageTurbo",
             description="Loads a Z-Image / Z-Image-Turbo transformer from models/diffusion_models: a single "
                         ".safetensors in diffusers or ComfyUI (fused qkv) layout, with or without key prefixes, or a "
-                        "diffusers folder. fp8 files are up-cast to the chosen dtype (with a quality warning). The "
+                        "diffusers folder. fp8 files are up-cast to the chosen dtype (with a quality warning), or "
+                        "kept in fp8 with weight_dtype fp8_e4m3fn. The "
                         "model is cached across runs and takes part in ComfyUI's memory management.",
             inputs=[
                 io.Combo.Input("model_name", options=model_options(),
@@ -127,11 +132,17 @@ class ZImageTurboModelLoader(io.ComfyNode):
                                        "models/diffusion_models, e.g. z_image_turbo_bf16.safetensors."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Precision the weights are held and run in. bf16 is the released precision; "
-                                       "fp16 for GPUs without bf16; fp32 for reference/CPU runs."),
+                                       "fp16 for GPUs without bf16; fp32 for reference/CPU runs; fp8_e4m3fn stores "
+                                       "the transformer blocks' weights in fp8 (half the memory, computed in bf16; "
+                                       "a small loss of quality, see the README) and loads fp8 files as they are."),
                 io.Combo.Input("offload", options=list(OFFLOAD_MODES), default="none",
                                tooltip="none: the whole model moves to the GPU for sampling. block: only the "
                                        "embedders stay on the GPU and each transformer block is streamed from RAM "
                                        "when it runs (slower, for GPUs with little VRAM)."),
+                io.Combo.Input("variant", options=[AUTO, *VARIANTS], default=AUTO, optional=True,
+                               tooltip="Which Z-Image this is (both have the same weights layout): auto = from the "
+                                       "file name (z_image_bf16 / Z-Image = base, anything with 'turbo' = Turbo, "
+                                       "other names = Turbo). The trainer's turbo check and validation grid use it."),
             ],
             outputs=[ZIMAGE_MODEL.Output("zimage_model", display_name="model",
                                          tooltip="The Z-Image transformer, for the LoRA stack, sampler or trainer.")],
@@ -140,11 +151,11 @@ class ZImageTurboModelLoader(io.ComfyNode):
 
     @classmethod
     @override
-    def fingerprint_inputs(cls, model_name, weight_dtype, offload):
+    def fingerprint_inputs(cls, model_name, weight_dtype, offload, variant=AUTO):
         try:  # re-run (and reload) when the file changes on disk
-            return (model_name, weight_dtype, offload, _mtime(resolve(model_name)))
+            return (model_name, weight_dtype, offload, variant, _mtime(resolve(model_name)))
         except (OSError, FileNotFoundError):
-            return (model_name, weight_dtype, offload, None)
+            return (model_name, weight_dtype, offload, variant, None)
 
     @classmethod
     @override
@@ -158,12 +169,17 @@ class ZImageTurboModelLoader(io.ComfyNode):
 
     @classmethod
     @override
-    def execute(cls, model_name, weight_dtype, offload) -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, offload, variant=AUTO) -> io.NodeOutput:
         with core_warnings() as warnings:
-            model = ZImageModel(load_base(model_name, weight_dtype, offload))
-        if not warnings:
+            chosen = detect_variant(model_name) if variant == AUTO else variant
+            model = ZImageModel(load_base(model_name, weight_dtype, offload), variant=chosen)
+        notes = [f"WARNING: {w}" for w in warnings]
+        if chosen == "base":
+            notes.append(f"{LABELS['base']} ({'from the file name' if variant == AUTO else 'chosen'}): not "
+                         f"distilled; sample with preset base (50 steps, cfg 4) or add a distillation LoRA")
+        if not notes:
             return io.NodeOutput(model)
-        text = "\n".join(f"WARNING: {w}" for w in warnings)
+        text = "\n".join(notes)
         if cls.hidden.unique_id is not None and PromptServer.instance is not None:
             PromptServer.instance.send_progress_text(text, cls.hidden.unique_id)
         return io.NodeOutput(model, ui=ui.PreviewText(text))

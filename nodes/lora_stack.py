@@ -64,6 +64,10 @@ class ZImageTurboLoraStack(io.ComfyNode):
                                    "models/loras; None = off."),
             io.Float.Input("distillpatch_strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                            tooltip="Strength of the DistillPatch (1.0 is what it was trained for)."),
+            ZIMAGE_MODEL.Input("loras_from", optional=True,
+                               tooltip="Optional: another model wire whose LoRAs (not its DistillPatch) are applied "
+                                       "here too, e.g. the trainer's output, to sample a LoRA trained on Z-Image "
+                                       "base on Turbo with the DistillPatch."),
             io.Boolean.Input("strict", default=False, optional=True,
                              tooltip="On: refuse a LoRA that also carries text-encoder keys. Off: apply its "
                                      "transformer part and list the text-encoder keys in the report (apply those "
@@ -92,8 +96,11 @@ class ZImageTurboLoraStack(io.ComfyNode):
     @classmethod
     @override
     def execute(cls, model: ZImageModel, lora_1, strength_1, lora_2, strength_2, lora_3, strength_3,
-                distillpatch, distillpatch_strength, strict=False) -> io.NodeOutput:
-        specs = []
+                distillpatch, distillpatch_strength, loras_from: ZImageModel | None = None,
+                strict=False) -> io.NodeOutput:
+        # LoRAs of another wire (not its DistillPatch, nor what this wire already carries)
+        specs = [s for s in loras_from.loras if s.role != ROLE_DISTILLPATCH and s not in model.loras] \
+            if loras_from is not None else []
         for name, strength in ((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)):
             if name != NONE and strength != 0:
                 specs.append(spec_for(name, strength, ROLE_LORA))

@@ -1,4 +1,4 @@
-"""ZImageTurboSampler: zimage_core's flow-matching Euler sampler on ComfyUI CONDITIONING and LATENT.
+"""ZImageTurboSampler: zimage_core's sampling loop on ComfyUI CONDITIONING and LATENT.
 
 ComfyUI conventions it reproduces (so the output decodes with VAEDecode and compares with KSampler):
 * LATENT holds raw Flux-VAE latents; the model works in `latent_formats.Flux` space: `process_in` is applied to a
@@ -6,6 +6,9 @@ ComfyUI conventions it reproduces (so the output decodes with VAEDecode and comp
 * the noise for a seed is `comfy.sample.prepare_noise(latent, seed, batch_index)`, exactly KSampler's, after the same
   empty-latent channel fix (a 4-channel EmptyLatentImage becomes 16 channels).
 * image-to-image: the start is `sigma0 * noise + (1 - sigma0) * latent`, KSampler's noise scaling.
+* inpainting: a LATENT `noise_mask` (SetLatentNoiseMask, VAEEncodeForInpaint, InpaintModelConditioning) is resized
+  to the latent as KSampler does (`comfy.sampler_helpers.prepare_mask`) and blended every step by zimage_core.
+* samplers: euler and res_multistep, the step rules of KSampler's samplers of the same names.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ from typing_extensions import override
 
 import comfy.model_management
 import comfy.sample
+import comfy.sampler_helpers
 import latent_preview
 from comfy_api.latest import io
 
 from ..zimage_core import QUALITY, TURBO, sample
+from ..zimage_core.sampling import BASE
+from ..zimage_core.samplers import SAMPLERS
 from ..zimage_core.scheduler import DEFAULT_SHIFT
 from .controlnet import control_inputs
 from .types import ZIMAGE_CONTROL, ZIMAGE_MODEL, ZImageModel
 
-PRESETS = {"turbo": TURBO, "quality": QUALITY, "custom": None}
+PRESETS = {"turbo": TURBO, "quality": QUALITY, "base": BASE, "custom": None}
 
 
 def conditioning_features(conditioning, model: ZImageModel, name: str) -> list[torch.Tensor]:
@@ -52,10 +58,8 @@ def conditioning_features(conditioning, model: ZImageModel, name: str) -> list[t
 
 
 def prepare_latents(model: ZImageModel, latent: dict, seed: int):
-    """(raw latent, noise, model-space start latent): KSampler's channel fix and noise, Flux process_in."""
-    if latent.get("noise_mask") is not None:
-        raise ValueError("the LATENT carries a noise_mask (inpainting); the Z-Image Turbo sampler does not support "
-                         "masks: remove the SetLatentNoiseMask / inpaint node")
+    """(raw latent, noise, model-space start latent, noise mask or None): KSampler's channel fix, noise and mask
+    resize, Flux process_in."""
     samples = comfy.sample.fix_empty_latent_channels(model.patcher, latent["samples"])
     channels = model.config.in_channels
     if samples.ndim != 4 or samples.shape[1] != channels:
@@ -68,7 +72,10 @@ def prepare_latents(model: ZImageModel, latent: dict, seed: int):
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     fmt = model.patcher.model.latent_format
     start = fmt.process_in(samples) if torch.count_nonzero(samples) > 0 else torch.zeros_like(samples)
-    return samples, noise, start
+    mask = latent.get("noise_mask")
+    if mask is not None:
+        mask = comfy.sampler_helpers.prepare_mask(mask, samples.shape, "cpu")
+    return samples, noise, start, mask
 
 
 def check_controls(chain, model: ZImageModel, latent_shape) -> list:
@@ -80,6 +87,11 @@ def check_controls(chain, model: ZImageModel, latent_shape) -> list:
         if net.dtype != model.base.dtype:
             raise ValueError(f"control: ControlNet '{net.name}' was loaded in {net.dtype} but the model runs in "
                              f"{model.base.dtype}: pick the same weight_dtype in both loaders")
+    for spec in chain:  # the ControlNet streams its blocks when the transformer does (loader offload = block)
+        shell = spec.controlnet.patcher.model
+        if shell.offload != model.base.offload:
+            spec.controlnet.patcher.detach(unpatch_all=True)
+            shell.offload = model.base.offload
     return control_inputs(chain, latent_shape)
 
 
@@ -96,20 +108,26 @@ class ZImageTurboSampler(io.ComfyNode):
             node_id="ZImageTurboSampler",
             display_name="Z-Image Turbo Sampler",
             category="ZImageTurbo",
-            description="Samples a Z-Image model (with its LoRA stack) with the flow-matching Euler sampler: "
-                        "turbo = 8 steps at cfg 1 (what Z-Image-Turbo is distilled for), quality = 30 steps at "
-                        "cfg 2 (an SFT LoRA without DistillPatch), or custom. Seeds give the same noise as "
-                        "KSampler. The LATENT output decodes with VAEDecode and the Flux VAE (ae.safetensors).",
+            description="Samples a Z-Image model (with its LoRA stack): turbo = 8 steps at cfg 1 (what "
+                        "Z-Image-Turbo is distilled for), quality = 30 steps at cfg 2 (an SFT LoRA without "
+                        "DistillPatch), or custom; euler or res_multistep. Seeds give the same noise as KSampler; a "
+                        "LATENT with a noise mask (SetLatentNoiseMask, VAEEncodeForInpaint, "
+                        "InpaintModelConditioning) is inpainted as KSampler does. The LATENT output decodes with "
+                        "VAEDecode and the Flux VAE (ae.safetensors).",
             inputs=[
                 ZIMAGE_MODEL.Input("model", tooltip="Z-Image model from the loader or the LoRA stack."),
                 io.Conditioning.Input("positive", tooltip="Prompt: CLIPTextEncode with the Qwen3-4B text encoder "
                                                           "(CLIPLoader, type lumina2)."),
                 io.Latent.Input("latent_image", tooltip="Start latent: EmptySD3LatentImage / EmptyLatentImage for "
-                                                        "text-to-image, or VAEEncode (Flux VAE) with denoise < 1 "
-                                                        "for image-to-image."),
+                                                        "text-to-image, VAEEncode (Flux VAE) with denoise < 1 "
+                                                        "for image-to-image, or a latent with a noise mask "
+                                                        "(SetLatentNoiseMask, VAEEncodeForInpaint, "
+                                                        "InpaintModelConditioning) for inpainting: only the "
+                                                        "masked area is repainted."),
                 io.Combo.Input("preset", options=list(PRESETS), default="turbo",
-                               tooltip="turbo: 8 steps, cfg 1. quality: 30 steps, cfg 2. custom: use the steps and "
-                                       "cfg below (they are ignored by the other presets)."),
+                               tooltip="turbo: 8 steps, cfg 1. quality: 30 steps, cfg 2. base: 50 steps, cfg 4, the "
+                                       "Z-Image base recipe (connect an empty-prompt CLIPTextEncode as negative). "
+                                       "custom: use the steps and cfg below (ignored by the other presets)."),
                 io.Int.Input("steps", default=TURBO.steps, min=1, max=200,
                              tooltip="Sampling steps (preset custom only)."),
                 io.Float.Input("cfg", default=TURBO.cfg, min=0.0, max=20.0, step=0.1, round=0.01,
@@ -128,6 +146,10 @@ class ZImageTurboSampler(io.ComfyNode):
                 ZIMAGE_CONTROL.Input("control", optional=True,
                                      tooltip="Optional Fun ControlNet controls from Z-Image Turbo Apply ControlNet "
                                              "(control image, strength, start/end, inpaint mode)."),
+                io.Combo.Input("sampler", options=list(SAMPLERS), default="euler", optional=True,
+                               tooltip="Step rule: euler (what Z-Image-Turbo is distilled with) or res_multistep "
+                                       "(the sampler of ComfyUI's official Z-Image-Turbo template); both equal "
+                                       "KSampler's samplers of the same name on the simple scheduler."),
             ],
             outputs=[io.Latent.Output("LATENT", display_name="LATENT",
                                       tooltip="Sampled latent (raw Flux-VAE space) for VAEDecode.")],
@@ -136,11 +158,11 @@ class ZImageTurboSampler(io.ComfyNode):
     @classmethod
     @override
     def execute(cls, model: ZImageModel, positive, latent_image, preset, steps, cfg, shift, seed, denoise,
-                negative=None, control=()) -> io.NodeOutput:
+                negative=None, control=(), sampler="euler") -> io.NodeOutput:
         steps, cfg = resolve_preset(preset, steps, cfg)
         if denoise <= 0.0:
             return io.NodeOutput(dict(latent_image))
-        samples, noise, start = prepare_latents(model, latent_image, seed)
+        samples, noise, start, mask = prepare_latents(model, latent_image, seed)
         pos = conditioning_features(positive, model, "positive")
         neg = conditioning_features(negative, model, "negative") if negative is not None and cfg != 1.0 else None
 
@@ -161,7 +183,8 @@ class ZImageTurboSampler(io.ComfyNode):
 
         out = sample(model.transformer, noise.to(device), [c.to(device) for c in pos],
                      None if neg is None else [c.to(device) for c in neg], steps=steps, cfg=cfg, shift=shift,
-                     denoise=denoise, callback=on_step, init_latent=start.to(device), control=controls)
+                     denoise=denoise, callback=on_step, init_latent=start.to(device), sampler=sampler,
+                     mask=None if mask is None else mask.to(device), control=controls)
         result = dict(latent_image)
         result["samples"] = patcher.model.latent_format.process_out(out.float()).to(
             comfy.model_management.intermediate_device())

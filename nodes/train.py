@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,15 @@ from comfy_api.latest import io
 from server import PromptServer
 
 from ..zimage_core.training import Encoders, TrainConfig, build_cache, train
-from ..zimage_core.training.config import DEFAULT_TARGETS
+from ..zimage_core.training.config import DEFAULT_TARGETS, LR_SCHEDULES, TARGET_PRESETS
+from ..zimage_core.training.optimizers import OPTIMIZERS, require_optimizer
 from .lora_stack import NONE, check_lora_choices, lora_options, spec_for
 from .types import ROLE_DISTILLPATCH, ROLE_TRAINED, ZIMAGE_MODEL, LoraSpec, ZImageModel, log
 
 SCHEMES = {"sft": "sft", "differential": "differential", "distill": "trajectory"}
 SCHEME_LORA = {"differential": "preset_lora", "distill": "sft_lora"}  # the LoRA input each scheme reads
 SCHEME_LORA_ROLE = {"differential": "the frozen training adapter", "distill": "the SFT LoRA to make 8-step capable"}
+TARGETS_CUSTOM = "custom (targets)"
 WORK_SUBDIR = "zimage_training"
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -111,6 +114,14 @@ def to_image_tensor(path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
+def image_batch(paths) -> torch.Tensor:
+    """PNGs of one size as one IMAGE batch [N, H, W, 3] (a blank square when there are none)."""
+    images = [to_image_tensor(p) for p in paths]
+    if not images:
+        return to_image_tensor(None)
+    return torch.cat([im for im in images if im.shape == images[-1].shape])
+
+
 class ZImageTurboTrainLora(io.ComfyNode):
     @classmethod
     @override
@@ -146,8 +157,9 @@ class ZImageTurboTrainLora(io.ComfyNode):
                 io.Combo.Input("sft_lora", options=options, default=NONE,
                                tooltip="Scheme distill: the SFT LoRA to distil (teacher and starting point)."),
                 io.Int.Input("steps", default=250, min=1, max=100000, tooltip="Optimizer steps."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5, round=1e-7,
-                               tooltip="AdamW learning rate (1e-4 is DiffSynth's Z-Image recipe)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=10.0, step=1e-5, round=1e-7,
+                               tooltip="Learning rate (1e-4 is DiffSynth's Z-Image recipe for AdamW); for the "
+                                       "prodigy optimizer a multiplier of its own estimate: use 1.0."),
                 io.Int.Input("rank", default=32, min=1, max=512, tooltip="LoRA rank (alpha = rank)."),
                 io.String.Input("targets", default=",".join(DEFAULT_TARGETS),
                                 tooltip="Comma-separated module names to train in every block: to_q, to_k, to_v, "
@@ -163,6 +175,46 @@ class ZImageTurboTrainLora(io.ComfyNode):
                 io.String.Input("output_name", default="zimage_turbo_lora",
                                 tooltip="File name of the LoRA in models/loras (no folders). The same name again "
                                         "resumes its checkpoint."),
+                # Appended after the original inputs (saved workflows keep their widget order); optional, so API
+                # prompts saved before they existed run with these defaults, which are the earlier behaviour.
+                io.Int.Input("batch_size", default=1, min=1, max=64, optional=True,
+                             tooltip="Images per optimizer step (a batch holds one aspect-ratio bucket)."),
+                io.Int.Input("grad_accum", default=1, min=1, max=256, optional=True,
+                             tooltip="Gradient accumulation: micro-batches per optimizer step (effective batch = "
+                                     "batch_size x grad_accum)."),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=1.0, optional=True,
+                               tooltip="LoRA alpha (scale = alpha / rank); 0 = alpha equal to rank (scale 1)."),
+                io.Combo.Input("target_preset", options=[TARGETS_CUSTOM, *TARGET_PRESETS], default=TARGETS_CUSTOM,
+                               optional=True,
+                               tooltip="Modules to train in every block: custom = the targets input; attention = "
+                                       "to_q/k/v/out; attention_ffn = + w1/w2/w3 (the default targets); all_linear "
+                                       "= + adaLN_modulation."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
+                               tooltip="adamw (default), adafactor (torch's, less memory), prodigy (needs pip "
+                                       "package prodigyopt; learning_rate 1.0), adamw8bit (needs bitsandbytes)."),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", optional=True,
+                               tooltip="constant; constant_with_warmup, cosine, linear (with warmup_steps of linear "
+                                       "warm-up); diffsynth = the first 5 steps at lr/3."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
+                             tooltip="Linear warm-up steps of constant_with_warmup / cosine / linear."),
+                io.Float.Input("caption_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Share of samples trained with the empty caption (ai-toolkit's option; "
+                                       "0.05 is common): keeps the LoRA working without the exact caption."),
+                io.Boolean.Input("flip_horizontal", default=False, optional=True,
+                                 tooltip="Train half the samples on the mirrored image (encoded once, cached). Off "
+                                         "for text, logos or asymmetric subjects."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.001, round=0.0001,
+                               optional=True,
+                               tooltip="0 = off. Else an EMA of the LoRA weights (e.g. 0.99), saved next to the LoRA "
+                                       "as <output_name>_ema.safetensors in models/loras."),
+                io.Int.Input("validation_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="0 = grid only before/after. N: also an 8-step grid and the loss curve every "
+                                     "N steps (validation_steps output, and the work folder)."),
+                io.Int.Input("save_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="0 = only the final LoRA. N: also <output_name>.stepNNNNNN.safetensors every "
+                                     "N steps in output/zimage_training/<output_name>/."),
+                io.Int.Input("keep_last", default=0, min=0, max=1000, optional=True,
+                             tooltip="With save_every: keep only the newest K intermediate LoRA files (0 = all)."),
             ],
             outputs=[
                 ZIMAGE_MODEL.Output("zimage_model", display_name="model",
@@ -173,6 +225,9 @@ class ZImageTurboTrainLora(io.ComfyNode):
                 io.Image.Output("validation_grid", display_name="validation_grid",
                                 tooltip="Validation samples before and after training, at 8 steps/cfg 1 and 30 "
                                         "steps/cfg 2 (and with the DistillPatch when the stack has one)."),
+                io.Image.Output("validation_steps", display_name="validation_steps",
+                                tooltip="One 8-step grid per validation point (validation_every), as an image "
+                                        "batch; a blank image without periodic validation."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -211,7 +266,10 @@ class ZImageTurboTrainLora(io.ComfyNode):
     @classmethod
     @override
     def execute(cls, model: ZImageModel, clip, vae, dataset_folder, scheme, preset_lora, sft_lora, steps,
-                learning_rate, rank, targets, max_pixels, seed, validation_prompt, output_name) -> io.NodeOutput:
+                learning_rate, rank, targets, max_pixels, seed, validation_prompt, output_name, batch_size=1,
+                grad_accum=1, alpha=0.0, target_preset=TARGETS_CUSTOM, optimizer="adamw", lr_schedule="constant",
+                warmup_steps=0, caption_dropout_rate=0.0, flip_horizontal=False, ema_decay=0.0, validation_every=0,
+                save_every=0, keep_last=0) -> io.NodeOutput:
         if clip is None or vae is None:
             raise ValueError("the trainer needs a text encoder (clip) and the Flux VAE (vae)")
         name = safe_output_name(output_name)
@@ -227,15 +285,36 @@ class ZImageTurboTrainLora(io.ComfyNode):
         final = (loras_dir / f"{name}.safetensors").resolve()
         if final.parent != loras_dir.resolve():
             raise ValueError(f"output_name '{output_name}' would leave the loras folder")
+        final_ema = final.with_name(f"{name}_ema.safetensors")
         check_overwrite(final)
-        target_list = tuple(t.strip() for t in targets.split(",") if t.strip())
+        if ema_decay > 0:
+            check_overwrite(final_ema)
+        target_list = (target_preset,) if target_preset != TARGETS_CUSTOM else tuple(
+            t.strip() for t in targets.split(",") if t.strip())
         work = Path(folder_paths.get_output_directory()) / WORK_SUBDIR / name
         prompts = [validation_prompt] if validation_prompt.strip() else []
 
         # Training base: the incoming stack without its DistillPatch (which only joins the validation grid).
         patches = [s for s in model.loras if s.role == ROLE_DISTILLPATCH]
-        base = ZImageModel(model.base, tuple(s for s in model.loras if s.role != ROLE_DISTILLPATCH))
+        base = replace(model, loras=tuple(s for s in model.loras if s.role != ROLE_DISTILLPATCH))
         node_id = cls.hidden.unique_id
+
+        # The whole config is checked (and an optional optimizer package looked up) before anything is encoded.
+        preset = spec_for(preset_lora, 1.0, "preset").path if scheme == "differential" else None
+        init = spec_for(sft_lora, 1.0, "sft").path if scheme == "distill" else None
+        config = TrainConfig(scheme=core_scheme, base_model=model.base.name, model_variant=model.variant,
+                             rank=rank, alpha=alpha or None,
+                             targets=target_list, preset_lora=preset, init_lora=init,
+                             distill_patch=patches[-1].path if patches else None, dataset_dir=str(data_dir),
+                             cache_dir=str(work / "cache"), max_pixels=max_pixels, steps=steps, batch_size=batch_size,
+                             grad_accum=grad_accum, lr=learning_rate, lr_schedule=lr_schedule,
+                             warmup_steps=warmup_steps, optimizer=optimizer, ema_decay=ema_decay,
+                             caption_dropout_rate=caption_dropout_rate, flip_horizontal=bool(flip_horizontal),
+                             seed=seed % 2**63, output_dir=str(work), output_name=name, resume="auto",
+                             validation_prompts=prompts, validation_seed=seed % 2**63,
+                             validation_every=validation_every, save_every=save_every, keep_last=keep_last,
+                             checkpoint_every=max(50, steps // 10), log_every=max(1, steps // 20)).validate_settings()
+        require_optimizer(optimizer)
 
         def say(text: str):
             log.info("ZImageTurbo trainer: %s", text)
@@ -245,16 +324,7 @@ class ZImageTurboTrainLora(io.ComfyNode):
         encoders = comfy_encoders(clip, vae, model.patcher.model.latent_format)
         encode_bar = comfy.utils.ProgressBar(1)
         data = build_cache(data_dir, work / "cache", encoders, max_pixels=max_pixels, prompts=prompts,
-                           progress=lambda i, n: encode_bar.update_absolute(i, n))
-
-        preset = spec_for(preset_lora, 1.0, "preset").path if scheme == "differential" else None
-        init = spec_for(sft_lora, 1.0, "sft").path if scheme == "distill" else None
-        config = TrainConfig(scheme=core_scheme, base_model=model.base.name, rank=rank, targets=target_list,
-                             preset_lora=preset, init_lora=init, distill_patch=patches[-1].path if patches else None,
-                             dataset_dir=str(data_dir), cache_dir=str(work / "cache"), max_pixels=max_pixels,
-                             steps=steps, lr=learning_rate, seed=seed % 2**63, output_dir=str(work), output_name=name,
-                             resume="auto", validation_prompts=prompts, validation_seed=seed % 2**63,
-                             checkpoint_every=max(50, steps // 10), log_every=max(1, steps // 20))
+                           progress=lambda i, n: encode_bar.update_absolute(i, n), flip=config.flip_horizontal)
 
         patcher = model.patcher
         comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
@@ -282,9 +352,11 @@ class ZImageTurboTrainLora(io.ComfyNode):
 
         loras_dir.mkdir(parents=True, exist_ok=True)
         os.replace(result.lora_path, final)
+        if result.ema_path is not None:
+            os.replace(result.ema_path, final_ema)
         say(f"saved {final.name} after {result.step} steps; loss {result.losses[-1]:.5f}" if result.losses
             else f"saved {final.name}")
 
         trained = LoraSpec.from_file(str(final), final.name, 1.0, ROLE_TRAINED)
         return io.NodeOutput(model.with_loras(trained), final.name, to_image_tensor(result.loss_curve_path),
-                             to_image_tensor(result.grid_path))
+                             to_image_tensor(result.grid_path), image_batch(result.validation_grids))

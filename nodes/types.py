@@ -6,7 +6,9 @@ with these LoRAs". It holds
 * `base`: a `LoadedBase`, the one shared, cached transformer loaded from a file (per path, mtime, dtype and offload
   mode), wrapped in a ComfyUI `ModelPatcher` (`ZImagePatcher`) so that ComfyUI's memory management can free VRAM for
   it before sampling and unload it when another model needs the memory;
-* `loras`: the ordered LoRA stack (`LoraSpec`s, user LoRAs and the DistillPatch) this wire wants applied.
+* `loras`: the ordered LoRA stack (`LoraSpec`s, user LoRAs and the DistillPatch) this wire wants applied;
+* `variant`: "turbo" or "base" (zimage_core.variants: same weights layout, told apart by the loader), which the
+  trainer's turbo check and validation grid follow.
 
 Nodes never modify a `ZImageModel`; the LoRA stack node returns a new one with more LoRAs. Because the weights are
 shared, a stack is *merged* into the base weights only when a node calls `activate()`: it removes whatever other
@@ -36,8 +38,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 import comfy.latent_formats
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.supported_models
 from comfy_api.latest import io
 
 from ..zimage_core import ZImageTransformer
@@ -52,7 +56,7 @@ ZIMAGE_CONTROL = io.Custom("ZIMAGE_CONTROL")
 
 OFFLOAD_MODES = ("none", "block")
 ROLE_LORA, ROLE_DISTILLPATCH, ROLE_TRAINED = "lora", "distillpatch", "trained"
-ZIMAGE_MEMORY_USAGE_FACTOR = 1.7  # ComfyUI's supported_models.ZImage: activation memory per latent pixel
+BLOCKS_IN_FLIGHT = 2  # block offload keeps at most the running block and the prefetched next one on the GPU
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class ZImageShell(torch.nn.Module):
     attributes ComfyUI reads from its own models (`latent_format` for previews and empty-latent fixing, `get_dtype`,
     `memory_required`)."""
 
+    memory_usage_factor_conds = ()  # what BaseModel.memory_required reads besides the factor
+    manual_cast_dtype = None
+
     def __init__(self, transformer: ZImageTransformer, offload: str):
         super().__init__()
         self.diffusion_model = transformer
@@ -85,13 +92,15 @@ class ZImageShell(torch.nn.Module):
     def get_dtype(self) -> torch.dtype:
         return self.diffusion_model.dtype
 
-    def memory_required(self, input_shape) -> float:
-        """Activation memory for a latent batch of `input_shape`, with the formula of ComfyUI's BaseModel."""
-        area = input_shape[0] * math.prod(input_shape[2:])
-        if comfy.model_management.xformers_enabled() or comfy.model_management.pytorch_attention_flash_attention():
-            dtype_size = comfy.model_management.dtype_size(self.get_dtype())
-            return area * dtype_size * 0.01 * ZIMAGE_MEMORY_USAGE_FACTOR * 2**20
-        return area * 0.15 * ZIMAGE_MEMORY_USAGE_FACTOR * 2**20
+    @property
+    def memory_usage_factor(self) -> float:
+        """ComfyUI's own activation-memory factor for Z-Image, read when asked: it changes between releases (1.7 in
+        0.3.75, 2.8 later), and ComfyUI's estimate is what its other models are freed against."""
+        return comfy.supported_models.ZImage.memory_usage_factor
+
+    def memory_required(self, input_shape, cond_shapes={}) -> float:
+        """Activation memory for a latent batch of `input_shape`: ComfyUI's BaseModel formula, run on this model."""
+        return comfy.model_base.BaseModel.memory_required(self, input_shape, cond_shapes)
 
 
 class ZImagePatcher(comfy.model_patcher.ModelPatcher):
@@ -101,12 +110,17 @@ class ZImagePatcher(comfy.model_patcher.ModelPatcher):
     streamed from RAM), and any unload ComfyUI asks for (freeing VRAM for the VAE / text encoder, `/free`, OOM)
     moves it back to the offload device. LoRAs are merged by zimage_core, not by ComfyUI's weight patches."""
 
-    def _resident_bytes(self) -> int:
+    def model_size(self) -> int:
+        """Bytes the model occupies on the GPU once loaded, which is what ComfyUI frees VRAM for: every tensor as
+        stored (fp8 storage: one byte per block weight) or, with block offload, everything but the blocks plus the
+        blocks in flight. Reporting the whole model for an offloaded one would make ComfyUI evict the text encoder
+        and VAE for memory the model never takes."""
         transformer = self.model.diffusion_model
-        if self.model.offload == "block":
-            block_params = {id(p) for b in transformer.blocks() for p in b.parameters()}
-            return sum(p.numel() * p.element_size() for p in transformer.parameters() if id(p) not in block_params)
-        return self.model_size()
+        total = sum(t.nbytes for t in (*transformer.parameters(), *transformer.buffers()))
+        if self.model.offload != "block":
+            return total
+        blocks = [sum(t.nbytes for t in (*b.parameters(), *b.buffers())) for b in transformer.blocks()]
+        return total - sum(blocks) + min(BLOCKS_IN_FLIGHT, len(blocks)) * max(blocks, default=0)
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
         device_to = torch.device(device_to)
@@ -118,7 +132,7 @@ class ZImagePatcher(comfy.model_patcher.ModelPatcher):
         else:
             transformer.to(device_to)
         self.model.device = device_to
-        self.model.model_loaded_weight_memory = self._resident_bytes()
+        self.model.model_loaded_weight_memory = self.model_size()
         self.model.model_lowvram = self.model.offload == "block"
         return self.model.model_loaded_weight_memory
 
@@ -181,6 +195,7 @@ class ZImageModel:
 
     base: LoadedBase
     loras: tuple[LoraSpec, ...] = ()
+    variant: str = "turbo"
 
     @property
     def transformer(self) -> ZImageTransformer:
@@ -213,7 +228,8 @@ class ZImageModel:
     def describe(self) -> str:
         stack = ", ".join(f"{s.name} @ {s.strength:g}" + (" (DistillPatch)" if s.role == ROLE_DISTILLPATCH else "")
                           for s in self.loras)
-        return f"{self.base.name} [{self.base.dtype}, offload {self.base.offload}]" + (f" + {stack}" if stack else "")
+        return (f"{self.base.name} [{self.variant}, {self.base.dtype}, offload {self.base.offload}]"
+                + (f" + {stack}" if stack else ""))
 
 
 @dataclass(frozen=True, eq=False)

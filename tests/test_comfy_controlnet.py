@@ -204,3 +204,31 @@ def test_bad_control_inputs_are_named_and_change_nothing(comfy_host, comfy_model
         assert fragment in message, message
     after = _weights(comfy_host, m)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_controlnet_follows_the_model_block_offload(comfy_host, comfy_models, cn_files):
+    from zimage_core.offload import is_offloaded
+
+    m = comfy_models
+    controls = [dict(controlnet=CN_21)]
+    plain = _latent(comfy_host.run(control_prompt(m, controls)))
+    prompt = control_prompt(m, controls)
+    prompt["1"]["inputs"]["offload"] = "block"
+    offloaded = _latent(comfy_host.run(prompt))
+    torch.testing.assert_close(offloaded, plain, rtol=0, atol=1e-6)
+    loaded = comfy_host.pack_module("nodes.controlnet").load(CN_21, "fp32")
+    assert loaded.patcher.model.offload == "block" and is_offloaded(loaded.net)
+    again = _latent(comfy_host.run(control_prompt(m, controls)))  # back to offload none
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    assert loaded.patcher.model.offload == "none" and not is_offloaded(loaded.net)
+
+
+def test_fp8_model_and_controlnet(comfy_host, comfy_models, cn_files):
+    has_fp8_storage = comfy_host.pack_module("zimage_core.quantization").has_fp8_storage  # the pack's own classes
+    m = comfy_models
+    prompt = control_prompt(m, [dict(controlnet=CN_21)], weight_dtype="fp8_e4m3fn")
+    prompt["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"  # the model too: both compute in bf16
+    result = comfy_host.run(prompt)
+    assert torch.isfinite(_latent(result)).all()
+    assert has_fp8_storage(comfy_host.pack_module("nodes.controlnet").load(CN_21, "fp8_e4m3fn").net)

@@ -22,26 +22,29 @@ pytestmark = pytest.mark.comfy
 INPUT_SNAPSHOT = {
     "ZImageTurboModelLoader": {
         "required": [("model_name", "COMBO"), ("weight_dtype", "COMBO"), ("offload", "COMBO")],
-        "optional": [],
+        "optional": [("variant", "COMBO")],
     },
     "ZImageTurboLoraStack": {
         "required": [("model", "ZIMAGE_MODEL"), ("lora_1", "COMBO"), ("strength_1", "FLOAT"), ("lora_2", "COMBO"),
                      ("strength_2", "FLOAT"), ("lora_3", "COMBO"), ("strength_3", "FLOAT"),
                      ("distillpatch", "COMBO"), ("distillpatch_strength", "FLOAT")],
-        "optional": [("strict", "BOOLEAN")],
+        "optional": [("loras_from", "ZIMAGE_MODEL"), ("strict", "BOOLEAN")],
     },
     "ZImageTurboSampler": {
         "required": [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
                      ("preset", "COMBO"), ("steps", "INT"), ("cfg", "FLOAT"), ("shift", "FLOAT"), ("seed", "INT"),
                      ("denoise", "FLOAT")],
-        "optional": [("negative", "CONDITIONING"), ("control", "ZIMAGE_CONTROL")],
+        "optional": [("negative", "CONDITIONING"), ("control", "ZIMAGE_CONTROL"), ("sampler", "COMBO")],
     },
     "ZImageTurboTrainLora": {
         "required": [("model", "ZIMAGE_MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset_folder", "STRING"),
                      ("scheme", "COMBO"), ("preset_lora", "COMBO"), ("sft_lora", "COMBO"), ("steps", "INT"),
                      ("learning_rate", "FLOAT"), ("rank", "INT"), ("targets", "STRING"), ("max_pixels", "INT"),
                      ("seed", "INT"), ("validation_prompt", "STRING"), ("output_name", "STRING")],
-        "optional": [],
+        "optional": [("batch_size", "INT"), ("grad_accum", "INT"), ("alpha", "FLOAT"), ("target_preset", "COMBO"),
+                     ("optimizer", "COMBO"), ("lr_schedule", "COMBO"), ("warmup_steps", "INT"),
+                     ("caption_dropout_rate", "FLOAT"), ("flip_horizontal", "BOOLEAN"), ("ema_decay", "FLOAT"),
+                     ("validation_every", "INT"), ("save_every", "INT"), ("keep_last", "INT")],
     },
     "ZImageTurboControlNetLoader": {"required": [("controlnet_name", "COMBO"), ("weight_dtype", "COMBO")],
                                     "optional": []},
@@ -50,14 +53,16 @@ INPUT_SNAPSHOT = {
                      ("end", "FLOAT")],
         "optional": [("image", "IMAGE"), ("inpaint_image", "IMAGE"), ("mask", "MASK"), ("control", "ZIMAGE_CONTROL")],
     },
+    "ZImageTurboToModel": {"required": [("model", "ZIMAGE_MODEL")], "optional": []},
 }
 OUTPUT_SNAPSHOT = {
     "ZImageTurboModelLoader": ["ZIMAGE_MODEL"],
     "ZImageTurboLoraStack": ["ZIMAGE_MODEL"],
     "ZImageTurboSampler": ["LATENT"],
-    "ZImageTurboTrainLora": ["ZIMAGE_MODEL", "STRING", "IMAGE", "IMAGE"],
+    "ZImageTurboTrainLora": ["ZIMAGE_MODEL", "STRING", "IMAGE", "IMAGE", "IMAGE"],
     "ZImageTurboControlNetLoader": ["ZIMAGE_CONTROLNET"],
     "ZImageTurboApplyControlNet": ["ZIMAGE_CONTROL"],
+    "ZImageTurboToModel": ["MODEL"],
 }
 
 
@@ -330,8 +335,9 @@ def test_model_takes_part_in_comfy_memory_management_without_leaks(comfy_host, c
     m = comfy_models
     types = comfy_host.pack_module("nodes.types")
 
-    def ours():
-        return [lm for lm in mm.current_loaded_models if isinstance(lm.model, types.ZImagePatcher)]
+    def ours():  # loaded transformers (a Fun ControlNet of an earlier test has a ZImagePatcher too)
+        return [lm for lm in mm.current_loaded_models if isinstance(lm.model, types.ZImagePatcher)
+                and type(lm.model.model.diffusion_model).__name__ == "ZImageTransformer"]
 
     for i in range(50):  # 50 queued runs: new seeds, alternating stacks and dtypes
         loras = [(m.user_lora, 1.0)] if i % 2 else []
@@ -442,6 +448,49 @@ def test_error_lora_for_another_model_names_the_file(comfy_host, comfy_models):
     m = comfy_models
     message = _error_message(comfy_host.run(t2i_prompt(m, loras=[(m.foreign_lora, 1.0)], save=False)))
     assert m.foreign_lora in message
+
+
+def test_trainer_options_reach_the_trainer(comfy_host, comfy_models):
+    """The inputs appended for issue 12 run through ComfyUI's validation into the core trainer and its files."""
+    from safetensors import safe_open
+
+    from zimage_core.lora import load_lora
+    from zimage_core.training.checkpoint import load_checkpoint
+
+    m, name = comfy_models, "trained_options"
+    result = comfy_host.run(train_prompt(
+        m, steps=3, output_name=name, batch_size=1, grad_accum=2, alpha=2.0, target_preset="all_linear",
+        optimizer="adafactor", lr_schedule="cosine", warmup_steps=1, caption_dropout_rate=0.5, flip_horizontal=True,
+        ema_decay=0.9, validation_every=2, save_every=1, keep_last=1))
+    assert result.success, result.error
+    loras = comfy_host.models_dir / "loras"
+    lora = load_lora(loras / f"{name}.safetensors")
+    assert "layers.0.adaLN_modulation.0" in lora.modules and not lora.unmatched
+    with safe_open(str(loras / f"{name}.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["optimizer"], meta["lr_schedule"], meta["alpha"]) == ("adafactor", "cosine", "2.0")
+    assert load_lora(loras / f"{name}_ema.safetensors").modules.keys() == lora.modules.keys()
+    grids = result.output("11", 4)  # one validation point (step 2) of 3 steps
+    assert grids.ndim == 4 and grids.shape[0] == 1 and float(grids.std()) > 0
+    work = comfy_host.base_dir / "output" / "zimage_training" / name
+    assert sorted(p.name for p in work.glob(f"{name}*.step*.safetensors")) == [
+        f"{name}.step000002.safetensors", f"{name}_ema.step000002.safetensors"]
+    config = load_checkpoint(work / f"{name}.ckpt.safetensors")["config"]
+    assert (config["caption_dropout_rate"], config["flip_horizontal"], config["grad_accum"], config["ema_decay"],
+            config["warmup_steps"]) == (0.5, True, 2, 0.9, 1)
+
+
+def test_error_contradictory_trainer_options_name_the_input(comfy_host, comfy_models):
+    m = comfy_models
+    message = _error_message(comfy_host.run(train_prompt(m, steps=3, output_name="never_warm", lr_schedule="cosine",
+                                                         warmup_steps=3)))
+    assert "warmup_steps" in message and "steps (3)" in message
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        message = _error_message(comfy_host.run(train_prompt(m, output_name="never_8bit", optimizer="adamw8bit")))
+        assert "pip install bitsandbytes" in message
+    assert not (comfy_host.base_dir / "output" / "zimage_training" / "never_warm" / "cache").exists()
 
 
 def test_error_empty_dataset_names_the_folder(comfy_host, comfy_models):

@@ -304,3 +304,34 @@ def test_velocity_equals_diffsynth(model, inpaint):
     with torch.no_grad():
         ours = model(lat, torch.tensor([0.7]), caps, residuals=control_residuals(model, [ctl]))
     assert (ours - theirs).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- storage and offload
+def test_fp8_storage_and_block_offload_as_the_transformer(tmp_path, model):
+    from zimage_core.offload import disable_block_offload, enable_block_offload
+    from zimage_core.quantization import has_fp8_storage, to_fp8_storage
+
+    path = tmp_path / "cn.safetensors"
+    save_file(_net("2.1").state_dict(), str(path))
+    lat, caps, control, *_ = _inputs(seed=6)
+
+    def velocity(net):
+        with torch.no_grad():
+            return model(lat, 0.6, caps, residuals=control_residuals(model, [zc.ControlInput(net, control)]))
+
+    full = zc.load_controlnet(path, dtype=torch.float32)
+    reference = velocity(full)
+    fp8 = zc.load_controlnet(path, dtype=torch.float32, weight_storage="fp8_e4m3fn")
+    assert has_fp8_storage(fp8) and not has_fp8_storage(full)
+    stored = sum(p.numel() * p.element_size() for p in fp8.parameters())
+    assert stored < 0.6 * sum(p.numel() * p.element_size() for p in full.parameters())
+    quantised = velocity(fp8)
+    assert torch.equal(quantised, velocity(to_fp8_storage(zc.load_controlnet(path, dtype=torch.float32))))
+    assert 0 < (quantised - reference).abs().max() < 0.1 * reference.abs().max()
+    enable_block_offload(full, "cpu")
+    try:
+        assert torch.equal(velocity(full), reference)
+    finally:
+        disable_block_offload(full)
+    with pytest.raises(ValueError, match="weight_storage must be one of"):
+        zc.load_controlnet(path, weight_storage="int4")

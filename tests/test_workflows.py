@@ -3,17 +3,20 @@ format as the frontend does, pass the real host's validation, and run on the tin
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from comfy_host import ComfyServer, comfy_host, write_test_models, write_tiny_transformer  # noqa: E402,F401
+from comfy_host import (ComfyServer, comfy_host, write_dataset, write_inpaint_image,  # noqa: E402,F401
+                        write_test_models, write_tiny_transformer)
 from frontend import chromium_path, open_workflow  # noqa: E402
 import workflows as wf  # noqa: E402
 
 pytestmark = pytest.mark.comfy
+INPAINT_SIZE = 256  # the inpainting workflow's size is its image's: a small one keeps the VAE cheap on CPU
 SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
 NAMES = [p.stem for p in SHIPPED]
 
@@ -21,18 +24,27 @@ NAMES = [p.stem for p in SHIPPED]
 @pytest.fixture(scope="module")
 def host(comfy_host):  # noqa: F811
     """The in-process host with the workflows' standard file names present (tiny weights where they run)."""
-    from zimage_core.testing import tiny_model
+    from safetensors.torch import save_file
+    from zimage_core.testing import tiny_controlnet, tiny_model
 
     from zimage_core import load_lora, save_lora
 
     files = write_test_models(comfy_host)
     models = comfy_host.models_dir
     write_tiny_transformer(models / "diffusion_models" / wf.MODEL_FILE, seed=0)
+    write_tiny_transformer(models / "diffusion_models" / wf.BASE_MODEL_FILE, seed=5)  # a tiny "Z-Image base"
     user_lora = load_lora(models / "loras" / files.user_lora)
     # what train_sft would have written (train_distill starts from it; train_sft may replace it)
     save_lora(user_lora, models / "loras" / wf.SFT_LORA_FILE, metadata={"trainer": "zimage_core.training"})
     save_lora(user_lora, models / "loras" / wf.ADAPTER_FILE)  # stands in for the turbo training adapter
     (models / "text_encoders" / wf.TEXT_ENCODER_FILE).write_bytes(b"")  # only validated; swapped when run
+    (models / "model_patches").mkdir(exist_ok=True)
+    save_file(tiny_controlnet("2.1", base=tiny_model(0).config).state_dict(),
+              str(models / "model_patches" / wf.CONTROLNET_FILE))
+    write_dataset(comfy_host.base_dir / "input" / "zimage_control_src", n=1, size=96)
+    shutil.copyfile(comfy_host.base_dir / "input" / "zimage_control_src" / "img0.png",
+                    comfy_host.base_dir / "input" / wf.CONTROL_IMAGE)  # 96 px: fitted to the 1024 px latent
+    write_inpaint_image(comfy_host.base_dir / "input" / wf.INPAINT_IMAGE, size=INPAINT_SIZE)
     comfy_host.tiny_width = tiny_model(0).config.cap_feat_dim
     return comfy_host
 
@@ -50,8 +62,9 @@ def _load(name):
 
 def test_every_definition_is_shipped_with_a_thumbnail():
     assert sorted(w.name for w in wf.definitions()) == NAMES
-    assert set(NAMES) == {"zimage_turbo_t2i", "zimage_turbo_quality_30step", "train_sft", "train_differential",
-                          "train_distill"}
+    assert set(NAMES) == {"zimage_turbo_t2i", "zimage_turbo_quality_30step", "zimage_turbo_controlnet",
+                          "zimage_turbo_inpaint", "train_sft", "train_differential", "train_distill",
+                          "train_base_sample_turbo"}
     assert all((ROOT / "workflows" / f"{name}.jpg").is_file() for name in NAMES)
 
 
@@ -84,6 +97,22 @@ def test_workflow_opens_in_the_frontend(server, name, tmp_path):
     assert frontend == wf.to_api(_load(name), server.object_info)  # the offline converter agrees
 
 
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (tools/setup_env.sh installs it)")
+def test_workflow_saved_before_the_sampler_input_still_opens_as_euler(server, host):
+    """Workflows saved before the sampler's `sampler` widget existed lack its value at the end of widgets_values:
+    the frontend fills in the default (euler) and the prompt it makes validates."""
+    old = _load("zimage_turbo_t2i")
+    node = next(n for n in old["nodes"] if n["type"] == "ZImageTurboSampler")
+    assert node["widgets_values"][-1] == "euler"
+    node["widgets_values"] = node["widgets_values"][:-1]
+    result = open_workflow(server.url, old)
+    assert result.unknown_types == [] and result.alerts == []
+    prompt = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result.api_prompt.items()}
+    assert prompt[str(node["id"])]["inputs"]["sampler"] == "euler"
+    ok, error, _outputs, node_errors = host.validate(prompt)
+    assert ok and not node_errors, (error, node_errors)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_on_the_tiny_model(server, host, name):
     prompt = wf.swap_text_encoder(wf.to_api(_load(name), server.object_info), host.tiny_width)
@@ -91,12 +120,14 @@ def test_workflow_runs_on_the_tiny_model(server, host, name):
     assert result.valid, result.validation_error
     assert result.success, result.events[-1:]
     saved = [img for out in result.ui.values() for img in out.get("images", []) if img.get("type") == "output"]
-    assert len(saved) == (2 if name.startswith("train_") else 1)  # trained workflows: base and trained, side by side
+    # trained workflows: base and trained side by side; inpainting: noise mask and ControlNet inpaint mode
+    assert len(saved) == (2 if name.startswith("train_") or name == "zimage_turbo_inpaint" else 1)
     from PIL import Image
 
+    size = (INPAINT_SIZE,) * 2 if name == "zimage_turbo_inpaint" else (1024, 1024)
     for image in saved:
         path = Path(host.folder_paths.get_output_directory()) / image["subfolder"] / image["filename"]
-        assert Image.open(path).size == (1024, 1024)
+        assert Image.open(path).size == size
     if name.startswith("train_"):
         previews = [img for out in result.ui.values() for img in out.get("images", []) if img.get("type") == "temp"]
         assert len(previews) == 2  # loss curve and validation grid shown in the UI

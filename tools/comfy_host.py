@@ -52,9 +52,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-ZImage-Turbo"
 NODE_IDS = ("ZImageTurboModelLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboTrainLora",
-            "ZImageTurboControlNetLoader", "ZImageTurboApplyControlNet")
+            "ZImageTurboControlNetLoader", "ZImageTurboApplyControlNet", "ZImageTurboToModel")
 DEMO_NODE_IDS = ("ZImageTurboDemoConditioning",)
-MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints")
+MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints", "model_patches")
 
 
 def find_comfyui() -> Path:
@@ -520,6 +520,21 @@ def write_dataset(folder: str | os.PathLike, n: int = 2, size: int = 32, seed: i
     return folder
 
 
+def write_inpaint_image(path: str | os.PathLike, size: int = 1024) -> Path:
+    """An RGBA picture whose transparent centre square is the inpainting mask (LoadImage's MASK is 1 - alpha), as
+    ComfyUI's MaskEditor saves a painted mask."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([0.3 + 0.5 * x, 0.4 + 0.4 * y, 0.6 + 0.3 * np.sin(8 * x * y)], -1)
+    alpha = np.ones((size, size))
+    alpha[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0.0
+    pixels = (np.concatenate([rgb, alpha[..., None]], -1).clip(0, 1) * 255).astype(np.uint8)
+    Image.fromarray(pixels, "RGBA").save(path)
+    return Path(path)
+
+
 # =============================================================================================== test models + graphs
 @dataclass
 class ModelFiles:
@@ -604,9 +619,9 @@ def t2i_prompt(m: ModelFiles, loras=(), distillpatch: str | None = None, seed: i
 
 def train_prompt(m: ModelFiles, scheme: str = "sft", steps: int = 3, output_name: str = "trained_sft",
                  preset_lora: str = "None", sft_lora: str = "None", dataset: str | None = None,
-                 distillpatch: str | None = None, lr: float = 1e-3, seed: int = 0) -> dict:
+                 distillpatch: str | None = None, lr: float = 1e-3, seed: int = 0, **options) -> dict:
     """API prompt: loader -> (stack) -> trainer (demo text encoder, real VAE) -> sampler -> VAEDecode -> SaveImage,
-    plus PreviewImage of the loss curve and validation grid."""
+    plus PreviewImage of the loss curve and validation grid. `options` sets further trainer inputs."""
     prompt = t2i_prompt(m, distillpatch=distillpatch, prefix=f"after_{output_name}", steps=8, size=32)
     prompt["2"]["inputs"]["model"] = ["1", 0]
     prompt.update({
@@ -616,7 +631,7 @@ def train_prompt(m: ModelFiles, scheme: str = "sft", steps: int = 3, output_name
                           "scheme": scheme, "preset_lora": preset_lora, "sft_lora": sft_lora, "steps": steps,
                           "learning_rate": lr, "rank": 4, "targets": "to_q,to_k,to_v,to_out.0,w1,w2,w3",
                           "max_pixels": 1024, "seed": seed, "validation_prompt": "a red fox",
-                          "output_name": output_name}},
+                          "output_name": output_name, **options}},
         "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 2]}},
         "13": {"class_type": "PreviewImage", "inputs": {"images": ["11", 3]}},
     })

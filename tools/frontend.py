@@ -33,8 +33,10 @@ _UNKNOWN_TYPES_JS = """(() => { const reg = window.LiteGraph.registered_node_typ
   const walk = g => { for (const n of g._nodes) { if (n.isSubgraphNode && n.isSubgraphNode()) walk(n.subgraph);
                                                   else if (!(n.type in reg)) out.push(n.type); } };
   walk(window.app.graph); return out; })()"""
+# what the frontend would save for each node's widgets (its own serialisation skips display-only widgets such as
+# LoadImage's image preview)
 _WIDGETS_JS = """(() => { const out = {};
-  for (const n of window.app.graph._nodes) out[n.id] = (n.widgets || []).map(w => [w.name, w.value]);
+  for (const n of window.app.graph._nodes) out[n.id] = n.serialize().widgets_values || [];
   return out; })()"""
 
 
@@ -64,7 +66,7 @@ def _widget_mismatches(workflow: dict, loaded: dict) -> list[str]:
         saved = node.get("widgets_values")
         if not isinstance(saved, list) or node.get("mode", 0) != 0:
             continue
-        values = [v for _, v in loaded.get(str(node["id"]), [])]
+        values = loaded.get(str(node["id"]), [])
         if len(values) != len(saved) or any(not _same(a, b) for a, b in zip(values, saved)):
             problems.append(f"node {node['id']} ({node['type']}): saved {saved}, frontend shows {values}")
     return problems

@@ -18,11 +18,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from PIL import Image  # noqa: E402
 
 import workflows as wf  # noqa: E402
-from comfy_host import ComfyServer, make_base_dir  # noqa: E402
+from comfy_host import ComfyServer, make_base_dir, write_inpaint_image  # noqa: E402
 from frontend import open_workflow  # noqa: E402
 
-PLACEHOLDERS = {"diffusion_models": [wf.MODEL_FILE], "text_encoders": [wf.TEXT_ENCODER_FILE], "vae": [wf.VAE_FILE],
-                "loras": [wf.DISTILLPATCH_FILE, wf.SFT_LORA_FILE, wf.ADAPTER_FILE]}
+PLACEHOLDERS = {"diffusion_models": [wf.MODEL_FILE, wf.BASE_MODEL_FILE], "text_encoders": [wf.TEXT_ENCODER_FILE], "vae": [wf.VAE_FILE],
+                "loras": [wf.DISTILLPATCH_FILE, wf.SFT_LORA_FILE, wf.ADAPTER_FILE],
+                "model_patches": [wf.CONTROLNET_FILE]}
 
 
 def main():
@@ -31,6 +32,8 @@ def main():
         for name in names:
             (base / "models" / folder / name).write_bytes(b"")
     (base / "input" / wf.DATASET).mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), "gray").save(base / "input" / wf.CONTROL_IMAGE)
+    write_inpaint_image(base / "input" / wf.INPAINT_IMAGE)
     shots = ROOT / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with ComfyServer(base) as server:

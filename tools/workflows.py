@@ -20,12 +20,16 @@ WORKFLOWS = ROOT / "workflows"
 
 PROMPT = ("a red fox sitting in fresh snow at golden hour, detailed fur, shallow depth of field, photograph")
 MODEL_FILE = "z_image_turbo_bf16.safetensors"  # Comfy-Org/z_image_turbo split_files/diffusion_models
+BASE_MODEL_FILE = "z_image_bf16.safetensors"  # Z-Image base: Comfy-Org/z_image split_files/diffusion_models
 TEXT_ENCODER_FILE = "qwen_3_4b.safetensors"  # split_files/text_encoders, CLIPLoader type lumina2
 VAE_FILE = "ae.safetensors"  # the Flux VAE, split_files/vae
 DISTILLPATCH_FILE = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynth-Studio/Z-Image-Turbo-DistillPatch
 ADAPTER_FILE = "zimage_turbo_training_adapter_v2.safetensors"  # ostris/zimage_turbo_training_adapter
 SFT_LORA_FILE = "zimage_turbo_sft.safetensors"  # what train_sft writes
 DATASET = "zimage_dataset"  # a folder of images + captions under ComfyUI's input folder
+CONTROLNET_FILE = "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2602-8steps.safetensors"  # alibaba-pai, in model_patches
+CONTROL_IMAGE = "zimage_control_example.png"  # in ComfyUI's input folder: a canny / depth / pose picture
+INPAINT_IMAGE = "zimage_inpaint_example.png"  # in ComfyUI's input folder: the image, its mask in the alpha channel
 DEMO_WORKFLOWS = ("zimage_turbo_t2i", "train_sft")  # what tools/demo.py queues, in order
 
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -64,11 +68,16 @@ def _inputs(info: dict):
             yield name, specs[name], section == "optional"
 
 
-def _has_seed_control(name: str, spec) -> bool:
-    """The frontend adds a "control after generate" widget after seeds: when the node asks for one, and after every
-    INT input named seed / noise_seed."""
+def _frontend_extras(name: str, spec) -> list:
+    """The values of the widgets the frontend adds after an input's own widget (saved in widgets_values, never sent
+    to the API): "control after generate" after seeds (when the node asks for one, and after every INT input named
+    seed / noise_seed), and the upload button of image combos (LoadImage)."""
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return bool(options.get("control_after_generate")) or (spec[0] == "INT" and name in ("seed", "noise_seed"))
+    if options.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
+        return ["fixed"]
+    if options.get("image_upload"):
+        return ["image"]
+    return []
 
 
 def _default(spec):
@@ -100,8 +109,7 @@ def build(workflow: Workflow, object_info: dict) -> dict:
             unknown.discard(name)
             if _is_widget(spec) and name not in node.links:
                 widgets.append(node.widgets.get(name, _default(spec)))
-                if _has_seed_control(name, spec):
-                    widgets.append("fixed")
+                widgets.extend(_frontend_extras(name, spec))
             elif not _is_widget(spec):
                 link = next((l for l in links if l[3] == node.id and l[4] == name), None)
                 if link is None and not optional:
@@ -162,7 +170,93 @@ def definitions() -> list[Workflow]:
         Node(9, "SaveImage", {"filename_prefix": "zimage_quality"}, {"images": (8, 0)}, col=4, row=0),
     ], note="Scheme 1: an ordinary (SFT) LoRA without DistillPatch, sampled at 30 steps / cfg 2 with an empty "
             "negative prompt.")
-    return [t2i, quality, _training("sft"), _training("differential"), _training("distill")]
+    return [t2i, quality, _controlnet(), _inpaint(), _training("sft"), _training("differential"),
+            _training("distill"), _train_base()]
+
+
+
+def _controlnet() -> Workflow:
+    """Text-to-image guided by a Fun ControlNet Union 2.1 control image (8 steps, cfg 1, alibaba-pai's strength)."""
+    return Workflow("zimage_turbo_controlnet", _text_to_image() + [
+        Node(4, "ZImageTurboLoraStack", {"distillpatch": DISTILLPATCH_FILE, "distillpatch_strength": 1.0},
+             {"model": (3, 0)}, col=1, row=1),
+        Node(30, "ZImageTurboControlNetLoader", {"controlnet_name": CONTROLNET_FILE}, col=1, row=2),
+        Node(31, "LoadImage", {"image": CONTROL_IMAGE}, col=1, row=3, title="Control image (canny / depth / pose)"),
+        Node(32, "ZImageTurboApplyControlNet", {"strength": 0.9, "start": 0.0, "end": 1.0},
+             {"controlnet": (30, 0), "vae": (5, 0), "image": (31, 0)}, col=2, row=2),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42},
+             {"model": (4, 0), "positive": (2, 0), "latent_image": (6, 0), "control": (32, 0)}, col=2, row=0),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_controlnet"}, {"images": (8, 0)}, col=4, row=0),
+    ], note="Fun ControlNet Union 2.1 (models/model_patches): the control image (a canny, HED, depth, pose or MLSD "
+            "picture; any size, it is fitted to the latent) guides an 8-step / cfg-1 Turbo image. alibaba-pai use "
+            "strength 0.9 for 2.1; lower it, or end the control earlier, to give the prompt more freedom. Chain "
+            "another Apply ControlNet into its control input for a second condition.")
+
+
+def _inpaint() -> Workflow:
+    """Inpainting, two variants side by side on one image and mask: the plain noise mask (any Z-Image model, no
+    ControlNet; top row) and the Fun ControlNet 2.1 inpaint mode (mask + masked image into the ControlNet; row 2)."""
+    nodes = _text_to_image()[:3] + [
+        Node(5, "VAELoader", {"vae_name": VAE_FILE}, col=0, row=2),
+        Node(20, "LoadImage", {"image": INPAINT_IMAGE}, col=0, row=3, title="Image (paint the mask in MaskEditor)"),
+        Node(21, "VAEEncode", {}, {"pixels": (20, 0), "vae": (5, 0)}, col=1, row=3),
+        Node(22, "SetLatentNoiseMask", {}, {"samples": (21, 0), "mask": (20, 1)}, col=1, row=2,
+             title="Noise mask: repaint only inside the mask"),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42, "denoise": 1.0},
+             {"model": (3, 0), "positive": (2, 0), "latent_image": (22, 0)}, col=2, row=0,
+             title="Inpaint, 8 steps cfg 1"),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_inpaint"}, {"images": (8, 0)}, col=4, row=0),
+        Node(40, "ZImageTurboControlNetLoader", {"controlnet_name": CONTROLNET_FILE}, col=1, row=1),
+        Node(41, "ZImageTurboApplyControlNet", {"strength": 0.9, "start": 0.0, "end": 1.0},
+             {"controlnet": (40, 0), "vae": (5, 0), "inpaint_image": (20, 0), "mask": (20, 1)}, col=2, row=1,
+             title="ControlNet inpaint mode (add a control image too, if you like)"),
+        Node(42, "ZImageTurboSampler", {"preset": "turbo", "seed": 42, "denoise": 1.0},
+             {"model": (3, 0), "positive": (2, 0), "latent_image": (21, 0), "control": (41, 0)}, col=3, row=1,
+             title="ControlNet inpaint, 8 steps cfg 1"),
+        Node(43, "VAEDecode", {}, {"samples": (42, 0), "vae": (5, 0)}, col=4, row=1),
+        Node(44, "SaveImage", {"filename_prefix": "zimage_inpaint_controlnet"}, {"images": (43, 0)}, col=4, row=2),
+    ]
+    return Workflow("zimage_turbo_inpaint", nodes,
+                    note="Inpainting: open the image in LoadImage's MaskEditor (right click) and paint what to "
+                         "replace. Top: without ControlNet, SetLatentNoiseMask keeps everything outside the mask and "
+                         "the Turbo sampler repaints inside it at 8 steps / cfg 1 exactly as KSampler inpaints; lower "
+                         "denoise to keep more of what is under the mask. Second row: the Fun ControlNet 2.1 inpaint "
+                         "mode (models/model_patches) redraws the whole picture from noise, guided by the masked "
+                         "image, as alibaba-pai's pipeline does. Describe the whole picture in the prompt.")
+
+
+def _train_base() -> Workflow:
+    """Train on Z-Image base (sft), sample the LoRA on Turbo with the DistillPatch at 8 steps / cfg 1."""
+    nodes = [n for n in _text_to_image() if n.id != 3] + [
+        Node(3, "ZImageTurboModelLoader", {"model_name": BASE_MODEL_FILE, "variant": "auto"}, col=0, row=1,
+             title="Z-Image base"),
+        Node(11, "ZImageTurboTrainLora", {"dataset_folder": DATASET, "scheme": "sft", "learning_rate": 1e-4,
+                                          "rank": 32, "seed": 0, "validation_prompt": PROMPT, "steps": 250,
+                                          "output_name": "zimage_base_lora"},
+             {"model": (3, 0), "clip": (1, 0), "vae": (5, 0)}, col=1, row=1),
+        Node(12, "PreviewImage", {}, {"images": (11, 2)}, col=2, row=2, title="Loss curve"),
+        Node(13, "PreviewImage", {}, {"images": (11, 3)}, col=3, row=2, title="Validation grid (on base)"),
+        Node(20, "ZImageTurboModelLoader", {"model_name": MODEL_FILE}, col=0, row=2, title="Z-Image-Turbo"),
+        Node(21, "ZImageTurboLoraStack", {"distillpatch": DISTILLPATCH_FILE, "distillpatch_strength": 1.0},
+             {"model": (20, 0), "loras_from": (11, 0)}, col=1, row=2, title="Base LoRA + DistillPatch on Turbo"),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42},
+             {"model": (20, 0), "positive": (2, 0), "latent_image": (6, 0)}, col=2, row=0,
+             title="Turbo, no LoRA, 8 steps cfg 1"),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_turbo"}, {"images": (8, 0)}, col=4, row=0),
+        Node(14, "ZImageTurboSampler", {"preset": "turbo", "seed": 42},
+             {"model": (21, 0), "positive": (2, 0), "latent_image": (6, 0)}, col=2, row=1,
+             title="Base LoRA on Turbo + DistillPatch, 8 steps cfg 1"),
+        Node(15, "VAEDecode", {}, {"samples": (14, 0), "vae": (5, 0)}, col=3, row=1),
+        Node(16, "SaveImage", {"filename_prefix": "zimage_base_lora_on_turbo"}, {"images": (15, 0)}, col=4, row=1),
+    ]
+    return Workflow("train_base_sample_turbo", nodes,
+                    note="Train an ordinary (SFT) LoRA on Z-Image base (z_image_bf16.safetensors, recognised by the "
+                         "loader), then use it on Z-Image-Turbo with the DistillPatch at 8 steps / cfg 1: the LoRA "
+                         "stack's loras_from takes the trained LoRA from the trainer's model output. The validation "
+                         "grid shows the LoRA on base at 8 steps / cfg 1 and at the base recipe (50 steps, cfg 4).")
 
 
 _TRAINING = {  # scheme -> (workflow name, trainer widgets, note)
@@ -252,8 +346,8 @@ def to_api(workflow: dict, object_info: dict) -> dict:
         for name, spec, _optional in _inputs(info):
             if _is_widget(spec):
                 inputs[name] = next(values)
-                if _has_seed_control(name, spec):
-                    next(values)  # the frontend-only "control after generate" value
+                for _ in _frontend_extras(name, spec):
+                    next(values)  # frontend-only widgets
         for socket in node.get("inputs", []):
             if socket.get("link") is not None:
                 link = links[socket["link"]]

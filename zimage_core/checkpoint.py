@@ -279,6 +279,27 @@ def inspect_checkpoint(path: str | os.PathLike) -> tuple[ZImageConfig, str]:
     return config, layout
 
 
+def fill_from_source(model: torch.nn.Module, source: WeightSource, dtype: torch.dtype, device,
+                     fp8_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, set[str]]:
+    """Materialise a meta-device `model` in `dtype` on `device` (with fp8 storage for the block Linears when
+    `fp8_dtype` is given) and stream every tensor into it from `source`; returns it and its fp8 module paths."""
+    model = model.to(dtype=dtype)  # before the fp8 swap: .to(dtype) would cast fp8 tensors too
+    fp8_paths = set(use_fp8_structure(model, fp8_dtype)) if fp8_dtype is not None else set()
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            module_path, _, leaf = name.rpartition(".")
+            if module_path in fp8_paths:
+                if leaf == "weight":
+                    source.read_fp8_into(name, model.get_submodule(module_path))
+                elif leaf == "bias":
+                    source.read_into(name, tensor.data)
+                continue  # weight_scale is filled with its weight
+            source.read_into(name, tensor.data)
+    model.weight_source = source
+    return model, fp8_paths
+
+
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                      device: str | torch.device = "cpu", weight_storage: str = "same") -> ZImageTransformer:
     """Load a Z-Image transformer from a `.safetensors` file or a diffusers folder, computing in `dtype` on `device`.
@@ -310,21 +331,8 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     if stored & set(_FP8) and fp8_dtype is None:
         log.warning("%s stores fp8 weights: they are up-cast to %s, but fp8 storage visibly degrades "
                     "Z-Image-Turbo (use the bf16 file when you can)", path, dtype)
-    model = model.to(dtype=dtype)  # before the fp8 swap: .to(dtype) would cast fp8 tensors too
-    fp8_paths = set(use_fp8_structure(model, fp8_dtype)) if fp8_dtype is not None else set()
-    model = model.to_empty(device=device)
     source = WeightSource(sources, dtype, layout, files)
-    with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            module_path, _, leaf = name.rpartition(".")
-            if module_path in fp8_paths:
-                if leaf == "weight":
-                    source.read_fp8_into(name, model.get_submodule(module_path))
-                elif leaf == "bias":
-                    source.read_into(name, tensor.data)
-                continue  # weight_scale is filled with its weight
-            source.read_into(name, tensor.data)
-    model.weight_source = source
+    model, fp8_paths = fill_from_source(model, source, dtype, device, fp8_dtype)
     storage = f", {weight_storage} storage for {len(fp8_paths)} Linears" if fp8_paths else ""
     log.info("loaded %s (%s layout, %.2f B parameters, %s%s)", path, layout, model.num_parameters() / 1e9, dtype,
              storage)

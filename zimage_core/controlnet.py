@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import _LOOKALIKES, WeightSource, _checkpoint_files, _map_sources
+from .checkpoint import _LOOKALIKES, WeightSource, _checkpoint_files, _map_sources, fill_from_source
+from .quantization import FP8_DTYPES, WEIGHT_STORAGE, check_fp8_support
 from .config import ZImageConfig
 from .safetensors_io import SafetensorsFile
 from .transformer import StreamStage, TransformerBlock, ZImageTransformer, patchify
@@ -161,6 +162,10 @@ class ZImageControlNet(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.x_embedder.weight.device
+
+    def blocks(self) -> list[nn.Module]:
+        """Every block, for block offload (`zimage_core.offload` streams them like the transformer's)."""
+        return [*getattr(self, "control_noise_refiner", ()), *self.control_layers]
 
     def refiner_blocks(self) -> nn.ModuleList:
         """The blocks that refine the control tokens at the noise-refiner stage (2.0: the control layers)."""
@@ -344,6 +349,7 @@ class ControlSchedule:
     def __init__(self, model: ZImageTransformer, controls: Sequence[ControlInput], latent_shape):
         self.model = model
         self.controls = list(controls)
+        self.contexts = []
         for n, control in enumerate(self.controls):
             label = f"control {n + 1} ({control.controlnet.config.describe()})"
             control.controlnet.check_fits(model, label)
@@ -351,10 +357,10 @@ class ControlSchedule:
                 h, w = control.size
                 raise ValueError(f"{label}: its image is {w * 8}x{h * 8} px but the latent is "
                                  f"{latent_shape[-1] * 8}x{latent_shape[-2] * 8} px; resize the control image")
-            batch = control.context().shape[0]
-            if batch not in (1, latent_shape[0]):
-                raise ValueError(f"{label}: {batch} control images for a batch of {latent_shape[0]}")
-        self.contexts = [c.context() for c in self.controls]
+            self.contexts.append(control.context())
+            if self.contexts[-1].shape[0] not in (1, latent_shape[0]):
+                raise ValueError(f"{label}: {self.contexts[-1].shape[0]} control images for a batch of "
+                                 f"{latent_shape[0]}")
 
     def at(self, step: int, steps: int):
         passes = [_ControlPass(c.controlnet, ctx, c.strength, self.model.x_pad_token,
@@ -394,10 +400,16 @@ def config_from_shapes(shapes: dict[str, tuple], label: str, refiner_trained: Ca
 
 
 def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-                    device: str | torch.device = "cpu") -> ZImageControlNet:
-    """Load a Z-Image Fun ControlNet `.safetensors` file (any released layout), streamed into `dtype` on `device`.
+                    device: str | torch.device = "cpu", weight_storage: str = "same") -> ZImageControlNet:
+    """Load a Z-Image Fun ControlNet `.safetensors` file (any released layout), streamed into `dtype` on `device`;
+    weight_storage "fp8_e4m3fn" holds its blocks' attention and SwiGLU Linears in fp8, as `load_transformer` does.
     Raises FileNotFoundError / ValueError naming the file: a LoRA, a transformer or another model's ControlNet is
     refused with what it looks like."""
+    if weight_storage not in WEIGHT_STORAGE:
+        raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGE}, got {weight_storage!r}")
+    fp8_dtype = FP8_DTYPES.get(weight_storage)
+    if fp8_dtype is not None:
+        check_fp8_support(device, fp8_dtype, option=f"weight_storage={weight_storage!r}")
     path = Path(path)
     files, _ = _checkpoint_files(path)
     sources, shapes, layout = _map_sources([SafetensorsFile(f) for f in files], str(path), required=_REQUIRED,
@@ -421,11 +433,7 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
                          + "; ".join(filter(None, [missing and f"missing {missing[:5]}",
                                                    unexpected and f"unexpected {unexpected[:5]}",
                                                    wrong and "wrong shapes: " + ", ".join(wrong[:3])])))
-    net = net.to(dtype=dtype).to_empty(device=device)
-    with torch.no_grad():
-        for name, tensor in net.state_dict(keep_vars=True).items():
-            source.read_into(name, tensor.data)
-    net.weight_source = source
-    log.info("loaded ControlNet %s (%s, %.2f B parameters, %s)", path, config.describe(),
-             net.num_parameters() / 1e9, dtype)
+    net, fp8_paths = fill_from_source(net, source, dtype, device, fp8_dtype)
+    log.info("loaded ControlNet %s (%s, %.2f B parameters, %s%s)", path, config.describe(),
+             net.num_parameters() / 1e9, dtype, f", fp8 storage for {len(fp8_paths)} Linears" if fp8_paths else "")
     return net.eval().requires_grad_(False)

@@ -90,8 +90,9 @@ def quantize_fp8(weight: Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -
 
 
 def quantized_paths(model: nn.Module) -> list[str]:
-    """Module paths of the Linears that fp8 storage covers: attention and SwiGLU Linears of every block."""
-    blocks = ("noise_refiner.", "context_refiner.", "layers.")
+    """Module paths of the Linears that fp8 storage covers: attention and SwiGLU Linears of every block (of the
+    transformer, and of a Fun ControlNet)."""
+    blocks = ("noise_refiner.", "context_refiner.", "layers.", "control_layers.", "control_noise_refiner.")
     return [path for path, module in model.named_modules()
             if isinstance(module, nn.Linear) and path.startswith(blocks)
             and any(path.endswith("." + suffix) for suffix in QUANTIZED_MODULES)]

@@ -1,4 +1,5 @@
-"""The Euler sampling loop of Z-Image-Turbo, with classifier-free guidance in the ComfyUI/DiffSynth convention."""
+"""The sampling loop of Z-Image-Turbo: classifier-free guidance in the ComfyUI/DiffSynth convention, a step rule
+from `samplers` (euler, res_multistep) and inpainting with a noise mask, as ComfyUI's KSampler runs them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .controlnet import ControlSchedule
+from .samplers import step_rule
 from .scheduler import DEFAULT_SHIFT, denoise_sigmas
 
 
@@ -21,6 +23,9 @@ class SamplerPreset:
 
 TURBO = SamplerPreset("turbo", steps=8, cfg=1.0)  # what Z-Image-Turbo is distilled for
 QUALITY = SamplerPreset("quality", steps=30, cfg=2.0)  # an SFT LoRA without a DistillPatch (scheme 1)
+# Z-Image base (not distilled): DiffSynth-Studio's Z-Image example and ComfyUI's image_z_image template both sample
+# 50 steps at cfg 4, shift 3, with an empty negative prompt.
+BASE = SamplerPreset("base", steps=50, cfg=4.0)
 
 StepCallback = Callable[[int, int, Tensor], None]
 
@@ -40,17 +45,35 @@ def _as_caption_list(captions, batch: int, name: str) -> list[Tensor]:
     return captions
 
 
+def _as_mask(mask: Tensor, noise: Tensor, init_latent: Tensor | None) -> Tensor:
+    if init_latent is None:
+        raise ValueError("an inpainting mask needs init_latent (the latent whose unmasked region is kept)")
+    if mask.ndim != 4 or mask.shape[-2:] != noise.shape[-2:] or mask.shape[0] not in (1, noise.shape[0]) \
+            or mask.shape[1] not in (1, noise.shape[1]):
+        raise ValueError(f"mask has shape {list(mask.shape)}; it must be [1 or B, 1 or C, H, W] at the latent's "
+                         f"size {list(noise.shape[-2:])} (latent shape {list(noise.shape)})")
+    return mask.float().clamp(0.0, 1.0)
+
+
 def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.steps, cfg: float = TURBO.cfg,
            shift: float = DEFAULT_SHIFT, denoise: float = 1.0, callback: StepCallback | None = None,
-           init_latent: Tensor | None = None, control: Sequence = ()) -> Tensor:
-    """Sample with the flow-matching Euler sampler and return the final latent (model space, fp32).
+           init_latent: Tensor | None = None, sampler: str = "euler", mask: Tensor | None = None,
+           control: Sequence = ()) -> Tensor:
+    """Sample and return the final latent (model space, fp32).
 
-    noise: [B, C, H, W] Gaussian noise. With `denoise` < 1, `init_latent` (the clean latent to start from) is
-    noised to the first sigma as (1 - s) * init_latent + s * noise; without `init_latent`, `noise` is taken to be
-    that partially noised latent already. cfg: `neg + cfg * (pos - neg)`; cfg == 1 makes exactly one model call per
-    step and ignores `negative`; a missing negative with cfg != 1 uses zeroed positive features (ComfyUI's
-    ConditioningZeroOut). callback(step, total, x0_estimate) runs after each step and may raise to interrupt.
+    noise: [B, C, H, W] Gaussian noise. The start is `init_latent` (the clean latent, if given) noised to the first
+    sigma as (1 - s) * init_latent + s * noise (KSampler's noise scaling; pure noise at denoise 1); without
+    `init_latent`, `noise` is taken to be that start already. cfg: `neg + cfg * (pos - neg)`; cfg == 1 makes exactly
+    one model call per step and ignores `negative`; a missing negative with cfg != 1 uses zeroed positive features
+    (ComfyUI's ConditioningZeroOut). sampler: a step rule of `zimage_core.samplers` ("euler", "res_multistep").
+
+    mask: inpainting, ComfyUI's LATENT noise_mask ([1 or B, 1 or C, H, W] at latent size, 1 = regenerate, 0 = keep
+    `init_latent`). As KSampler does (comfy.samplers.KSamplerX0Inpaint), before every model call the kept region
+    of the model input is replaced by `init_latent` noised to the current sigma with the same `noise`, and the kept
+    region of the x0 estimate by `init_latent`, so the result keeps `init_latent` there (up to rounding).
+
     control: `zimage_core.controlnet.ControlInput`s (several add up), each acting on its start/end share of the steps.
+    callback(step, total, x0_estimate) runs after each step and may raise to interrupt.
     """
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps}")
@@ -59,6 +82,10 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
     if noise.ndim != 4:
         raise ValueError(f"noise must be a [B, C, H, W] latent, got shape {list(noise.shape)}")
     schedule = denoise_sigmas(int(steps), denoise, shift)
+    step = step_rule(sampler, schedule)
+    if mask is not None:
+        mask = _as_mask(mask, noise, init_latent)
+        keep = 1.0 - mask
     batch = noise.shape[0]
     pos = _as_caption_list(positive, batch, "positive")
     guided = cfg != 1.0
@@ -66,21 +93,24 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
         neg = [torch.zeros_like(c) for c in pos] if negative is None else _as_caption_list(negative, batch, "negative")
 
     controls = ControlSchedule(model, control, noise.shape) if control else None
-    x = noise.float()
-    if init_latent is not None and denoise < 1.0:
-        first = float(schedule[0])
-        x = (1.0 - first) * init_latent.float() + first * x
+    noise = noise.float()
+    init = None if init_latent is None else init_latent.float()
+    x = noise if init is None else (1.0 - float(schedule[0])) * init + float(schedule[0]) * noise
     for i in range(int(steps)):
-        sigma, sigma_next = float(schedule[i]), float(schedule[i + 1])
+        sigma = float(schedule[i])
+        x_in = x if mask is None else x * mask + ((1.0 - sigma) * init + sigma * noise) * keep
         hook = controls.at(i, int(steps)) if controls is not None else None
         extra = {} if hook is None else {"residuals": hook}
         if guided:
-            v_pos, v_neg = model(torch.cat([x, x]), torch.full((2 * batch,), sigma), pos + neg,
+            v_pos, v_neg = model(torch.cat([x_in, x_in]), torch.full((2 * batch,), sigma), pos + neg,
                                  **extra).float().chunk(2)
             v = v_neg + cfg * (v_pos - v_neg)
         else:
-            v = model(x, torch.full((batch,), sigma), pos, **extra).float()
+            v = model(x_in, torch.full((batch,), sigma), pos, **extra).float()
+        denoised = x_in - sigma * v
+        if mask is not None:
+            denoised = denoised * mask + init * keep
         if callback is not None:
-            callback(i + 1, int(steps), x - sigma * v)
-        x = x + (sigma_next - sigma) * v
+            callback(i + 1, int(steps), denoised)
+        x = step(x, denoised, i)
     return x

@@ -14,9 +14,23 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .optimizers import OPTIMIZERS
+from ..variants import VARIANTS
+
 SCHEMES = ("sft", "differential", "trajectory", "distillpatch")
+# On Z-Image base: the differential adapter and trajectory imitation exist to keep Turbo's distillation, which base
+# does not have (making base 8-step capable is a full distillation, e.g. alibaba-pai's Fun-Lora-Distill at rank 128).
+BASE_SCHEMES = ("sft", "distillpatch")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
-LR_SCHEDULES = ("constant", "diffsynth")
+# Names usable in `targets` that stand for a group of modules in every block (layers and both refiners). The
+# embedders and the final layer are never targets: peers train the blocks only, and the export layout covers those.
+TARGET_PRESETS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention_ffn": DEFAULT_TARGETS,
+    "all_linear": (*DEFAULT_TARGETS, "adaLN_modulation.0"),
+}
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "diffsynth")
+WARMUP_SCHEDULES = ("constant_with_warmup", "cosine", "linear")
 LOSS_WEIGHTINGS = ("bell", "none")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 
@@ -30,6 +44,7 @@ class TrainConfig:
     # what to train
     scheme: str = "sft"  # sft | differential | trajectory | distillpatch (= sft, validated with the DistillPatch)
     base_model: str = ""  # a name recorded in the LoRA metadata; the CLI loads it (a path, or "tiny:SEED")
+    model_variant: str = "turbo"  # "turbo" | "base" (zimage_core.variants): the validation recipe and allowed schemes
     rank: int = 32
     alpha: float | None = None  # None: alpha = rank (scale 1), as DiffSynth
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -44,6 +59,8 @@ class TrainConfig:
     max_pixels: int = 1024 * 1024
     bucket_step: int = 16  # bucket sides are multiples of this (16 = DiffSynth's per-image resolution)
     repeats: int = 1
+    caption_dropout_rate: float = 0.0  # share of samples trained on the empty caption (ai-toolkit's option)
+    flip_horizontal: bool = False  # half the samples use the mirrored image (encoded in pixel space, cached)
 
     # optimisation
     steps: int = 250
@@ -53,7 +70,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    lr_schedule: str = "constant"  # "diffsynth": the first 5 steps at lr/3 (ConstantLR defaults), then lr
+    lr_schedule: str = "constant"  # see schedules.py; "diffsynth": the first 5 steps at lr/3, then lr
+    warmup_steps: int = 0  # linear warm-up of constant_with_warmup, cosine and linear
+    optimizer: str = "adamw"  # see optimizers.py: adamw | adafactor | prodigy | adamw8bit
+    ema_decay: float = 0.0  # 0: no EMA; else an EMA of the LoRA tensors, exported next to the LoRA as NAME_ema
     seed: int = 0
     shift: float = 3.0
     num_train_timesteps: int = 1000
@@ -72,12 +92,15 @@ class TrainConfig:
     output_dir: str = "output"
     output_name: str = "zimage_lora"
     checkpoint_every: int = 100  # 0: only at the end and on interrupt
+    save_every: int = 0  # 0: no intermediate LoRA files; N: NAME.stepNNNNNN.safetensors every N steps
+    keep_last: int = 0  # with save_every: keep only the newest K intermediate LoRA files (0: keep all)
     resume: str | None = None  # a checkpoint path, or "auto" for the run's own checkpoint if it exists
     validation_prompts: list[str] = field(default_factory=list)
     validation_seed: int = 0
     validation_width: int = 0  # 0: the first training image's bucket
     validation_height: int = 0
     validate: bool = True
+    validation_every: int = 0  # 0: only before and after; N: also a grid (and the loss curve) every N steps
     log_every: int = 10
     save_dtype: str = "bf16"  # dtype of the exported LoRA file (DiffSynth saves bf16); training is always fp32
 
@@ -101,7 +124,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def validate_settings(self) -> "TrainConfig":
         """Check every field; raise ConfigError with a message naming the field. Returns self."""
-        self.targets = tuple(self.targets)
+        self.targets = expand_targets(self.targets)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.validation_prompts = [str(p) for p in self.validation_prompts]
 
@@ -110,6 +133,12 @@ class TrainConfig:
                 raise ConfigError(message)
 
         need(self.scheme in SCHEMES, f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        need(self.model_variant in VARIANTS,
+             f"model_variant must be one of {', '.join(VARIANTS)}, got {self.model_variant!r}")
+        need(self.model_variant != "base" or self.scheme in BASE_SCHEMES,
+             f"scheme {self.scheme!r} keeps a distilled Turbo sharp at 8 steps, but model_variant 'base' is Z-Image "
+             f"base, which is not distilled: there is no Turbo to keep. Train scheme 'sft' on base (then sample it "
+             f"on Turbo with the DistillPatch, or on base with a distillation LoRA such as Z-Image-Fun-Lora-Distill)")
         need(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
              f"rank must be a positive integer, got {self.rank!r}")
         need(self.alpha is None or (_finite(self.alpha) and self.alpha > 0), f"alpha must be > 0, got {self.alpha!r}")
@@ -128,7 +157,8 @@ class TrainConfig:
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{name} must be an integer >= 1, got {value!r}")
         for name in ("trajectory_noises", "student_chunk", "checkpoint_every", "log_every", "seed",
-                     "validation_width", "validation_height"):
+                     "validation_width", "validation_height", "warmup_steps", "save_every", "keep_last",
+                     "validation_every"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                  f"{name} must be an integer >= 0, got {value!r}")
@@ -145,6 +175,25 @@ class TrainConfig:
         need(_finite(self.adam_eps) and self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps!r}")
         need(self.save_dtype in SAVE_DTYPES, f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        need(self.warmup_steps == 0 or self.lr_schedule in WARMUP_SCHEDULES,
+             f"warmup_steps ({self.warmup_steps}) needs lr_schedule {', '.join(WARMUP_SCHEDULES)}; lr_schedule "
+             f"{self.lr_schedule!r} has no warm-up")
+        need(self.lr_schedule != "constant_with_warmup" or self.warmup_steps >= 1,
+             "lr_schedule 'constant_with_warmup' needs warmup_steps >= 1")
+        need(self.warmup_steps < self.steps,
+             f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps}): the run would end "
+             "before the warm-up")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(_finite(self.ema_decay) and 0 <= self.ema_decay < 1,
+             f"ema_decay must be in [0, 1) (0 = no EMA; 1 would never update the average), got {self.ema_decay!r}")
+        need(_finite(self.caption_dropout_rate) and 0 <= self.caption_dropout_rate <= 1,
+             f"caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate!r}")
+        need(isinstance(self.flip_horizontal, bool), f"flip_horizontal must be true or false, got "
+                                                     f"{self.flip_horizontal!r}")
+        need(self.keep_last == 0 or self.save_every > 0,
+             f"keep_last ({self.keep_last}) needs save_every > 0 (it limits the intermediate LoRA files)")
+        need(self.validation_every == 0 or self.validate,
+             f"validation_every ({self.validation_every}) needs validate = true")
         need(self.loss_weighting in LOSS_WEIGHTINGS,
              f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         need(_finite(self.shift) and self.shift > 0, f"shift must be > 0, got {self.shift!r}")
@@ -183,9 +232,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         if base_dir is not None:
-            for key in ("preset_lora", "init_lora", "distill_patch", "dataset_dir", "cache_dir", "output_dir"):
+            for key in ("base_model", "preset_lora", "init_lora", "distill_patch", "dataset_dir", "cache_dir",
+                        "output_dir"):
                 value = flat.get(key)
-                if value and not os.path.isabs(value):
+                if value and not os.path.isabs(value) and not (key == "base_model" and value.startswith("tiny:")):
                     flat[key] = str(Path(base_dir) / value)
             resume = flat.get("resume")
             if resume and resume != "auto" and not os.path.isabs(resume):
@@ -207,6 +257,19 @@ class TrainConfig:
         return cls.from_dict(data, base_dir=path.parent)
 
 
+def expand_targets(targets) -> tuple[str, ...]:
+    """Module names with the preset names of TARGET_PRESETS replaced by their modules (order kept, no repeats).
+    A single string is one name or a comma-separated list."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    out: list[str] = []
+    for name in targets:
+        for module in TARGET_PRESETS.get(name, (name,)) if isinstance(name, str) else (name,):
+            if module not in out:
+                out.append(module)
+    return tuple(out)
+
+
 def check_output_name(name: str) -> str:
     """An output name is a bare file stem: no path separators, no '..', not empty, not hidden."""
     if not isinstance(name, str) or not name.strip():
@@ -221,3 +284,25 @@ def check_output_name(name: str) -> str:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The tables of a TOML config, for `train --help` and the shipped examples/train_*.toml. They only group: from_dict
+# merges every table into the top level, so any setting may also stand outside them.
+SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "": ("what to train", ("scheme", "base_model")),
+    "lora": ("the trained LoRA and the LoRAs around it", (
+        "rank", "alpha", "targets", "preset_lora", "preset_strength", "init_lora", "distill_patch")),
+    "data": ("the encoded dataset (python -m zimage_core encode builds cache_dir)", (
+        "dataset_dir", "cache_dir", "max_pixels", "bucket_step", "repeats", "caption_dropout_rate",
+        "flip_horizontal")),
+    "optim": ("optimisation", (
+        "steps", "batch_size", "grad_accum", "lr", "weight_decay", "adam_betas", "adam_eps", "lr_schedule",
+        "warmup_steps", "optimizer", "ema_decay", "seed", "shift", "num_train_timesteps", "loss_weighting",
+        "gradient_checkpointing")),
+    "trajectory": ("trajectory imitation (scheme trajectory)", (
+        "teacher_steps", "teacher_cfg", "student_steps", "trajectory_noises", "cache_teacher", "student_chunk")),
+    "output": ("files, checkpoints and validation", (
+        "output_dir", "output_name", "checkpoint_every", "save_every", "keep_last", "resume", "validation_prompts",
+        "validation_seed", "validation_width", "validation_height", "validate", "validation_every", "log_every",
+        "save_dtype")),
+}

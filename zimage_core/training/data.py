@@ -5,8 +5,10 @@ as a sidecar `name.txt` per image (kohya / ai-toolkit). Images are resized and c
 <= max_pixels, aspect kept, sides multiples of bucket_step >= 16), encoded once through caller-supplied encoders
 (ComfyUI's VAE and text encoder inside ComfyUI; the core never loads them) and stored as safetensors in a cache
 folder. File names key each tensor by the source hash, the encoder identity and the resolution, so a cache built
-with a different encoder is rebuilt, never reused. `manifest.json` makes the cache self-contained: it is the input
-of the headless trainer (`python -m zimage_core train`).
+with a different encoder is rebuilt, never reused. With `flip=True` each image is also mirrored in pixel space and
+encoded (as kohya's flip_aug with cached latents and ai-toolkit's flip_x do): the VAE is not exactly mirror
+symmetric, so flipping the latent would train on latents no image encodes to. `manifest.json` makes the cache
+self-contained: it is the input of the headless trainer (`python -m zimage_core train`).
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ class DatasetItem:
 
 
 # ------------------------------------------------------------------------------------------------------------ scan
-def scan_dataset(folder: str | os.PathLike) -> tuple[list[DatasetItem], list[str]]:
+def scan_dataset(folder: str | os.PathLike, strict: bool = False) -> tuple[list[DatasetItem], list[str]]:
     """List (image, caption) pairs. Returns the usable items and one line per skipped file (not an image, missing
-    or unreadable caption). Raises DatasetError if the folder is missing or nothing is usable."""
+    or unreadable caption, outside the folder). Raises DatasetError if the folder is missing or nothing is usable,
+    and with strict=True if any file had to be skipped (the message lists them)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"dataset folder {folder} does not exist")
@@ -77,6 +80,9 @@ def scan_dataset(folder: str | os.PathLike) -> tuple[list[DatasetItem], list[str
                 skipped.append(f"{metadata.name}: a row without an image name")
                 continue
             path = (folder / name).resolve()
+            if not path.is_relative_to(folder.resolve()):
+                skipped.append(f"{name}: listed in metadata.csv but outside the dataset folder")
+                continue
             if not path.is_file():
                 skipped.append(f"{name}: listed in metadata.csv but missing")
                 continue
@@ -108,6 +114,8 @@ def scan_dataset(folder: str | os.PathLike) -> tuple[list[DatasetItem], list[str
             skipped.append(f"{_rel(path, folder)}: not a readable image ({type(exc).__name__})")
             continue
         items.append(DatasetItem(path, caption.strip()))
+    if skipped and strict:
+        raise DatasetError(f"dataset {folder}: {len(skipped)} file(s) cannot be used:\n  " + "\n  ".join(skipped))
     if skipped:
         warnings.warn(f"dataset {folder}: skipped {len(skipped)} file(s):\n  " + "\n  ".join(skipped), stacklevel=2)
     if not items:
@@ -183,6 +191,7 @@ class CacheEntry:
     height: int
     latent_file: str
     caption_file: str
+    flipped_file: str = ""  # the latent of the mirrored image ("" when the cache was built without flip)
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -209,8 +218,16 @@ class DatasetCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def latent(self, index: int) -> Tensor:
-        return self._load(self.entries[index].latent_file)
+    def latent(self, index: int, flipped: bool = False) -> Tensor:
+        entry = self.entries[index]
+        if flipped and not entry.flipped_file:
+            raise DatasetError(f"cache {self.folder} has no mirrored latent of {entry.image}; rebuild it with flip "
+                               "(flip_horizontal) on")
+        return self._load(entry.flipped_file if flipped else entry.latent_file)
+
+    @property
+    def has_flips(self) -> bool:
+        return all(e.flipped_file for e in self.entries)
 
     def caption(self, index: int) -> Tensor:
         return self._load(self.entries[index].caption_file)
@@ -289,13 +306,20 @@ class DatasetCache:
 
 def build_cache(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike, encoders: Encoders,
                 max_pixels: int = 1024 * 1024, bucket_step: int = 16, repeats: int = 1,
-                prompts: Iterable[str] = (), progress: Callable[[int, int], None] | None = None) -> DatasetCache:
-    """Scan dataset_dir, encode every usable image and caption (reusing cache files made by the same encoder from
-    the same bytes at the same size) and the extra prompts (the empty prompt is always added), write the manifest
-    and return the cache. Encoding runs without gradients."""
-    items, _ = scan_dataset(dataset_dir)
+                prompts: Iterable[str] = (), progress: Callable[[int, int], None] | None = None,
+                strict: bool = False, flip: bool = False) -> DatasetCache:
+    """Scan dataset_dir (strict: any unusable file is an error, see scan_dataset), encode every usable image and
+    caption (reusing cache files made by the same encoder from the same bytes at the same size) and the extra
+    prompts (the empty prompt is always added: caption dropout and the validation negative use it), write the
+    manifest and return the cache. flip also encodes each mirrored image. Encoding runs without gradients.
+
+    The manifest is what makes a cache folder a cache: an existing one is removed before anything is encoded and
+    the new one is written last, so an interrupted build is never taken for a complete one, while the files it did
+    finish are reused when the build runs again."""
+    items, _ = scan_dataset(dataset_dir, strict=strict)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / MANIFEST).unlink(missing_ok=True)
     enc = _sha(encoders.encoder_id)[:16]
     meta = {"encoder_id": encoders.encoder_id}
     entries = []
@@ -315,14 +339,21 @@ def build_cache(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike, en
         with Image.open(item.image) as im:
             width, height = bucket_size(im.width, im.height, max_pixels, bucket_step)
             source = _file_sha(item.image)
-            name = f"lat_{source[:24]}_{enc}_{width}x{height}.safetensors"
-            if _read_cached(cache_dir / name, encoders.encoder_id) is None:
-                pixels = crop_resize(im, width, height)
-                with torch.no_grad():
-                    latent = encoders.encode_image(pixels)
-                latent = _check_latent(latent, width, height, item.image)
-                _write_atomic(cache_dir / name, latent, {**meta, "source_sha256": source, "size": f"{width}x{height}"})
-        entries.append(CacheEntry(str(item.image), item.caption, width, height, name, text_file(item.caption)))
+            names = {}
+            for mirrored in (False, True) if flip else (False,):
+                name = f"lat_{source[:24]}_{enc}_{width}x{height}{'_flip' if mirrored else ''}.safetensors"
+                if _read_cached(cache_dir / name, encoders.encoder_id) is None:
+                    pixels = crop_resize(im, width, height)
+                    if mirrored:
+                        pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                    with torch.no_grad():
+                        latent = encoders.encode_image(pixels)
+                    latent = _check_latent(latent, width, height, item.image)
+                    _write_atomic(cache_dir / name, latent, {**meta, "source_sha256": source,
+                                                             "size": f"{width}x{height}", "flipped": str(mirrored)})
+                names[mirrored] = name
+        entries.append(CacheEntry(str(item.image), item.caption, width, height, names[False], text_file(item.caption),
+                                  names.get(True, "")))
         if progress is not None:
             progress(n + 1, len(items))
     prompt_files = {p: text_file(p) for p in ["", *prompts]}

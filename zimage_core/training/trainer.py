@@ -26,15 +26,19 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..lora import LoraWeights, apply_loras, load_lora, new_lora, save_lora
-from ..sampling import QUALITY, TURBO, sample
+from ..sampling import TURBO, sample
+from ..variants import LABELS, REFERENCE_RECIPE
 from .adapters import check_lora_fits, count_parameters, frozen_copy, grow_lora
 from .checkpoint import (lora_state, load_checkpoint, load_lora_state, restore_rng_states, rng_states,
                          save_checkpoint)
 from .config import ConfigError, TrainConfig
 from .data import DatasetCache, _mix
+from .ema import LoraEma
 from .losses import SigmaSampler, sft_loss, student_step_weights, teacher_trajectory, trajectory_grids, \
     trajectory_loss
+from .optimizers import build_optimizer
 from .report import grid_png, latent_preview, loss_curve_png
+from .schedules import lr_factor
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
 ShouldStop = Callable[[], bool]  # True (or raising) interrupts; a checkpoint is written first
@@ -56,6 +60,10 @@ class TrainResult:
     checkpoint_path: Path | None = None
     loss_curve_path: Path | None = None
     grid_path: Path | None = None
+    ema: LoraWeights | None = None  # the EMA of the LoRA (ema_decay > 0)
+    ema_path: Path | None = None  # NAME_ema.safetensors, next to lora_path
+    validation_grids: list[Path] = field(default_factory=list)  # one per validation point of this call
+    snapshot_paths: list[Path] = field(default_factory=list)  # intermediate LoRA files kept (save_every)
     turbo_check: dict[str, float] = field(default_factory=dict)
     teacher_forwards: int = 0  # sample-forwards of the teacher (a cfg-2 step of one sample counts 2)
     student_forwards: int = 0  # sample-forwards of the student with grad
@@ -159,8 +167,21 @@ class _Run:
         self.params = list(self.lora.parameters())
         for p in self.params:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(cfg.optimizer, self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                         eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "prodigy" and cfg.lr < 0.1:
+            self.log(f"optimizer prodigy estimates the step size itself and lr multiplies it: lr {cfg.lr} makes "
+                     "its steps tiny (1.0 is the usual setting)")
+        self.ema = LoraEma(self.lora, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if cfg.scheme == "trajectory" and (cfg.flip_horizontal or cfg.caption_dropout_rate > 0):
+            raise ConfigError("flip_horizontal and caption_dropout_rate apply to image training (sft, differential, "
+                              "distillpatch); scheme 'trajectory' learns the teacher's trajectories of the captions "
+                              "and uses no image latents")
+        if cfg.flip_horizontal and not data.has_flips:
+            raise ConfigError(f"flip_horizontal needs mirrored latents, which the cache {data.folder} lacks: build "
+                              "it with flip on (build_cache(..., flip=True))")
+        self.validation: list[tuple[str, Tensor]] = []
+        self.validation_grids: list[Path] = []
         self.stack = _LoraStack(model)
         self.step, self.losses = 0, []
         self.epoch_batches: dict[int, list[list[int]]] = {}
@@ -182,6 +203,7 @@ class _Run:
                     for p in self.params:
                         dist.broadcast(p.data, src=0)
             validation = self._validation_inputs() if (self.write and cfg.validate) else []
+            self.validation = validation
             before = self._validate(validation, "before") if validation else {}
             self.log(f"training {count_parameters(self.lora):,} LoRA parameters ({cfg.scheme}, rank {cfg.rank}) "
                      f"for {cfg.steps} steps from step {self.step}, {len(self.data)} images, "
@@ -193,7 +215,10 @@ class _Run:
             self.model.gradient_checkpointing = self.saved_checkpointing
             result = TrainResult(lora=self.lora, step=self.step, losses=list(self.losses), interrupted=interrupted,
                                  checkpoint_path=self.checkpoint_path, teacher_forwards=self.teacher_forwards,
-                                 student_forwards=self.student_forwards)
+                                 student_forwards=self.student_forwards,
+                                 ema=self.ema.lora if self.ema is not None else None,
+                                 validation_grids=list(self.validation_grids),
+                                 snapshot_paths=self._snapshots(self.cfg.output_name) if self.write else [])
             if not interrupted and self.write:
                 self._write_outputs(result, validation, before)
             result.seconds = time.perf_counter() - start
@@ -227,6 +252,10 @@ class _Run:
                              f"{sum(window) / len(window):.5f})")
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self._checkpoint()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps and self.write:
+                    self._save_snapshot()
+                if cfg.validation_every and self.step % cfg.validation_every == 0 and self.validation:
+                    self._validate_progress()
         except TrainingDiverged:
             raise
         except BaseException:
@@ -258,7 +287,7 @@ class _Run:
             if cfg.scheme == "trajectory":
                 loss = self._trajectory_micro(batch, lo, gen, micro)
             else:
-                loss = self._sft_micro(batch, lo, gen)
+                loss = self._sft_micro(batch, lo, gen, micro)
             total += loss
         total_t = torch.tensor([total], dtype=torch.float64)
         if self.distributed:
@@ -267,15 +296,31 @@ class _Run:
             total_t /= self.world
         return float(total_t)
 
-    def _sft_micro(self, batch: list[int], lo: int, gen: torch.Generator) -> float:
+    def _augmentations(self, micro: int, size: int, local: slice) -> tuple[list[bool], list[bool]]:
+        """Which samples of the local batch use the mirrored image and which the empty caption. Drawn for the
+        global batch from their own generators seeded by (seed, micro-batch), so they are the same on every process
+        and after a resume, and switching one on changes neither the other's draws nor the noise and sigma."""
+        cfg = self.cfg
+        flips = drops = [False] * size
+        if cfg.flip_horizontal:
+            gen = torch.Generator().manual_seed(_mix(cfg.seed, micro, 4))
+            flips = (torch.rand(size, generator=gen) < 0.5).tolist()
+        if cfg.caption_dropout_rate > 0:
+            gen = torch.Generator().manual_seed(_mix(cfg.seed, micro, 5))
+            drops = (torch.rand(size, generator=gen) < cfg.caption_dropout_rate).tolist()
+        return flips[local], drops[local]
+
+    def _sft_micro(self, batch: list[int], lo: int, gen: torch.Generator, micro: int) -> float:
         cfg = self.cfg
         first = self.data.latent(batch[0])
         noise = torch.randn((len(batch), *first.shape), generator=gen)  # drawn for the global batch
         sigma, weight = self.sigma_sampler.draw(len(batch), gen)
         local = slice(lo, lo + self.local_batch)
         idx = batch[local]
-        x0 = torch.stack([self.data.latent(i) for i in idx]).float().to(self.device)
-        caps = [self.data.caption(i).to(self.device) for i in idx]
+        flips, drops = self._augmentations(micro, len(batch), local)
+        x0 = torch.stack([self.data.latent(i, flipped=f) for i, f in zip(idx, flips)]).float().to(self.device)
+        caps = [(self.data.prompt_features("") if d else self.data.caption(i)).to(self.device)
+                for i, d in zip(idx, drops)]
         loss = sft_loss(self.model, x0, caps, noise[local].to(self.device), sigma[local], weight[local])
         (loss / cfg.grad_accum).backward()
         self.student_forwards += len(idx)
@@ -344,10 +389,12 @@ class _Run:
                      if self._checkpoint_step is not None else "no checkpoint was written yet")
             raise TrainingDiverged(f"training diverged at step {self.step + 1}: loss {loss} (or a gradient) is not "
                                    f"finite. Lower lr (now {cfg.lr}) or check the data; {where}.")
-        factor = 1.0 / 3.0 if (cfg.lr_schedule == "diffsynth" and self.step < 5) else 1.0
+        factor = lr_factor(cfg.lr_schedule, self.step, cfg.steps, cfg.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * factor
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.lora)
         self.step += 1
         self.losses.append(loss)
 
@@ -357,7 +404,8 @@ class _Run:
             save_checkpoint(self.checkpoint_path, {
                 "step": self.step, "lora": lora_state(self.lora), "optimizer": self.optimizer.state_dict(),
                 "losses": list(self.losses), "rng": rng_states(), "config": self.cfg.to_dict(),
-                "lora_alpha": {p: m.alpha for p, m in self.lora.modules.items()}})
+                "lora_alpha": {p: m.alpha for p, m in self.lora.modules.items()},
+                **({"ema": lora_state(self.ema.lora)} if self.ema is not None else {})})
             self._checkpoint_step = self.step
         if self.distributed:
             dist.barrier()
@@ -374,12 +422,15 @@ class _Run:
             return
         state = load_checkpoint(path)
         saved = state["config"]
-        for key in ("scheme", "rank", "alpha", "targets", "batch_size", "grad_accum", "seed", "init_lora"):
+        for key in ("scheme", "rank", "alpha", "targets", "batch_size", "grad_accum", "seed", "init_lora", "optimizer",
+                    "ema_decay"):
             now = self.cfg.to_dict()[key]
-            if saved.get(key) != now:
+            if saved.get(key, TrainConfig.__dataclass_fields__[key].default) != now:  # older files: defaults
                 raise ConfigError(f"cannot resume from {path}: it was trained with {key} = {saved.get(key)!r}, "
                                   f"this run has {now!r}")
         load_lora_state(self.lora, state["lora"])
+        if self.ema is not None:
+            load_lora_state(self.ema.lora, state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses = int(state["step"]), list(state["losses"])
         restore_rng_states(state["rng"])
@@ -422,31 +473,83 @@ class _Run:
         return out
 
     def _validate(self, validation, when: str) -> dict:
-        """Turbo (8 / cfg 1) and quality (30 / cfg 2) samples with the current LoRA, preset removed."""
+        """Turbo (8 / cfg 1) and reference-recipe samples (Turbo: 30 / cfg 2; Z-Image base: its 50 / cfg 4) with the
+        current LoRA, preset removed."""
+        reference = REFERENCE_RECIPE[self.cfg.model_variant]
         loras = [] if (when == "before" and self.cfg.scheme != "trajectory") else [
             (self.teacher if when == "before" else self.lora, 1.0)]
         rows = {"turbo": self._samples(validation, loras, TURBO.steps, TURBO.cfg),
-                "quality": self._samples(validation, loras, QUALITY.steps, QUALITY.cfg)}
+                "quality": self._samples(validation, loras, reference.steps, reference.cfg)}
         if when == "before" and self.cfg.scheme == "trajectory":
             rows["base_turbo"] = self._samples(validation, [], TURBO.steps, TURBO.cfg)
-            rows["base_quality"] = self._samples(validation, [], QUALITY.steps, QUALITY.cfg)
+            rows["base_quality"] = self._samples(validation, [], reference.steps, reference.cfg)
         if when == "after" and self.distill_patch is not None:
             rows["patched"] = self._samples(validation, [(self.lora, 1.0), (self.distill_patch, 1.0)],
                                             TURBO.steps, TURBO.cfg)
+        if when == "after" and self.ema is not None:
+            rows["ema"] = self._samples(validation, [(self.ema.lora, 1.0)], TURBO.steps, TURBO.cfg)
         return rows
 
-    def _write_outputs(self, result: TrainResult, validation, before: dict):
+    # ------------------------------------------------------------------------------------------ files
+    def _metadata(self, ema: bool = False) -> dict[str, str]:
         cfg = self.cfg
         metadata = {"scheme": cfg.scheme, "rank": str(cfg.rank), "alpha": str(cfg.lora_alpha),
-                    "steps": str(self.step), "base_model": cfg.base_model, "preset_lora": str(cfg.preset_lora or ""),
+                    "steps": str(self.step), "base_model": cfg.base_model,
+                    "model_variant": cfg.model_variant, "preset_lora": str(cfg.preset_lora or ""),
                     "init_lora": str(cfg.init_lora or ""), "targets": ",".join(cfg.targets), "lr": str(cfg.lr),
-                    "seed": str(cfg.seed), "loss_weighting": cfg.loss_weighting, "trainer": "zimage_core.training"}
+                    "seed": str(cfg.seed), "loss_weighting": cfg.loss_weighting, "optimizer": cfg.optimizer,
+                    "lr_schedule": cfg.lr_schedule, "trainer": "zimage_core.training"}
         if cfg.scheme == "trajectory":
             metadata.update(teacher_steps=str(cfg.teacher_steps), teacher_cfg=str(cfg.teacher_cfg),
                             student_steps=str(cfg.student_steps))
-        export = self.lora.to(dtype=_SAVE_DTYPES[cfg.save_dtype], device="cpu")
-        result.lora_path = cfg.output_path(".safetensors")
-        save_lora(export, result.lora_path, metadata=metadata)
+        if ema:
+            metadata["ema_decay"] = str(cfg.ema_decay)
+        return metadata
+
+    def _save(self, lora: LoraWeights, path: Path, ema: bool = False) -> Path:
+        save_lora(lora.to(dtype=_SAVE_DTYPES[self.cfg.save_dtype], device="cpu"), path, metadata=self._metadata(ema))
+        return path
+
+    def _snapshots(self, stem: str) -> list[Path]:
+        """This run's intermediate LoRA files STEM.stepNNNNNN.safetensors, oldest first."""
+        root = Path(self.cfg.output_dir)
+        return sorted(p for p in root.glob(f"{stem}.step*.safetensors")
+                      if p.name[len(stem) + 5:-len(".safetensors")].isdigit())
+
+    def _save_snapshot(self):
+        """NAME.stepNNNNNN.safetensors (and NAME_ema.stepNNNNNN.safetensors with EMA); only the newest keep_last
+        of each are kept."""
+        cfg = self.cfg
+        files = [(cfg.output_name, self.lora, False)]
+        if self.ema is not None:
+            files.append((f"{cfg.output_name}_ema", self.ema.lora, True))
+        for stem, lora, ema in files:
+            self._save(lora, cfg.output_path(f"{'_ema' if ema else ''}.step{self.step:06d}.safetensors"), ema)
+            if cfg.keep_last:
+                for old in self._snapshots(stem)[:-cfg.keep_last]:
+                    old.unlink()
+
+    def _validate_progress(self):
+        """The grid of validation point `step` (8 steps / cfg 1 with the current LoRA, its EMA and the DistillPatch
+        preview when present) as NAME.stepNNNNNN.grid.png, and the loss curve so far."""
+        cfg = self.cfg
+        rows = [(f"step {self.step} 8 steps cfg 1", [(self.lora, 1.0)])]
+        if self.ema is not None:
+            rows.append((f"step {self.step} EMA 8 steps cfg 1", [(self.ema.lora, 1.0)]))
+        if self.distill_patch is not None:
+            rows.append((f"step {self.step} + DistillPatch", [(self.lora, 1.0), (self.distill_patch, 1.0)]))
+        render = self.decode or latent_preview
+        images = [(label, [render(x) for x in self._samples(self.validation, loras, TURBO.steps, TURBO.cfg)])
+                  for label, loras in rows]
+        self.validation_grids.append(grid_png(images, [p for p, _ in self.validation],
+                                              cfg.output_path(f".step{self.step:06d}.grid.png")))
+        loss_curve_png(self.losses, cfg.output_path(".loss.png"), title=f"{cfg.output_name}: {cfg.scheme} loss")
+
+    def _write_outputs(self, result: TrainResult, validation, before: dict):
+        cfg = self.cfg
+        result.lora_path = self._save(self.lora, cfg.output_path(".safetensors"))
+        if self.ema is not None:
+            result.ema_path = self._save(self.ema.lora, cfg.output_path("_ema.safetensors"), ema=True)
         if self.losses:
             result.loss_curve_path = loss_curve_png(self.losses, cfg.output_path(".loss.png"),
                                                     title=f"{cfg.output_name}: {cfg.scheme} loss")
@@ -454,13 +557,18 @@ class _Run:
             after = self._validate(validation, "after")
             render = self.decode or latent_preview
             rows = []
+            model_name, reference = LABELS[cfg.model_variant], REFERENCE_RECIPE[cfg.model_variant]
+            fast, slow = f"{TURBO.steps} steps cfg {TURBO.cfg:g}", f"{reference.steps} steps cfg {reference.cfg:g}"
             if "base_turbo" in before:
-                rows += [("base 8 steps cfg 1", before["base_turbo"]), ("base 30 steps cfg 2", before["base_quality"])]
-            label = "SFT LoRA" if cfg.scheme == "trajectory" else "before"
-            rows += [(f"{label} 8 steps cfg 1", before["turbo"]), (f"{label} 30 steps cfg 2", before["quality"]),
-                     ("after 8 steps cfg 1", after["turbo"]), ("after 30 steps cfg 2", after["quality"])]
+                rows += [(f"{model_name}, no LoRA, {fast}", before["base_turbo"]),
+                         (f"{model_name}, no LoRA, {slow}", before["base_quality"])]
+            label = "SFT LoRA" if cfg.scheme == "trajectory" else f"{model_name}, before"
+            rows += [(f"{label}, {fast}", before["turbo"]), (f"{label}, {slow}", before["quality"]),
+                     (f"after, {fast}", after["turbo"]), (f"after, {slow}", after["quality"])]
             if "patched" in after:
-                rows.append(("after + DistillPatch 8 steps cfg 1", after["patched"]))
+                rows.append((f"after + DistillPatch, {fast}", after["patched"]))
+            if "ema" in after:
+                rows.append((f"after EMA, {fast}", after["ema"]))
             images = [(name, [render(x) for x in latents]) for name, latents in rows]
             result.grid_path = grid_png(images, [p for p, _ in validation], cfg.output_path(".grid.png"))
             check = {"base": _gap(before.get("base_turbo", before["turbo"]), before.get("base_quality",
@@ -471,8 +579,9 @@ class _Run:
             if "patched" in after:
                 check["trained+distillpatch"] = _gap(after["patched"], after["quality"])
             result.turbo_check = check
-            self.log("turbo check (RMS distance between 8-step/cfg-1 and 30-step/cfg-2 samples; smaller keeps the "
-                     "Turbo): " + ", ".join(f"{k} {v:.4f}" for k, v in check.items()))
+            self.log(f"turbo check on {model_name} (RMS distance between {fast} and {slow} samples; smaller keeps "
+                     f"the Turbo; 'base' = {model_name} without the trained LoRA): "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in check.items()))
 
 
 def trajectory_pool_noise(seed: int, entry: int, k: int, shape) -> Tensor:
