@@ -2,7 +2,8 @@
 `comfy_entrypoint` (no V1 mapping dict: ComfyUI checks it first and would then ignore the V3 entry point).
 
 Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
-ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.
+ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder and
+ZImageTurboDemoVAE (the toy world's encoders).
 The wire type is documented in types.py.
 """
 
@@ -12,7 +13,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from .demo import ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder
+from .demo import ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder, ZImageTurboDemoVAE
 from .loader import ZImageTurboModelLoader
 from .lora_stack import ZImageTurboLoraStack
 from .sampler import ZImageTurboSampler
@@ -25,6 +26,7 @@ NODES: list[type[io.ComfyNode]] = [
     ZImageTurboTrainLora,
     ZImageTurboDemoConditioning,
     ZImageTurboDemoTextEncoder,
+    ZImageTurboDemoVAE,
 ]
 
 

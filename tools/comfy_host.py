@@ -529,7 +529,7 @@ class ModelFiles:
     transformer_comfy: str = "zimage_tiny_comfy.safetensors"  # the same weights, ComfyUI fused-qkv layout + prefix
     user_lora: str = "user_style.safetensors"  # ai-toolkit / peft layout
     user_lora2: str = "user_other.safetensors"
-    distillpatch: str = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynth layout, as the DistillPatch
+    distillpatch: str = "z_image_turbo_distill_patch_lora_bf16.safetensors"  # Comfy-Org's name; DiffSynth layout
     foreign_lora: str = "sdxl_style.safetensors"  # an SDXL LoRA
     foreign_model: str = "not_zimage.safetensors"  # an SDXL-UNet-like checkpoint in diffusion_models
     vae: str = "ae.safetensors"  # random Flux-architecture VAE

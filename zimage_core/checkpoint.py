@@ -248,8 +248,17 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
         for name, tensor in model.state_dict(keep_vars=True).items():
             source.read_into(name, tensor.data)
     model.weight_source = source
-    log.info("loaded %s (%s layout, %.2f B parameters, %s)", path, layout, model.num_parameters() / 1e9, dtype)
+    log.info("loaded %s (%s layout, %s parameters, %s)", path, layout, parameter_count(model.num_parameters()), dtype)
     return model.eval().requires_grad_(False)
+
+
+def parameter_count(n: int) -> str:
+    """A parameter count for logs, with three significant digits: 6.15 B, 1.94 M, 12.3 K, 950."""
+    rounded = float(f"{n:.3g}")  # first, so that 999 999 reads "1 M", not "1e+03 K"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if rounded >= scale:
+            return f"{rounded / scale:.3g} {unit}"
+    return str(n)
 
 
 def comfyui_state_dict(model: ZImageTransformer) -> dict[str, torch.Tensor]:

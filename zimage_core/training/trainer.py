@@ -34,7 +34,7 @@ from .config import ConfigError, TrainConfig
 from .data import DatasetCache, _mix
 from .losses import SigmaSampler, sft_loss, student_step_weights, teacher_trajectory, trajectory_grids, \
     trajectory_loss
-from .report import grid_png, latent_preview, loss_curve_png
+from .report import grid_png, latent_preview, loss_curve_png, report_json
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
 ShouldStop = Callable[[], bool]  # True (or raising) interrupts; a checkpoint is written first
@@ -56,6 +56,7 @@ class TrainResult:
     checkpoint_path: Path | None = None
     loss_curve_path: Path | None = None
     grid_path: Path | None = None
+    report_path: Path | None = None  # <name>.report.json: steps, losses, turbo check
     turbo_check: dict[str, float] = field(default_factory=dict)
     teacher_forwards: int = 0  # sample-forwards of the teacher (a cfg-2 step of one sample counts 2)
     student_forwards: int = 0  # sample-forwards of the student with grad
@@ -287,7 +288,7 @@ class _Run:
         local = slice(lo, lo + self.local_batch)
         idx = batch[local]
         entry = self.data.entries[batch[0]]
-        shape = (channels, entry.height // 8, entry.width // 8)
+        shape = (channels, entry.height // self.data.factor, entry.width // self.data.factor)
         if cfg.trajectory_noises:
             noise_ids = torch.randint(0, cfg.trajectory_noises, (len(batch),), generator=gen).tolist()[local]
         else:
@@ -406,7 +407,8 @@ class _Run:
     def _validation_size(self) -> tuple[int, int]:
         cfg = self.cfg
         first = self.data.entries[0]
-        return (cfg.validation_width or first.width) // 8, (cfg.validation_height or first.height) // 8
+        factor = self.data.factor
+        return (cfg.validation_width or first.width) // factor, (cfg.validation_height or first.height) // factor
 
     @torch.no_grad()
     def _samples(self, validation, loras, steps: int, cfg_scale: float) -> list[Tensor]:
@@ -473,6 +475,7 @@ class _Run:
             result.turbo_check = check
             self.log("turbo check (RMS distance between 8-step/cfg-1 and 30-step/cfg-2 samples; smaller keeps the "
                      "Turbo): " + ", ".join(f"{k} {v:.4f}" for k, v in check.items()))
+        result.report_path = report_json(cfg.output_path(".report.json"), self.step, self.losses, result.turbo_check)
 
 
 def trajectory_pool_noise(seed: int, entry: int, k: int, shape) -> Tensor:
