@@ -2,8 +2,8 @@
 `comfy_entrypoint` (no V1 mapping dict: ComfyUI checks it first and would then ignore the V3 entry point).
 
 Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
-ZImageTurboTrainLora, and the demo/test-only ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder and
-ZImageTurboDemoVAE (the toy world's encoders).
+ZImageTurboTrainLora, ZImageTurboControlNetLoader, ZImageTurboApplyControlNet, and the demo/test-only
+ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder and ZImageTurboDemoVAE (the toy world's encoders).
 The wire type is documented in types.py.
 """
 
@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .controlnet import ZImageTurboApplyControlNet, ZImageTurboControlNetLoader
 from .demo import ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder, ZImageTurboDemoVAE
 from .loader import ZImageTurboModelLoader
 from .lora_stack import ZImageTurboLoraStack
@@ -24,6 +25,8 @@ NODES: list[type[io.ComfyNode]] = [
     ZImageTurboLoraStack,
     ZImageTurboSampler,
     ZImageTurboTrainLora,
+    ZImageTurboControlNetLoader,
+    ZImageTurboApplyControlNet,
     ZImageTurboDemoConditioning,
     ZImageTurboDemoTextEncoder,
     ZImageTurboDemoVAE,

@@ -9,6 +9,7 @@ from ..zimage_core import lora as lora_engine
 from .types import LoraSpec
 
 _MAX_CACHED = 6
+_NAMED_KEYS = 5  # text-encoder keys listed by name in the node's report
 _cache: OrderedDict[tuple[str, float], object] = OrderedDict()
 
 
@@ -27,9 +28,10 @@ def load_cached(spec: LoraSpec):
 
 def apply_stack(transformer, specs: tuple[LoraSpec, ...]):
     """Merge `specs` into `transformer`; returns (handle, reports). Unmatched keys raise the engine's LoraError
-    (naming file, format and keys); a LoRA that patches nothing is an error too, never a silent no-op."""
+    (naming file, format and keys); a LoRA that patches nothing is an error too, never a silent no-op. Text-encoder
+    keys are left out and named in the reports (the stack node refuses them first when its `strict` is on)."""
     handle = lora_engine.apply_loras(transformer, [(load_cached(s), s.strength) for s in specs],
-                                     mode="merge", strict=True)
+                                     mode="merge", strict=True, skip_text_encoder=True)
     for spec, report in zip(specs, handle.reports):
         if report.matched == 0:
             handle.remove()
@@ -39,10 +41,16 @@ def apply_stack(transformer, specs: tuple[LoraSpec, ...]):
 
 
 def summarize(spec: LoraSpec, report) -> str:
-    """One UI line per LoRA: detected format, modules patched, keys left unmatched."""
+    """One UI line per LoRA: detected format, modules patched, keys left unmatched, keys skipped (no effect), and the
+    text-encoder keys not applied, by name."""
     role = " [DistillPatch]" if spec.role == "distillpatch" else ""
     text = (f"{spec.name}{role} @ {spec.strength:g}: format {report.format}, {report.matched} modules patched, "
             f"{len(report.unmatched)} keys left")
-    if getattr(report, "redundant", None):
-        text += f", {len(report.redundant)} duplicate keys skipped"
+    if report.redundant:
+        text += f", {len(report.redundant)} keys without effect skipped"
+    if report.text_encoder:
+        names = ", ".join(report.text_encoder[:_NAMED_KEYS]) + (", ..." if len(report.text_encoder) > _NAMED_KEYS
+                                                                else "")
+        text += (f"\n  text encoder NOT applied by this node ({len(report.text_encoder)} keys: {names}); use "
+                 f"ComfyUI's LoraLoader on the CLIP for those")
     return text

@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 from server import PromptServer
 
-from .lora_cache import summarize
+from .lora_cache import load_cached, summarize
 from .types import ROLE_DISTILLPATCH, ROLE_LORA, ZIMAGE_MODEL, LoraSpec, ZImageModel
 
 NONE = "None"
@@ -64,6 +64,11 @@ class ZImageTurboLoraStack(io.ComfyNode):
                                    "models/loras; None = off."),
             io.Float.Input("distillpatch_strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                            tooltip="Strength of the DistillPatch (1.0 is what it was trained for)."),
+            io.Boolean.Input("strict", default=False, optional=True,
+                             tooltip="On: refuse a LoRA that also carries text-encoder keys. Off: apply its "
+                                     "transformer part and list the text-encoder keys in the report (apply those "
+                                     "with ComfyUI's LoraLoader on the CLIP). Keys that fit no part of Z-Image are "
+                                     "refused either way."),
         ]
         return io.Schema(
             node_id="ZImageTurboLoraStack",
@@ -87,7 +92,7 @@ class ZImageTurboLoraStack(io.ComfyNode):
     @classmethod
     @override
     def execute(cls, model: ZImageModel, lora_1, strength_1, lora_2, strength_2, lora_3, strength_3,
-                distillpatch, distillpatch_strength) -> io.NodeOutput:
+                distillpatch, distillpatch_strength, strict=False) -> io.NodeOutput:
         specs = []
         for name, strength in ((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)):
             if name != NONE and strength != 0:
@@ -97,6 +102,13 @@ class ZImageTurboLoraStack(io.ComfyNode):
                 raise ValueError(f"the incoming model already has a DistillPatch; '{distillpatch}' would apply it "
                                  f"twice: set distillpatch to None on one of the chained LoRA stacks")
             specs.append(spec_for(distillpatch, distillpatch_strength, ROLE_DISTILLPATCH))
+        if strict:
+            for spec in specs:
+                te_keys = load_cached(spec).text_encoder
+                if te_keys:
+                    raise ValueError(f"LoRA '{spec.name}' also trains the text encoder ({len(te_keys)} keys, first: "
+                                     f"{te_keys[:3]}), which this node cannot apply; strict is on, so it is refused. "
+                                     f"Turn strict off to apply its transformer part alone")
         out = model.with_loras(*specs)
         reports = out.activate()
         lines = [summarize(spec, report) for spec, report in zip(out.loras, reports)] or ["no LoRA applied"]

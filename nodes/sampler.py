@@ -20,7 +20,8 @@ from comfy_api.latest import io
 
 from ..zimage_core import QUALITY, TURBO, sample
 from ..zimage_core.scheduler import DEFAULT_SHIFT
-from .types import ZIMAGE_MODEL, ZImageModel
+from .controlnet import control_inputs
+from .types import ZIMAGE_CONTROL, ZIMAGE_MODEL, ZImageModel
 
 PRESETS = {"turbo": TURBO, "quality": QUALITY, "custom": None}
 
@@ -70,6 +71,18 @@ def prepare_latents(model: ZImageModel, latent: dict, seed: int):
     return samples, noise, start
 
 
+def check_controls(chain, model: ZImageModel, latent_shape) -> list:
+    """The chain's controls, encoded at the latent's size, after checking every ControlNet fits the model (before
+    anything is loaded or merged, so a bad control leaves the model as it was)."""
+    for spec in chain:
+        net = spec.controlnet
+        net.net.check_fits(model.transformer, f"control: ControlNet '{net.name}'")
+        if net.dtype != model.base.dtype:
+            raise ValueError(f"control: ControlNet '{net.name}' was loaded in {net.dtype} but the model runs in "
+                             f"{model.base.dtype}: pick the same weight_dtype in both loaders")
+    return control_inputs(chain, latent_shape)
+
+
 def resolve_preset(preset: str, steps: int, cfg: float) -> tuple[int, float]:
     chosen = PRESETS[preset]
     return (steps, cfg) if chosen is None else (chosen.steps, chosen.cfg)
@@ -112,6 +125,9 @@ class ZImageTurboSampler(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Optional negative prompt, used only when cfg != 1; without it an "
                                               "all-zero caption is the unconditional branch."),
+                ZIMAGE_CONTROL.Input("control", optional=True,
+                                     tooltip="Optional Fun ControlNet controls from Z-Image Turbo Apply ControlNet "
+                                             "(control image, strength, start/end, inpaint mode)."),
             ],
             outputs=[io.Latent.Output("LATENT", display_name="LATENT",
                                       tooltip="Sampled latent (raw Flux-VAE space) for VAEDecode.")],
@@ -120,7 +136,7 @@ class ZImageTurboSampler(io.ComfyNode):
     @classmethod
     @override
     def execute(cls, model: ZImageModel, positive, latent_image, preset, steps, cfg, shift, seed, denoise,
-                negative=None) -> io.NodeOutput:
+                negative=None, control=()) -> io.NodeOutput:
         steps, cfg = resolve_preset(preset, steps, cfg)
         if denoise <= 0.0:
             return io.NodeOutput(dict(latent_image))
@@ -129,9 +145,11 @@ class ZImageTurboSampler(io.ComfyNode):
         neg = conditioning_features(negative, model, "negative") if negative is not None and cfg != 1.0 else None
 
         patcher = model.patcher
+        controls = check_controls(control or (), model, samples.shape)
         rows = samples.shape[0] * (2 if cfg != 1.0 else 1)
         comfy.model_management.load_models_gpu(
-            [patcher], memory_required=patcher.model.memory_required([rows, *samples.shape[1:]]), force_full_load=True)
+            [patcher, *{id(c.controlnet.patcher): c.controlnet.patcher for c in control or ()}.values()],
+            memory_required=patcher.model.memory_required([rows, *samples.shape[1:]]), force_full_load=True)
         model.activate()
         device = patcher.load_device
 
@@ -143,7 +161,7 @@ class ZImageTurboSampler(io.ComfyNode):
 
         out = sample(model.transformer, noise.to(device), [c.to(device) for c in pos],
                      None if neg is None else [c.to(device) for c in neg], steps=steps, cfg=cfg, shift=shift,
-                     denoise=denoise, callback=on_step, init_latent=start.to(device))
+                     denoise=denoise, callback=on_step, init_latent=start.to(device), control=controls)
         result = dict(latent_image)
         result["samples"] = patcher.model.latent_format.process_out(out.float()).to(
             comfy.model_management.intermediate_device())

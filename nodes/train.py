@@ -26,10 +26,12 @@ from server import PromptServer
 
 from ..zimage_core.training import Encoders, TrainConfig, build_cache, train
 from ..zimage_core.training.config import DEFAULT_TARGETS
-from .lora_stack import NONE, lora_options, spec_for
+from .lora_stack import NONE, check_lora_choices, lora_options, spec_for
 from .types import ROLE_DISTILLPATCH, ROLE_TRAINED, ZIMAGE_MODEL, LoraSpec, ZImageModel, log
 
 SCHEMES = {"sft": "sft", "differential": "differential", "distill": "trajectory"}
+SCHEME_LORA = {"differential": "preset_lora", "distill": "sft_lora"}  # the LoRA input each scheme reads
+SCHEME_LORA_ROLE = {"differential": "the frozen training adapter", "distill": "the SFT LoRA to make 8-step capable"}
 WORK_SUBDIR = "zimage_training"
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -189,12 +191,25 @@ class ZImageTurboTrainLora(io.ComfyNode):
 
     @classmethod
     @override
-    def validate_inputs(cls, output_name):
+    def validate_inputs(cls, output_name, scheme, preset_lora, sft_lora):
+        # Every input named here skips ComfyUI's own checks; after 0.3.75 those check each combo value against its
+        # options, which would refuse a saved workflow whose *unused* preset_lora / sft_lora names a deleted file.
+        # So scheme and both LoRA choices are checked here, each LoRA only when the scheme uses it.
         try:
             safe_output_name(output_name)
         except ValueError as e:
             return str(e)
-        return True
+        if scheme is None:  # linked from another node: its value is known only at run time
+            return True
+        if scheme not in SCHEMES:
+            return f"scheme '{scheme}' is not one of {', '.join(SCHEMES)}"
+        used = SCHEME_LORA.get(scheme)
+        if used is None:
+            return True
+        input_name, value = used, {"preset_lora": preset_lora, "sft_lora": sft_lora}[used]
+        if value == NONE:
+            return f"scheme {scheme} needs a {input_name} ({SCHEME_LORA_ROLE[scheme]})"
+        return True if value is None else check_lora_choices(**{input_name: value})
 
     @classmethod
     @override

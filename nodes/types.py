@@ -15,6 +15,15 @@ branches and runs with different LoRAs can share one loaded model without drift.
 
 The sockets around it are ComfyUI's own types (CONDITIONING, LATENT, CLIP, VAE, IMAGE), so core text encoding, VAE
 and image nodes work unchanged.
+
+Two more sockets carry the Fun ControlNet (nodes/controlnet.py):
+
+* `ZIMAGE_CONTROLNET`: a `LoadedControlNet`, one cached `zimage_core.ZImageControlNet` loaded from a file, wrapped in
+  its own `ZImagePatcher` so that ComfyUI moves it to the GPU with the transformer and frees it like any model;
+* `ZIMAGE_CONTROL`: a tuple of `ControlSpec`s, what the Apply ControlNet nodes of a chain asked for (ControlNet, VAE,
+  control image, strength, start/end, optional inpaint image and mask), in chain order. The images are encoded by
+  the sampler, at the size of its latent, so one chain serves any resolution. The sampler's optional `control`
+  input takes it; nothing of the ZIMAGE_MODEL changes.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ log = logging.getLogger("ZImageTurbo")
 
 ZIMAGE_MODEL = io.Custom("ZIMAGE_MODEL")
 """The socket type; use `ZIMAGE_MODEL.Input(...)` / `ZIMAGE_MODEL.Output(...)` in schemas."""
+ZIMAGE_CONTROLNET = io.Custom("ZIMAGE_CONTROLNET")
+ZIMAGE_CONTROL = io.Custom("ZIMAGE_CONTROL")
 
 OFFLOAD_MODES = ("none", "block")
 ROLE_LORA, ROLE_DISTILLPATCH, ROLE_TRAINED = "lora", "distillpatch", "trained"
@@ -203,3 +214,34 @@ class ZImageModel:
         stack = ", ".join(f"{s.name} @ {s.strength:g}" + (" (DistillPatch)" if s.role == ROLE_DISTILLPATCH else "")
                           for s in self.loras)
         return f"{self.base.name} [{self.base.dtype}, offload {self.base.offload}]" + (f" + {stack}" if stack else "")
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedControlNet:
+    """The value of a `ZIMAGE_CONTROLNET` socket: a loaded Fun ControlNet, its patcher and the file it came from."""
+
+    net: object  # zimage_core.ZImageControlNet
+    patcher: ZImagePatcher
+    name: str
+    dtype: torch.dtype
+
+    @classmethod
+    def create(cls, net, name: str, dtype: torch.dtype) -> "LoadedControlNet":
+        patcher = ZImagePatcher(ZImageShell(net, "none"), load_device=comfy.model_management.get_torch_device(),
+                                offload_device=comfy.model_management.unet_offload_device())
+        return cls(net, patcher, name, dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class ControlSpec:
+    """One Apply ControlNet node's request (an element of a `ZIMAGE_CONTROL` tuple). Images are ComfyUI IMAGE
+    tensors [B, H, W, C] in 0..1, the mask a MASK [B, H, W] (1 = repaint)."""
+
+    controlnet: LoadedControlNet
+    vae: object
+    image: torch.Tensor | None
+    strength: float
+    start: float
+    end: float
+    inpaint_image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None

@@ -28,13 +28,13 @@ INPUT_SNAPSHOT = {
         "required": [("model", "ZIMAGE_MODEL"), ("lora_1", "COMBO"), ("strength_1", "FLOAT"), ("lora_2", "COMBO"),
                      ("strength_2", "FLOAT"), ("lora_3", "COMBO"), ("strength_3", "FLOAT"),
                      ("distillpatch", "COMBO"), ("distillpatch_strength", "FLOAT")],
-        "optional": [],
+        "optional": [("strict", "BOOLEAN")],
     },
     "ZImageTurboSampler": {
         "required": [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
                      ("preset", "COMBO"), ("steps", "INT"), ("cfg", "FLOAT"), ("shift", "FLOAT"), ("seed", "INT"),
                      ("denoise", "FLOAT")],
-        "optional": [("negative", "CONDITIONING")],
+        "optional": [("negative", "CONDITIONING"), ("control", "ZIMAGE_CONTROL")],
     },
     "ZImageTurboTrainLora": {
         "required": [("model", "ZIMAGE_MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset_folder", "STRING"),
@@ -43,12 +43,21 @@ INPUT_SNAPSHOT = {
                      ("seed", "INT"), ("validation_prompt", "STRING"), ("output_name", "STRING")],
         "optional": [],
     },
+    "ZImageTurboControlNetLoader": {"required": [("controlnet_name", "COMBO"), ("weight_dtype", "COMBO")],
+                                    "optional": []},
+    "ZImageTurboApplyControlNet": {
+        "required": [("controlnet", "ZIMAGE_CONTROLNET"), ("vae", "VAE"), ("strength", "FLOAT"), ("start", "FLOAT"),
+                     ("end", "FLOAT")],
+        "optional": [("image", "IMAGE"), ("inpaint_image", "IMAGE"), ("mask", "MASK"), ("control", "ZIMAGE_CONTROL")],
+    },
 }
 OUTPUT_SNAPSHOT = {
     "ZImageTurboModelLoader": ["ZIMAGE_MODEL"],
     "ZImageTurboLoraStack": ["ZIMAGE_MODEL"],
     "ZImageTurboSampler": ["LATENT"],
     "ZImageTurboTrainLora": ["ZIMAGE_MODEL", "STRING", "IMAGE", "IMAGE"],
+    "ZImageTurboControlNetLoader": ["ZIMAGE_CONTROLNET"],
+    "ZImageTurboApplyControlNet": ["ZIMAGE_CONTROL"],
 }
 
 

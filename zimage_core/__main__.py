@@ -32,6 +32,16 @@ def _convert_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_args(parser: argparse.ArgumentParser) -> None:
+    from .encoders.cli import configure
+    configure(parser)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from .encoders.cli import run
+    return run(args)
+
+
 def _train_args(parser: argparse.ArgumentParser) -> None:
     from .training.cli import configure
     configure(parser)
@@ -44,6 +54,8 @@ def _train(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "convert-lora": ("convert any supported Z-Image LoRA to the export format", _convert_lora_args, _convert_lora),
+    "encode": ("encode an image folder into the trainer's dataset cache with the real Qwen3-4B and Flux VAE "
+               "(needs transformers and diffusers)", _encode_args, _encode),
     "train": ("train a LoRA headless from an encoded dataset cache (torchrun for data parallel)", _train_args, _train),
 }
 

@@ -2,9 +2,11 @@
 
 Layouts: diffusers / DiffSynth names (split to_q/to_k/to_v, `all_x_embedder.2-1`, ...) as single files or sharded
 folders, and ComfyUI's single file (fused `attention.qkv`, `attention.out`, `q_norm`, `x_embedder`, ...), each with
-or without a `model.diffusion_model.` / `diffusion_model.` prefix; bf16/fp16/fp32 storage and fp8 (e4m3fn, with or
-without ComfyUI's per-tensor `scale_weight`), which is up-cast. The config is read from `config.json` when there is
-one, else inferred from the tensor shapes. Tensors stream from disk into the parameters one at a time.
+or without a `model.diffusion_model.` / `diffusion_model.` prefix; bf16/fp16/fp32 storage and fp8 (e4m3fn or e5m2,
+plain, with ComfyUI's per-tensor `scale_weight` or with this pack's per-channel `weight_scale`). fp8 tensors are
+up-cast to the compute dtype, or, with `weight_storage="fp8_e4m3fn"`, kept as they are in fp8 storage
+(zimage_core.quantization), where a bf16 file is quantised on the way in. The config is read from `config.json` when
+there is one, else inferred from the tensor shapes. Tensors stream from disk into the parameters one at a time.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from pathlib import Path
 import torch
 
 from .config import ZImageConfig
+from .quantization import FP8_DTYPES, SCALE_NAME, STORABLE_FP8, WEIGHT_STORAGE, Fp8Linear, check_fp8_support, \
+    quantize_fp8, use_fp8_structure
 from .safetensors_io import SafetensorsFile
 from .transformer import ZImageTransformer
 
 log = logging.getLogger("zimage_core")
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8 = STORABLE_FP8
+_SCALE_SUFFIXES = (".scale_weight", "." + SCALE_NAME)  # ComfyUI's per-tensor scale, this pack's per-channel scale
+_COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # ComfyUI-only keys that carry nothing this model needs: the unused top-level RMSNorm and fp8 bookkeeping.
 _IGNORED = re.compile(r"^(norm_final\.weight|scaled_fp8|.*\.scale_input|.*\.comfy_quant)$")
 
@@ -47,6 +53,7 @@ _LOOKALIKES = [  # (key fragment, what the file probably is)
     ("self_attn.q_proj", "a text encoder (e.g. Qwen3)"),
     ("layers.0.adaLN_modulation.1.", "a Lumina 2 transformer (Z-Image has adaLN_modulation.0 without SiLU)"),
     ("siglip_embedder.", "a Z-Image Omni/Edit transformer (only text-to-image Z-Image is supported)"),
+    ("control_all_x_embedder.", "a Z-Image Fun ControlNet (load it with the ControlNet loader, not as a model)"),
 ]
 _REQUIRED = ("cap_embedder.1.weight", "t_embedder.mlp.0.weight", "layers.0.adaLN_modulation.0.weight")
 
@@ -56,7 +63,21 @@ class _Source:
     file: SafetensorsFile
     key: str
     rows: slice | None = None  # a q/k/v block of a fused qkv weight
-    scale_key: str | None = None  # ComfyUI scaled-fp8 per-tensor scale
+    scale_key: str | None = None  # fp8 scale: per tensor (ComfyUI `scale_weight`) or per output row (`weight_scale`)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.file.tensors[self.key].dtype
+
+    def scale(self) -> torch.Tensor:
+        """The fp8 scale as fp32, [] (per tensor) or [rows, 1] (per output channel, sliced like the weight)."""
+        if self.scale_key is None:
+            return torch.ones(())
+        value = self.file.read(self.scale_key).float()
+        if value.numel() == 1:
+            return value.reshape(())
+        value = value.reshape(-1, 1)
+        return value[self.rows] if self.rows is not None else value
 
 
 class WeightSource:
@@ -86,15 +107,26 @@ class WeightSource:
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         src = self._sources[name]
-        stored = src.file.tensors[src.key].dtype
-        if stored in _FP8:
-            value = src.file.read(src.key, src.rows).float()
-            if src.scale_key is not None:
-                value = value * src.file.read(src.scale_key).float()
+        if src.dtype in _FP8:
             with torch.no_grad():
-                out.copy_(value)
+                out.copy_(src.file.read(src.key, src.rows).float() * src.scale())
         else:
             src.file.read_into(src.key, out, src.rows)
+
+    def read_fp8_into(self, name: str, linear: Fp8Linear) -> None:
+        """Fill an Fp8Linear's weight and scale: fp8 bits of its own variant are copied as stored (with their scale),
+        anything else (bf16/fp16/fp32, another fp8 variant) is read as fp32 and quantised, one tensor at a time."""
+        src = self._sources[name]
+        with torch.no_grad():
+            if src.dtype == linear.weight.dtype:
+                src.file.read_into(src.key, linear.weight.data, src.rows)
+                linear.weight_scale.copy_(src.scale().expand_as(linear.weight_scale))
+            else:
+                weight = torch.empty(linear.weight.shape, dtype=torch.float32)
+                self.read_into(name, weight)
+                fp8, scale = quantize_fp8(weight, linear.weight.dtype)
+                linear.weight.copy_(fp8)
+                linear.weight_scale.copy_(scale)
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -126,8 +158,8 @@ def _strip_prefix(keys: list[str]) -> str:
     return ""
 
 
-def _describe_foreign(keys: list[str]) -> str:
-    for fragment, what in _LOOKALIKES:
+def _describe_foreign(keys: list[str], lookalikes=_LOOKALIKES) -> str:
+    for fragment, what in lookalikes:
         if any(fragment in k for k in keys):
             return f"; it looks like {what}"
     return ""
@@ -139,27 +171,28 @@ def _to_diffusers_name(key: str) -> str:
     return key
 
 
-def _map_sources(files: list[SafetensorsFile], label: str) -> tuple[dict[str, _Source], dict[str, tuple], str]:
-    """Map every stored tensor to the diffusers parameter name(s) it provides."""
+def _map_sources(files: list[SafetensorsFile], label: str, required=_REQUIRED, what: str = "a Z-Image transformer",
+                 lookalikes=_LOOKALIKES) -> tuple[dict[str, _Source], dict[str, tuple], str]:
+    """Map every stored tensor to the diffusers parameter name(s) it provides; a file without the `required` keys
+    is refused as not being `what`, with a guess at what it is instead."""
     entries = [(f, k) for f in files for k in f.keys()]
     keys = [k for _, k in entries]
     prefix = _strip_prefix(keys)
     names = {k: k[len(prefix):] for k in keys}
     stripped = set(names.values())
-    missing = [k for k in _REQUIRED if k not in stripped]
+    missing = [k for k in required if k not in stripped]
     if missing:
         raise ValueError(
-            f"{label} is not a Z-Image transformer: missing {missing}{_describe_foreign(keys)} "
+            f"{label} is not {what}: missing {missing}{_describe_foreign(keys, lookalikes)} "
             f"(first keys: {sorted(keys)[:4]})")
     comfy = any(n.endswith("attention.qkv.weight") or n.startswith("x_embedder.") for n in stripped)
     sources: dict[str, _Source] = {}
     shapes: dict[str, tuple] = {}
     for file, key in entries:
         name = names[key]
-        if _IGNORED.match(name) or name.endswith(".scale_weight"):
+        if _IGNORED.match(name) or name.endswith(_SCALE_SUFFIXES):
             continue
-        scale = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
-        scale = scale if scale in file.tensors else None
+        scale = _scale_key(file, key, label)
         shape = file.tensors[key].shape
         if name.endswith("attention.qkv.weight"):
             dim = shape[0] // 3
@@ -172,6 +205,30 @@ def _map_sources(files: list[SafetensorsFile], label: str) -> tuple[dict[str, _S
         sources[target] = _Source(file, key, None, scale)
         shapes[target] = shape
     return sources, shapes, ("comfyui" if comfy else "diffusers") + (f" (prefix {prefix!r})" if prefix else "")
+
+
+def _scale_key(file: SafetensorsFile, key: str, label: str) -> str | None:
+    """The scale tensor of an fp8 weight, checked from the header: a file that scales some fp8 weights (ComfyUI's
+    "scaled fp8") must scale all of them, with a scalar or one value per output row."""
+    info = file.tensors[key]
+    stem = key[: -len("weight")] if key.endswith(".weight") else None
+    found = [stem[:-1] + suffix for suffix in _SCALE_SUFFIXES if stem is not None and stem[:-1] + suffix in file.tensors]
+    if info.dtype not in _FP8:
+        if found:
+            raise ValueError(f"{label}: {found[0]} scales {key}, which is stored as {info.dtype}, not fp8")
+        return None
+    if not found:
+        scaled = any(k.endswith(("scaled_fp8", *_SCALE_SUFFIXES)) for k in file.tensors)
+        if scaled:
+            raise ValueError(f"{label} ({file.path.name}) is a scaled fp8 file but the fp8 tensor {key} has no "
+                             f"scale ({stem}scale_weight or {stem}{SCALE_NAME}): the file is incomplete")
+        return None
+    scale = file.tensors[found[0]]
+    n = torch.Size(scale.shape).numel()
+    if n != 1 and (len(info.shape) != 2 or n != info.shape[0] or scale.shape not in ((n,), (n, 1))):
+        raise ValueError(f"{label}: scale {found[0]} has shape {list(scale.shape)}, but {key} of shape "
+                         f"{list(info.shape)} needs a scalar or one value per output row ([{info.shape[0]}, 1])")
+    return found[0]
 
 
 def config_from_shapes(shapes: dict[str, tuple]) -> ZImageConfig:
@@ -223,12 +280,23 @@ def inspect_checkpoint(path: str | os.PathLike) -> tuple[ZImageConfig, str]:
 
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-                     device: str | torch.device = "cpu") -> ZImageTransformer:
-    """Load a Z-Image transformer from a `.safetensors` file or a diffusers folder, in `dtype` on `device`.
+                     device: str | torch.device = "cpu", weight_storage: str = "same") -> ZImageTransformer:
+    """Load a Z-Image transformer from a `.safetensors` file or a diffusers folder, computing in `dtype` on `device`.
 
-    The model is built on the meta device and every parameter is filled straight from disk, so peak memory stays
-    near one copy of the weights in `dtype`. Raises FileNotFoundError / ValueError naming the file and the culprit.
+    weight_storage "same" holds every weight in `dtype` (fp8 files are up-cast); "fp8_e4m3fn" holds the blocks'
+    attention and SwiGLU Linears in fp8 (zimage_core.quantization): fp8 e4m3fn tensors load as stored with their
+    scales, anything else is quantised per output channel as it is read. The model is built on the meta device and
+    every parameter is filled straight from disk, so peak memory stays near one copy of the weights as stored.
+    Raises FileNotFoundError / ValueError naming the file (or option) and the culprit, before allocating anything.
     """
+    if weight_storage not in WEIGHT_STORAGE:
+        raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGE}, got {weight_storage!r}")
+    if dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"dtype is the compute dtype and must be one of {_COMPUTE_DTYPES}, got {dtype} (for fp8 "
+                         f"storage pass weight_storage='fp8_e4m3fn')")
+    fp8_dtype = FP8_DTYPES.get(weight_storage)
+    if fp8_dtype is not None:
+        check_fp8_support(device, fp8_dtype, option=f"weight_storage={weight_storage!r}")
     path = Path(path)
     files, config_json = _checkpoint_files(path)
     st_files = [SafetensorsFile(f) for f in files]
@@ -238,17 +306,28 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
         model = ZImageTransformer(config)
     _check_against_model(model, shapes, str(path))
 
-    stored = {st.tensors[s.key].dtype for s in sources.values() for st in [s.file]}
-    if stored & set(_FP8):
+    stored = {s.dtype for s in sources.values()}
+    if stored & set(_FP8) and fp8_dtype is None:
         log.warning("%s stores fp8 weights: they are up-cast to %s, but fp8 storage visibly degrades "
                     "Z-Image-Turbo (use the bf16 file when you can)", path, dtype)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)  # before the fp8 swap: .to(dtype) would cast fp8 tensors too
+    fp8_paths = set(use_fp8_structure(model, fp8_dtype)) if fp8_dtype is not None else set()
+    model = model.to_empty(device=device)
     source = WeightSource(sources, dtype, layout, files)
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
+            module_path, _, leaf = name.rpartition(".")
+            if module_path in fp8_paths:
+                if leaf == "weight":
+                    source.read_fp8_into(name, model.get_submodule(module_path))
+                elif leaf == "bias":
+                    source.read_into(name, tensor.data)
+                continue  # weight_scale is filled with its weight
             source.read_into(name, tensor.data)
     model.weight_source = source
-    log.info("loaded %s (%s layout, %s parameters, %s)", path, layout, parameter_count(model.num_parameters()), dtype)
+    storage = f", {weight_storage} storage for {len(fp8_paths)} Linears" if fp8_paths else ""
+    log.info("loaded %s (%s layout, %s parameters, %s%s)", path, layout, parameter_count(model.num_parameters()),
+             dtype, storage)
     return model.eval().requires_grad_(False)
 
 
@@ -261,16 +340,29 @@ def parameter_count(n: int) -> str:
     return str(n)
 
 
-def comfyui_state_dict(model: ZImageTransformer) -> dict[str, torch.Tensor]:
+def _storage_state_dict(model: ZImageTransformer, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """model.state_dict(), with fp8 weights (and their scales) as stored, or dequantised when `dtype` is given."""
+    state = model.state_dict()
+    if dtype is None:
+        return state
+    for path, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            state[f"{path}.weight"] = module.dequantized(torch.float32)
+            del state[f"{path}.{SCALE_NAME}"]
+    return state
+
+
+def comfyui_state_dict(model: ZImageTransformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's weights in ComfyUI's single-file naming (fused qkv, `out`, `q_norm`, `x_embedder`, ...)."""
     out = {}
-    state = model.state_dict()
+    state = _storage_state_dict(model, dtype)
     for name, tensor in state.items():
         if ".attention.to_k." in name or ".attention.to_v." in name:
             continue
         if ".attention.to_q." in name:
-            stem = name.split(".attention.to_q.")[0] + ".attention."
-            out[stem + "qkv.weight"] = torch.cat([state[stem + f"to_{p}.weight"] for p in "qkv"])
+            stem, leaf = name.split(".attention.to_q.")
+            stem += ".attention."
+            out[stem + "qkv." + leaf] = torch.cat([state[stem + f"to_{p}.{leaf}"] for p in "qkv"])
             continue
         renamed = (name.replace("all_x_embedder.2-1.", "x_embedder.").replace("all_final_layer.2-1.", "final_layer.")
                    .replace(".attention.to_out.0.", ".attention.out.").replace(".attention.norm_q.", ".attention.q_norm.")
@@ -282,12 +374,14 @@ def comfyui_state_dict(model: ZImageTransformer) -> dict[str, torch.Tensor]:
 def save_transformer(model: ZImageTransformer, path: str | os.PathLike, layout: str = "diffusers",
                      prefix: str = "", dtype: torch.dtype | None = None) -> Path:
     """Write the model as one `.safetensors` file in `layout` "diffusers" or "comfyui" (optionally with a key
-    prefix such as "model.diffusion_model."), atomically: a temporary file renamed into place."""
+    prefix such as "model.diffusion_model."), atomically: a temporary file renamed into place. fp8 storage is
+    written as stored (fp8 weights + per-channel `weight_scale`, which `load_transformer` reads back bit for bit)
+    unless `dtype` is given, which writes every weight dequantised in `dtype`."""
     from safetensors.torch import save_file
 
     if layout not in ("diffusers", "comfyui"):
         raise ValueError(f"layout must be 'diffusers' or 'comfyui', got {layout!r}")
-    state = comfyui_state_dict(model) if layout == "comfyui" else model.state_dict()
+    state = comfyui_state_dict(model, dtype) if layout == "comfyui" else _storage_state_dict(model, dtype)
     state = {prefix + k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

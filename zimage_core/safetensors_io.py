@@ -58,6 +58,11 @@ class SafetensorsFile:
         base = 8 + header_len
         self.tensors: dict[str, TensorInfo] = {}
         for key, entry in header.items():
+            kind = entry.get("dtype") if isinstance(entry, dict) else None
+            if isinstance(kind, str) and kind.startswith("F8_") and kind not in _DTYPES:
+                raise ValueError(f"{self.path}: tensor {key!r} is stored as the float8 variant {kind}, which this "
+                                 f"loader does not support (supported: "
+                                 f"{', '.join(k for k in _DTYPES if k.startswith('F8_'))})")
             try:
                 dtype = _DTYPES[entry["dtype"]]
                 start, end = entry["data_offsets"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import ZImageConfig
+from .controlnet import ControlNetConfig, ZImageControlNet
 from .transformer import ZImageTransformer
 
 
@@ -31,3 +32,15 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **config_overr
     """A randomly initialised ~1 M parameter Z-Image transformer (`ZImageConfig.tiny`)."""
     model = ZImageTransformer(ZImageConfig.tiny(**config_overrides))
     return init_random_(model, seed).to(dtype).eval()
+
+
+def tiny_controlnet(release: str = "2.1", seed: int = 1, dtype: torch.dtype = torch.float32, n_control_layers=None,
+                    base: ZImageConfig | None = None) -> ZImageControlNet:
+    """A random Fun ControlNet of a released layout ("1.0", "2.0", "2.1", "2.1-lite") at the width of `base`
+    (default `ZImageConfig.tiny()`), with `n_control_layers` (default: half the base's layers, at least 1) and as
+    many refiner hints as the base has refiner blocks."""
+    base = base or ZImageConfig.tiny()
+    cfg = ControlNetConfig.release(release, dim=base.dim, n_heads=base.n_heads,
+                                   n_refiner_layers=base.n_refiner_layers)
+    cfg = cfg.replace(n_control_layers=n_control_layers or max(1, base.n_layers // 2))
+    return init_random_(ZImageControlNet(cfg), seed).to(dtype).eval()

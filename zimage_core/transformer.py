@@ -5,12 +5,21 @@ layout loads with no renaming and LoRA keys address modules by their usual paths
 
 Sequence layout per sample (full attention, positions live in RoPE):
     [ image tokens (N, padded to 32) | caption tokens (L, padded to 32) | batch padding (masked) ]
+
+fp16 (GPUs without bf16): Z-Image's activations exceed fp16's 65504. Newer ComfyUI replaces inf by +-65504
+(`clamp_fp16` on the SwiGLU product and on the attention / feed-forward outputs of comfy/ldm/lumina/model.py), which
+keeps the output finite but changes it wherever it acts. Here every branch output goes through a sandwich RMSNorm,
+which does not care about scale, so in fp16 the branch is computed 2^-8 smaller (an exact power of two: the input of
+its last Linear is scaled) and the norm undoes that in fp32; the norm's output and the residual stream stay fp32.
+The result is the fp32-range computation at fp16 precision, not a clamped one. bf16 and fp32 take the plain path.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +27,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import FREQ_EMBED_DIM, SEQ_MULTIPLE, T_EMBED_MID, ZImageConfig
+
+
+FP16_BRANCH_SCALE = 2.0 ** -8  # fp16 branch outputs are computed this much smaller: 256x more headroom
+
+
+def _branch_scale(dtype: torch.dtype) -> float | None:
+    return FP16_BRANCH_SCALE if dtype == torch.float16 else None
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +50,11 @@ class RMSNorm(nn.Module):
         variance = x.float().pow(2).mean(-1, keepdim=True)
         x = x.float() * torch.rsqrt(variance + self.eps)
         return x.to(self.weight.dtype) * self.weight
+
+    def unscaled_fp32(self, x: Tensor, scale: float) -> Tensor:
+        """The norm of x / scale (a power of two: exact), computed and returned in fp32 (the fp16 branch path)."""
+        x = x.float() / scale
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -88,13 +109,15 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(head_dim, qk_norm_eps)
         self.norm_k = RMSNorm(head_dim, qk_norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                out_scale: float | None = None) -> Tensor:
         q = self.norm_q(self.to_q(x).unflatten(-1, (self.n_heads, -1)))  # [B, S, H, D]
         k = self.norm_k(self.to_k(x).unflatten(-1, (self.n_heads, -1)))
         v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
+        out = out.transpose(1, 2).flatten(2)
+        return self.to_out[0](out if out_scale is None else out * out_scale)
 
 
 class FeedForward(nn.Module):
@@ -106,8 +129,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: Tensor, out_scale: float | None = None) -> Tensor:
+        gate = self.w3(x)
+        return self.w2(F.silu(self.w1(x)) * (gate if out_scale is None else gate * out_scale))
 
 
 class TransformerBlock(nn.Module):
@@ -127,14 +151,19 @@ class TransformerBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * cfg.dim))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, adaln: Tensor | None = None):
+        s = _branch_scale(self.attention_norm1.weight.dtype)  # fp16: see the module docstring
         if not self.modulation:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
-            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+            x = x + _post_norm(self.attention_norm2, self.attention(self.attention_norm1(x), rope, mask, s), s)
+            return x + _post_norm(self.ffn_norm2, self.feed_forward(self.ffn_norm1(x), s), s)
         scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
-        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_attn), rope, mask)
-        x = x + gate_attn.tanh() * self.attention_norm2(attn)
-        ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_ffn))
-        return x + gate_ffn.tanh() * self.ffn_norm2(ffn)
+        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_attn), rope, mask, s)
+        x = x + gate_attn.tanh() * _post_norm(self.attention_norm2, attn, s)
+        ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_ffn), s)
+        return x + gate_ffn.tanh() * _post_norm(self.ffn_norm2, ffn, s)
+
+
+def _post_norm(norm: RMSNorm, branch: Tensor, scale: float | None) -> Tensor:
+    return norm(branch) if scale is None else norm.unscaled_fp32(branch, scale)
 
 
 class FinalLayer(nn.Module):
@@ -147,11 +176,43 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, cfg.dim))
 
     def forward(self, x: Tensor, adaln: Tensor) -> Tensor:
-        return self.linear(self.norm_final(x) * (1.0 + self.adaLN_modulation(adaln)[:, None]))
+        h = self.norm_final(x) * (1.0 + self.adaLN_modulation(adaln)[:, None])
+        return self.linear(h.to(self.linear.weight.dtype))  # an fp32 residual stream (fp16 models) back to fp16
 
 
 def _pad_len(n: int) -> int:
     return (-n) % SEQ_MULTIPLE
+
+
+def patchify(latents: Tensor, p: int) -> Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C]: rows ordered (h', w'), values (ph, pw, c) with c fastest."""
+    batch, channels, height, width = latents.shape
+    x = latents.reshape(batch, channels, height // p, p, width // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+@dataclass(frozen=True)
+class StreamStage:
+    """The token stream at the start of a stage of blocks, as a `BlockResiduals` hook sees it.
+
+    name: "noise_refiner" (image tokens only) or "layers" (image tokens, then caption tokens). hidden: the stream
+    before the stage's first block [B, S, dim]; rope, mask, adaln: what the stage's blocks are called with;
+    img_len: the image tokens (padded to 32 with x_pad_token) at the start of the sequence."""
+
+    name: str
+    hidden: Tensor
+    rope: tuple[Tensor, Tensor]
+    mask: Tensor | None
+    adaln: Tensor
+    img_len: int
+
+
+class BlockResiduals(Protocol):
+    """A hook that adds residuals to the stream (how a ControlNet's hints enter the transformer): called once at the
+    start of each stage, it returns None or a function `residual(i)` giving the tensor to add after block i of that
+    stage (or None). The context refiner has no hook: no Z-Image ControlNet writes there."""
+
+    def __call__(self, stage: StreamStage) -> Callable[[int], Tensor | None] | None: ...
 
 
 class ZImageTransformer(nn.Module):
@@ -224,7 +285,8 @@ class ZImageTransformer(nn.Module):
         return captions
 
     # ------------------------------------------------------------------ forward
-    def forward(self, latents: Tensor, sigmas: Tensor | float, captions) -> Tensor:
+    def forward(self, latents: Tensor, sigmas: Tensor | float, captions,
+                residuals: BlockResiduals | None = None) -> Tensor:
         cfg = self.config
         captions = self._check_inputs(latents, captions)
         batch, _, height, width = latents.shape
@@ -233,13 +295,10 @@ class ZImageTransformer(nn.Module):
 
         adaln = self.t_embedder((1.0 - sigmas) * cfg.t_scale).to(dtype)  # [B, adaln_dim]
 
-        # Image tokens: [B, C, H, W] -> [B, N, p*p*C], rows ordered (h', w'), values (ph, pw, c) with c fastest.
         gh, gw = height // p, width // p
         n_img = gh * gw
         img_len = n_img + _pad_len(n_img)
-        x = latents.to(device, dtype).reshape(batch, cfg.in_channels, gh, p, gw, p)
-        x = x.permute(0, 2, 4, 3, 5, 1).reshape(batch, n_img, cfg.patch_dim)
-        x = self.x_embedder(x)
+        x = self.x_embedder(patchify(latents.to(device, dtype), p))
         x = torch.cat([x, self.x_pad_token.expand(batch, img_len - n_img, -1).to(dtype)], dim=1)
 
         # Caption tokens: each padded to a multiple of 32 with cap_pad_token, then to the batch maximum.
@@ -266,15 +325,13 @@ class ZImageTransformer(nn.Module):
         cap_mask = None if equal else self._key_mask([n for n in cap_lens], cap_max)
         seq_mask = None if equal else self._key_mask([img_len + n for n in cap_lens], img_len + cap_max)
 
-        for block in self.noise_refiner:
-            x = self._run(block, x, img_rope, None, adaln)
+        x = self._stage("noise_refiner", x, img_rope, None, adaln, img_len, residuals)
         for block in self.context_refiner:
             cap = self._run(block, cap, cap_rope, cap_mask)
 
         h = torch.cat([x, cap], dim=1)
         rope = tuple(torch.cat([a, b], dim=1) for a, b in zip(img_rope, cap_rope))
-        for block in self.layers:
-            h = self._run(block, h, rope, seq_mask, adaln)
+        h = self._stage("layers", h, rope, seq_mask, adaln, img_len, residuals)
         out = self.final_layer(h[:, :n_img], adaln)  # [B, N, p*p*C]
 
         out = out.reshape(batch, gh, gw, p, p, cfg.in_channels).permute(0, 5, 1, 3, 2, 4)
@@ -284,6 +341,15 @@ class ZImageTransformer(nn.Module):
     def _key_mask(lengths: list[int], total: int) -> Tensor:
         keep = torch.arange(total)[None] < torch.tensor(lengths)[:, None]
         return keep[:, None, None, :]  # [B, 1, 1, S] for SDPA; True = attend
+
+    def _stage(self, name: str, h: Tensor, rope, mask, adaln, img_len: int, residuals: BlockResiduals | None):
+        """Run the modulated blocks of one stage, adding the hook's residual after each block that has one."""
+        add = residuals(StreamStage(name, h, rope, mask, adaln, img_len)) if residuals is not None else None
+        for i, block in enumerate(getattr(self, name)):
+            h = self._run(block, h, rope, mask, adaln)
+            if add is not None and (residual := add(i)) is not None:
+                h = h + residual
+        return h
 
     def _run(self, block, x, rope, mask, adaln=None):
         if mask is not None:

@@ -10,6 +10,11 @@ LoraWeights tensors themselves (cast to x's dtype and device at call time), so g
 training uses. Full-size deltas (ComfyUI .diff/.diff_b, LoKr, LoHa) have no cheap side branch and are merged in both
 modes; the handle restores them the same way.
 
+fp8 storage (zimage_core.quantization): a Linear whose weight is stored in fp8 is never merged into, whatever the
+mode, since the sum would be rounded to fp8. Its LoRAs run as the runtime branches above, and full-size deltas as a
+branch x @ delta.T whose delta is rebuilt in the compute dtype at call time (one layer at a time, like the fp8
+weight itself). Removing them only removes hooks: the fp8 bits are never touched.
+
 Everything is checked (every key matched, every shape right) before the first tensor is touched."""
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quantization import is_fp8
 from .io import load_lora
 from .weights import LoraError, LoraModule, LoraWeights
 
@@ -30,7 +36,8 @@ MODES = ("merge", "runtime")
 
 @dataclass
 class LoraReport:
-    """What one LoRA of a stack did: modules patched, file keys that mapped to nothing, keys skipped as copies."""
+    """What one LoRA of a stack did: modules patched, file keys that mapped to nothing, keys skipped because they have
+    no effect (copies, unused modules), and text-encoder keys left to the text encoder."""
 
     name: str
     format: str
@@ -38,13 +45,16 @@ class LoraReport:
     matched: int
     unmatched: list[str] = field(default_factory=list)
     redundant: list[str] = field(default_factory=list)
+    text_encoder: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = f"{self.name} [{self.format}] x{self.strength:g}: {self.matched} modules"
         if self.unmatched:
             text += f", {len(self.unmatched)} keys NOT applied (first: {self.unmatched[:3]})"
         if self.redundant:
-            text += f", {len(self.redundant)} duplicate keys skipped"
+            text += f", {len(self.redundant)} keys without effect skipped"
+        if self.text_encoder:
+            text += f", {len(self.text_encoder)} text-encoder keys NOT applied (first: {self.text_encoder[:3]})"
         return text
 
 
@@ -135,7 +145,7 @@ class LoraHandle:
                 state.remember(name, param)
                 _merge_into(param, group)
 
-    def _add_branches(self, branches: dict[nn.Linear, list[tuple[Tensor, Tensor, float]]]) -> None:
+    def _add_branches(self, branches: dict[nn.Linear, list]) -> None:
         for linear, items in branches.items():
             self._hooks.append(linear.register_forward_hook(_branch_hook(items)))
 
@@ -180,12 +190,24 @@ def _by_param(patches: list[_Patch]) -> dict[str, list[_Patch]]:
     return groups
 
 
-def _branch_hook(items: list[tuple[Tensor, Tensor, float]]):
+def _low_rank_branch(down: Tensor, up: Tensor, factor: float):
+    def branch(x: Tensor) -> Tensor:
+        h = F.linear(x, down.to(device=x.device, dtype=x.dtype))
+        return factor * F.linear(h, up.to(device=x.device, dtype=x.dtype))
+    return branch
+
+
+def _full_delta_branch(module: LoraModule, strength: float):
+    def branch(x: Tensor) -> Tensor:
+        return F.linear(x, module.weight_delta(strength, x.device).to(x.dtype))
+    return branch
+
+
+def _branch_hook(branches: list):
     def hook(module, args, output):
         x = args[0]
-        for down, up, factor in items:
-            h = F.linear(x, down.to(device=x.device, dtype=x.dtype))
-            output = output + factor * F.linear(h, up.to(device=x.device, dtype=x.dtype))
+        for branch in branches:
+            output = output + branch(x)
         return output
     return hook
 
@@ -198,18 +220,20 @@ def _as_lora(item) -> LoraWeights:
     raise TypeError(f"apply_loras: expected a LoraWeights or a path, got {type(item).__name__}")
 
 
-def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: bool = True) -> LoraHandle:
+def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: bool = True,
+                skip_text_encoder: bool = False) -> LoraHandle:
     """Apply `[(lora_or_path, strength), ...]` to `model` and return a handle whose `.remove()` undoes it exactly.
 
-    strict=True (default) refuses a LoRA with any key that maps to no module of the model, naming the file, the
-    detected format and the first such keys; strict=False applies the rest and reports them in `handle.reports`.
-    A shape mismatch is always an error. On any error nothing is applied."""
+    strict=True (default) refuses a LoRA with any key that maps to no module of the model, or with a text-encoder
+    part, naming the file, the detected format and the first such keys; strict=False applies the rest and reports
+    them in `handle.reports`. skip_text_encoder=True leaves text-encoder keys out (reported by name) while strict
+    still refuses unknown keys. A shape mismatch is always an error. On any error nothing is applied."""
     if mode not in MODES:
         raise ValueError(f"apply_loras: mode must be one of {MODES}, got {mode!r}")
     stack = [(item, 1.0) if not isinstance(item, tuple) else item for item in loras]
     modules = dict(model.named_modules())
     reports, patches = [], []
-    branches: dict[nn.Linear, list[tuple[Tensor, Tensor, float]]] = {}
+    branches: dict[nn.Linear, list] = {}
     for item, strength in stack:
         lora = _as_lora(item)
         strength = float(strength)
@@ -227,14 +251,24 @@ def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: 
                 f"{lora.name} (detected format: {lora.format}): {len(unmatched)} key(s) map to no module of this "
                 f"model, first: {unmatched[:5]}. Nothing was applied. If this LoRA is meant for this model, pass "
                 f"strict=False to apply its other {len(matched)} modules anyway.")
-        reports.append(LoraReport(lora.name, lora.format, strength, len(matched), unmatched, list(lora.redundant)))
+        if lora.text_encoder and strict and not skip_text_encoder:
+            raise LoraError(
+                f"{lora.name} (detected format: {lora.format}) also trains the text encoder: {len(lora.text_encoder)} "
+                f"key(s), first: {lora.text_encoder[:5]}, which this transformer LoRA engine cannot apply. Nothing "
+                f"was applied. Pass skip_text_encoder=True (the LoRA stack node: strict off) to apply its "
+                f"{len(matched)} transformer modules and leave the text-encoder part out.")
+        reports.append(LoraReport(lora.name, lora.format, strength, len(matched), unmatched, list(lora.redundant),
+                                  list(lora.text_encoder)))
         if strength == 0.0:
             continue
         for path, lmod, target in matched:
             name = _model_path(path, model)
-            if lmod.kind == "lora" and mode == "runtime" and isinstance(target, nn.Linear):
-                branches.setdefault(target, []).append((lmod.down, lmod.up, strength * lmod.scale))
-            elif lmod.kind != "diff" or lmod.diff is not None:
+            changes_weight = lmod.kind != "diff" or lmod.diff is not None
+            if lmod.kind == "lora" and isinstance(target, nn.Linear) and (mode == "runtime" or is_fp8(target)):
+                branches.setdefault(target, []).append(_low_rank_branch(lmod.down, lmod.up, strength * lmod.scale))
+            elif changes_weight and is_fp8(target):
+                branches.setdefault(target, []).append(_full_delta_branch(lmod, strength))
+            elif changes_weight:
                 patches.append(_Patch(f"{name}.weight", lmod, strength, "weight"))
             if lmod.diff_b is not None:
                 patches.append(_Patch(f"{name}.bias", lmod, strength, "bias"))

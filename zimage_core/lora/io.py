@@ -42,7 +42,25 @@ def load_lora(path: str | os.PathLike) -> LoraWeights:
         raise LoraError(f"{path} is not a LoRA: none of its {len(keys)} tensors has a LoRA key suffix "
                         f"(lora_A/lora_B, lora_down/lora_up, alpha, diff, lokr_*, hada_*); first keys: {keys[:3]}.{hint}")
     tensors = {k: file.read(k) for k in keys}
-    return normalise(tensors, dict(file.metadata), source=str(path))
+    return normalise(tensors, _with_peft_folder_config(path, dict(file.metadata)), source=str(path))
+
+
+PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
+
+
+def _with_peft_folder_config(path: Path, metadata: dict) -> dict:
+    """peft's save_pretrained (and diffusion-pipe) keep lora_alpha out of the tensors, in an adapter_config.json
+    beside adapter_model.safetensors; read it there (as diffusers reads its metadata copy) so the scale is exact.
+    Only for that file name: a renamed copy in a loras folder has no reliable config next to it."""
+    config = path.with_name(PEFT_CONFIG_FILE)
+    if path.name != PEFT_ADAPTER_FILE or "lora_adapter_metadata" in metadata or not config.is_file():
+        return metadata
+    try:
+        text = config.read_text()
+        json.loads(text)
+    except (OSError, ValueError) as err:
+        raise LoraError(f"{config}: the peft adapter config next to {path.name} cannot be read: {err}") from None
+    return {**metadata, "lora_adapter_metadata": text, "zimage.peft_config": str(config)}
 
 
 def save_lora(lora: LoraWeights, path: str | os.PathLike, metadata: dict | None = None) -> Path:

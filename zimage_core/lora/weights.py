@@ -129,7 +129,8 @@ class LoraWeights:
 
     `format` is the detected producer, `metadata` the source file's metadata, `source` its path. `unmatched` lists
     file keys that map to no Z-Image module; `redundant` maps keys that were skipped on purpose to the reason (e.g. a
-    fused qkv copy next to split q/k/v keys, which diffusers skips too)."""
+    fused qkv copy next to split q/k/v keys, which diffusers skips too); `text_encoder` lists the keys of a text-encoder
+    part, which this engine never applies (the caller refuses or reports them)."""
 
     modules: dict[str, LoraModule]
     format: str = "zimage"
@@ -137,6 +138,7 @@ class LoraWeights:
     source: str | None = None
     unmatched: list[str] = field(default_factory=list)
     redundant: dict[str, str] = field(default_factory=dict)
+    text_encoder: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:

@@ -183,9 +183,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         if base_dir is not None:
-            for key in ("preset_lora", "init_lora", "distill_patch", "dataset_dir", "cache_dir", "output_dir"):
+            for key in ("base_model", "preset_lora", "init_lora", "distill_patch", "dataset_dir", "cache_dir",
+                        "output_dir"):
                 value = flat.get(key)
-                if value and not os.path.isabs(value):
+                if value and not os.path.isabs(value) and not (key == "base_model" and value.startswith("tiny:")):
                     flat[key] = str(Path(base_dir) / value)
             resume = flat.get("resume")
             if resume and resume != "auto" and not os.path.isabs(resume):
@@ -221,3 +222,22 @@ def check_output_name(name: str) -> str:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The tables of a TOML config, for `train --help` and the shipped examples/train_*.toml. They only group: from_dict
+# merges every table into the top level, so any setting may also stand outside them.
+SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "": ("what to train", ("scheme", "base_model")),
+    "lora": ("the trained LoRA and the LoRAs around it", (
+        "rank", "alpha", "targets", "preset_lora", "preset_strength", "init_lora", "distill_patch")),
+    "data": ("the encoded dataset (python -m zimage_core encode builds cache_dir)", (
+        "dataset_dir", "cache_dir", "max_pixels", "bucket_step", "repeats")),
+    "optim": ("optimisation", (
+        "steps", "batch_size", "grad_accum", "lr", "weight_decay", "adam_betas", "adam_eps", "lr_schedule", "seed",
+        "shift", "num_train_timesteps", "loss_weighting", "gradient_checkpointing")),
+    "trajectory": ("trajectory imitation (scheme trajectory)", (
+        "teacher_steps", "teacher_cfg", "student_steps", "trajectory_noises", "cache_teacher", "student_chunk")),
+    "output": ("files, checkpoints and validation", (
+        "output_dir", "output_name", "checkpoint_every", "resume", "validation_prompts", "validation_seed",
+        "validation_width", "validation_height", "validate", "log_every", "save_dtype")),
+}

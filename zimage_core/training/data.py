@@ -55,9 +55,10 @@ class DatasetItem:
 
 
 # ------------------------------------------------------------------------------------------------------------ scan
-def scan_dataset(folder: str | os.PathLike) -> tuple[list[DatasetItem], list[str]]:
+def scan_dataset(folder: str | os.PathLike, strict: bool = False) -> tuple[list[DatasetItem], list[str]]:
     """List (image, caption) pairs. Returns the usable items and one line per skipped file (not an image, missing
-    or unreadable caption). Raises DatasetError if the folder is missing or nothing is usable."""
+    or unreadable caption, outside the folder). Raises DatasetError if the folder is missing or nothing is usable,
+    and with strict=True if any file had to be skipped (the message lists them)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"dataset folder {folder} does not exist")
@@ -78,6 +79,9 @@ def scan_dataset(folder: str | os.PathLike) -> tuple[list[DatasetItem], list[str
                 skipped.append(f"{metadata.name}: a row without an image name")
                 continue
             path = (folder / name).resolve()
+            if not path.is_relative_to(folder.resolve()):
+                skipped.append(f"{name}: listed in metadata.csv but outside the dataset folder")
+                continue
             if not path.is_file():
                 skipped.append(f"{name}: listed in metadata.csv but missing")
                 continue
@@ -109,6 +113,8 @@ def scan_dataset(folder: str | os.PathLike) -> tuple[list[DatasetItem], list[str
             skipped.append(f"{_rel(path, folder)}: not a readable image ({type(exc).__name__})")
             continue
         items.append(DatasetItem(path, caption.strip()))
+    if skipped and strict:
+        raise DatasetError(f"dataset {folder}: {len(skipped)} file(s) cannot be used:\n  " + "\n  ".join(skipped))
     if skipped:
         warnings.warn(f"dataset {folder}: skipped {len(skipped)} file(s):\n  " + "\n  ".join(skipped), stacklevel=2)
     if not items:
@@ -293,13 +299,20 @@ class DatasetCache:
 
 def build_cache(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike, encoders: Encoders,
                 max_pixels: int = 1024 * 1024, bucket_step: int = 16, repeats: int = 1,
-                prompts: Iterable[str] = (), progress: Callable[[int, int], None] | None = None) -> DatasetCache:
-    """Scan dataset_dir, encode every usable image and caption (reusing cache files made by the same encoder from
-    the same bytes at the same size) and the extra prompts (the empty prompt is always added), write the manifest
-    and return the cache. Encoding runs without gradients."""
-    items, _ = scan_dataset(dataset_dir)
+                prompts: Iterable[str] = (), progress: Callable[[int, int], None] | None = None,
+                strict: bool = False) -> DatasetCache:
+    """Scan dataset_dir (strict: any unusable file is an error, see scan_dataset), encode every usable image and
+    caption (reusing cache files made by the same encoder from the same bytes at the same size) and the extra
+    prompts (the empty prompt is always added), write the manifest and return the cache. Encoding runs without
+    gradients.
+
+    The manifest is what makes a cache folder a cache: an existing one is removed before anything is encoded and
+    the new one is written last, so an interrupted build is never taken for a complete one, while the files it did
+    finish are reused when the build runs again."""
+    items, _ = scan_dataset(dataset_dir, strict=strict)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / MANIFEST).unlink(missing_ok=True)
     enc = _sha(encoders.encoder_id)[:16]
     meta = {"encoder_id": encoders.encoder_id}
     entries = []
