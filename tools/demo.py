@@ -243,7 +243,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo", help="output folder (recreated)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per workflow")
     parser.add_argument("--train-steps", type=int, default=TRAIN_STEPS,
-                        help=f"trainer steps in the toy world (default {TRAIN_STEPS}: DiffSynth's 5 epochs x 50 repeats)")
+                        help=f"trainer steps in the toy world (default {TRAIN_STEPS}: DiffSynth's 5 epochs x 50 "
+                             "repeats)")
     parser.add_argument("--core-toyworld", action="store_true",
                         help="also render the toy world's four-scheme grids and table through the core API")
     args = parser.parse_args(argv)
