@@ -81,7 +81,7 @@ def test_demo_vae_round_trips_the_toy_world_through_comfy_latents(toy_host):
     torch.testing.assert_close(vae.decode(raw).movedim(-1, 1), images, atol=1e-4, rtol=0)
 
 
-def test_distillpatch_name_follows_what_the_user_has():
+def test_distillpatch_name_follows_what_the_user_has(toy_host):
     prompt = {"4": {"class_type": "ZImageTurboLoraStack", "inputs": {"distillpatch": wf.DISTILLPATCH_FILE}}}
     assert wf.DISTILLPATCH_FILE == "z_image_turbo_distill_patch_lora_bf16.safetensors"  # Comfy-Org's repackaging
     diffsynth = "z-image_turbo_distillpatch_comfyui.safetensors"
@@ -89,3 +89,5 @@ def test_distillpatch_name_follows_what_the_user_has():
         == diffsynth
     assert wf.use_available_distillpatch(prompt, [wf.DISTILLPATCH_FILE, diffsynth]) == prompt
     assert wf.use_available_distillpatch(prompt, []) == prompt  # nothing to pick: validation names the file
+    listed = wf.combo_options(toy_host.object_info("ZImageTurboLoraStack")["input"]["required"]["distillpatch"])
+    assert demo.TOY_DISTILLPATCH in listed  # what the demo's --models path reads the loras folder's files from

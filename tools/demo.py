@@ -228,7 +228,7 @@ def place_real_models(base: Path, real_models: Path) -> bool:
 
 def run_shipped_workflows(server: ComfyServer, real_encoder: bool, out: Path, timeout: float) -> None:
     object_info = server.get_json("/object_info")
-    loras = set(object_info["ZImageTurboLoraStack"]["input"]["required"]["distillpatch"][0])
+    loras = wf.combo_options(object_info["ZImageTurboLoraStack"]["input"]["required"]["distillpatch"])
     for name in wf.DEMO_WORKFLOWS:
         ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
         prompt = wf.use_available_distillpatch(wf.to_api(ui, object_info), loras)

@@ -75,14 +75,18 @@ def _has_seed_control(name: str, spec) -> bool:
     return bool(options.get("control_after_generate")) or (spec[0] == "INT" and name in ("seed", "noise_seed"))
 
 
+def combo_options(spec) -> list:
+    """The choices of a combo input in /object_info (V1: a list as the type; V3: "COMBO" with "options")."""
+    kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    return list(kind) if isinstance(kind, list) else list(options.get("options") or [])
+
+
 def _default(spec):
     kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
     if "default" in options:
         return options["default"]
-    if isinstance(kind, list):
-        return kind[0] if kind else None
-    if kind == "COMBO":
-        return (options.get("options") or [None])[0]
+    if isinstance(kind, list) or kind == "COMBO":
+        return (combo_options(spec) or [None])[0]
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
 
 
