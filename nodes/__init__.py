@@ -3,7 +3,7 @@
 
 Stable node ids (saved in workflows; never rename): ZImageTurboModelLoader, ZImageTurboLoraStack, ZImageTurboSampler,
 ZImageTurboTrainLora, ZImageTurboControlNetLoader, ZImageTurboApplyControlNet, ZImageTurboToModel, and the
-demo/test-only ZImageTurboDemoConditioning and ZImageTurboDemoTextEncoder.
+demo/test-only ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder and ZImageTurboDemoVAE (the toy world's encoders).
 The wire type is documented in types.py.
 """
 
@@ -15,7 +15,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .bridge import ZImageTurboToModel
 from .controlnet import ZImageTurboApplyControlNet, ZImageTurboControlNetLoader
-from .demo import ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder
+from .demo import ZImageTurboDemoConditioning, ZImageTurboDemoTextEncoder, ZImageTurboDemoVAE
 from .loader import ZImageTurboModelLoader
 from .lora_stack import ZImageTurboLoraStack
 from .sampler import ZImageTurboSampler
@@ -31,6 +31,7 @@ NODES: list[type[io.ComfyNode]] = [
     ZImageTurboToModel,
     ZImageTurboDemoConditioning,
     ZImageTurboDemoTextEncoder,
+    ZImageTurboDemoVAE,
 ]
 
 

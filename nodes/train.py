@@ -85,7 +85,7 @@ def _tensor_id(tensors) -> str:
 
 def comfy_encoders(clip, vae, latent_format) -> Encoders:
     """The trainer's encoders from ComfyUI's CLIP and VAE: images to model-space latents (Flux process_in, as
-    ComfyUI's samplers do), text to [L, D] features with padding removed."""
+    ComfyUI's samplers do) at the VAE's own spatial factor, text to [L, D] features with padding removed."""
 
     def encode_image(image: Image.Image) -> torch.Tensor:
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
@@ -99,11 +99,14 @@ def comfy_encoders(clip, vae, latent_format) -> Encoders:
             features = features[mask[0].bool().to(features.device)]
         return features.float().cpu()
 
-    vae_id = _tensor_id(list(vae.first_stage_model.state_dict().values())[:2])
+    vae_id = getattr(vae, "encoder_id", None)  # the demo encoders name themselves
+    if vae_id is None:
+        vae_id = _tensor_id(list(vae.first_stage_model.state_dict().values())[:2])
     clip_id = getattr(clip, "encoder_id", None)
     if clip_id is None:
         clip_id = _tensor_id(list(clip.cond_stage_model.state_dict().values())[:2])
-    return Encoders(encode_image, encode_text, f"comfyui:vae={vae_id}:clip={clip_id}")
+    return Encoders(encode_image, encode_text, f"comfyui:vae={vae_id}:clip={clip_id}",
+                    factor=vae.spacial_compression_encode())
 
 
 def to_image_tensor(path) -> torch.Tensor:

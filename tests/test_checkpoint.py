@@ -158,3 +158,11 @@ def test_wrong_shapes_and_missing_tensors_are_listed(tiny, tmp_path):
     message = str(err.value)
     assert "broken.safetensors" in message and "layers.0.feed_forward.w2.weight" in message
     assert "layers.1.attention.to_v.weight is [96, 95], the model needs [96, 96]" in message
+
+
+def test_parameter_counts_read_well_at_every_size(tiny):
+    from zimage_core.checkpoint import parameter_count
+
+    assert [parameter_count(n) for n in (6_154_908_736, 1_940_000, 12_345, 999_999, 950)] == \
+        ["6.15 B", "1.94 M", "12.3 K", "1 M", "950"]
+    assert parameter_count(tiny.num_parameters()).endswith(" K")  # the tiny model: not "0.00 B"

@@ -89,10 +89,12 @@ def test_pack_loads_through_comfyui_loader_as_v3(comfy_host):
         assert info["category"].startswith("ZImageTurbo")
         assert info["description"], f"{node_id} has no description"
     assert comfy_host.object_info("ZImageTurboTrainLora")["experimental"] is True
-    assert comfy_host.object_info("ZImageTurboDemoConditioning")["category"] == "ZImageTurbo/demo"
+    for node_id in ("ZImageTurboDemoConditioning", "ZImageTurboDemoTextEncoder", "ZImageTurboDemoVAE"):
+        assert comfy_host.object_info(node_id)["category"] == "ZImageTurbo/demo"
 
 
-@pytest.mark.parametrize("node_id", NODE_IDS + ("ZImageTurboDemoConditioning", "ZImageTurboDemoTextEncoder"))
+@pytest.mark.parametrize("node_id", NODE_IDS + ("ZImageTurboDemoConditioning", "ZImageTurboDemoTextEncoder",
+                                                 "ZImageTurboDemoVAE"))
 def test_every_input_and_output_has_a_tooltip(comfy_host, node_id):
     info = comfy_host.object_info(node_id)
     for group in ("required", "optional"):

@@ -64,3 +64,16 @@ def test_execution_error_reaches_history_with_culprit(server, comfy_models):
     errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
     assert errors and m.foreign_lora in errors[0]["exception_message"]
     assert errors[0]["node_type"] == "ZImageTurboLoraStack"
+
+
+def test_startup_log_is_clean_and_the_loader_counts_small_models(server, comfy_models):
+    """ComfyUI's own requirements are installed (no ERROR banner, e.g. comfyui-workflow-templates missing), and the
+    loader reports a tiny model's parameters readably (not "0.00 B")."""
+    import re
+
+    entry = server.wait(server.submit(t2i_prompt(comfy_models, prefix="zimage_log", save=False)))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    log = server.log()
+    assert [line for line in log.splitlines() if "ERROR" in line] == []
+    counts = re.findall(r"layout, ([\d.]+(?: [KMB])?) parameters", log)
+    assert counts and all(c != "0.00 B" and not c.startswith("0") for c in counts), counts

@@ -228,8 +228,14 @@ class InProcessHost:
         return sys.modules[f"{self.pack.__name__}.{dotted}"]
 
     def object_info(self, node_id: str) -> dict:
+        """What /object_info answers for a V3 node; for a V1 node (ComfyUI's core nodes) the parts the workflow
+        builder reads (inputs, their order, outputs), as the server derives them."""
         cls = self.nodes.NODE_CLASS_MAPPINGS[node_id]
-        return cls.GET_NODE_INFO_V1()
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            return cls.GET_NODE_INFO_V1()
+        inputs = cls.INPUT_TYPES()
+        return {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()}, "output": cls.RETURN_TYPES,
+                "output_name": getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES), "name": node_id}
 
     def validate(self, prompt: dict):
         return asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
@@ -545,7 +551,7 @@ class ModelFiles:
     transformer_comfy: str = "zimage_tiny_comfy.safetensors"  # the same weights, ComfyUI fused-qkv layout + prefix
     user_lora: str = "user_style.safetensors"  # ai-toolkit / peft layout
     user_lora2: str = "user_other.safetensors"
-    distillpatch: str = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynth layout, as the DistillPatch
+    distillpatch: str = "z_image_turbo_distill_patch_lora_bf16.safetensors"  # Comfy-Org's name; DiffSynth layout
     foreign_lora: str = "sdxl_style.safetensors"  # an SDXL LoRA
     foreign_model: str = "not_zimage.safetensors"  # an SDXL-UNet-like checkpoint in diffusion_models
     vae: str = "ae.safetensors"  # random Flux-architecture VAE

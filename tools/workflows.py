@@ -23,7 +23,11 @@ MODEL_FILE = "z_image_turbo_bf16.safetensors"  # Comfy-Org/z_image_turbo split_f
 BASE_MODEL_FILE = "z_image_bf16.safetensors"  # Z-Image base: Comfy-Org/z_image split_files/diffusion_models
 TEXT_ENCODER_FILE = "qwen_3_4b.safetensors"  # split_files/text_encoders, CLIPLoader type lumina2
 VAE_FILE = "ae.safetensors"  # the Flux VAE, split_files/vae
-DISTILLPATCH_FILE = "z-image_turbo_distillpatch_comfyui.safetensors"  # DiffSynth-Studio/Z-Image-Turbo-DistillPatch
+# The DistillPatch (DiffSynth-Studio/Z-Image-Turbo-DistillPatch) under the names users have it: Comfy-Org's repackaged
+# file (split_files/loras, what most ComfyUI users download; the workflows' default) and DiffSynth's own.
+DISTILLPATCH_FILES = ("z_image_turbo_distill_patch_lora_bf16.safetensors",
+                      "z-image_turbo_distillpatch_comfyui.safetensors")
+DISTILLPATCH_FILE = DISTILLPATCH_FILES[0]
 ADAPTER_FILE = "zimage_turbo_training_adapter_v2.safetensors"  # ostris/zimage_turbo_training_adapter
 SFT_LORA_FILE = "zimage_turbo_sft.safetensors"  # what train_sft writes
 DATASET = "zimage_dataset"  # a folder of images + captions under ComfyUI's input folder
@@ -80,14 +84,18 @@ def _frontend_extras(name: str, spec) -> list:
     return []
 
 
+def combo_options(spec) -> list:
+    """The choices of a combo input in /object_info (V1: a list as the type; V3: "COMBO" with "options")."""
+    kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    return list(kind) if isinstance(kind, list) else list(options.get("options") or [])
+
+
 def _default(spec):
     kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
     if "default" in options:
         return options["default"]
-    if isinstance(kind, list):
-        return kind[0] if kind else None
-    if kind == "COMBO":
-        return (options.get("options") or [None])[0]
+    if isinstance(kind, list) or kind == "COMBO":
+        return (combo_options(spec) or [None])[0]
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
 
 
@@ -317,6 +325,18 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def use_available_distillpatch(prompt: dict, loras) -> dict:
+    """An API prompt whose DistillPatch names another known name of the DistillPatch when the default is not among
+    `loras` (the loras folder's files) and another is, so the workflows run with either download."""
+    have = [name for name in DISTILLPATCH_FILES if name in set(loras)]
+    swapped = json.loads(json.dumps(prompt))
+    for node in swapped.values():
+        if node["inputs"].get("distillpatch") in DISTILLPATCH_FILES and node["inputs"]["distillpatch"] not in have \
+                and have:
+            node["inputs"]["distillpatch"] = have[0]
+    return swapped
 
 
 def swap_text_encoder(prompt: dict, model_width: int) -> dict:

@@ -36,7 +36,7 @@ from zimage_core.testing import init_random_
 from zimage_core.training.checkpoint import load_checkpoint, save_checkpoint
 
 from . import WEIGHTS, world
-from .vae import ToyVAE
+from .vae import FACTOR, ToyVAE
 
 MODEL_CONFIG = ZImageConfig(dim=128, n_layers=4, n_refiner_layers=1, n_heads=4, cap_feat_dim=world.CAP_DIM,
                             axes_dims=(8, 12, 12))
@@ -199,39 +199,25 @@ def stage_turbo(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- LoRA stages
-UPSCALE = 4  # the trainer's cache assumes the Flux VAE's factor 8; dataset PNGs are stored 4x (nearest) and the
-#              toy encoder box-downsamples them back before the factor-2 toy VAE, so 128 px -> a 16x16 latent
-
-
 def encoders():
-    """The toy world's `zimage_core.training.Encoders` (image: toy VAE; text: word vectors)."""
-    from PIL import Image
+    """The toy world's `zimage_core.training.Encoders` (image: toy VAE, factor 2; text: word vectors)."""
     from zimage_core.training import Encoders
 
     vae = ToyVAE.load()
-
-    def encode_image(image):
-        small = image.convert("RGB").resize((image.width // UPSCALE, image.height // UPSCALE), Image.BOX)
-        return vae.encode_pil(small)
-
-    return Encoders(encode_image, world.encode_text, "toyworld-v1:vae2x16:words32")
+    return Encoders(vae.encode_pil, world.encode_text, "toyworld-v2:vae2x16:words32", factor=FACTOR)
 
 
 def decode_preview(latent):
-    from PIL import Image
     from .vae import to_pil
-    image = to_pil(ToyVAE.load().decode(latent[None].float())[0])
-    return image.resize((image.width * UPSCALE, image.height * UPSCALE), Image.NEAREST)
+    return to_pil(ToyVAE.load().decode(latent[None].float())[0])
 
 
 def write_dataset(folder: Path, images: torch.Tensor, prompts: list[str]) -> Path:
-    """PNG + sidecar caption per image (the trainer's kohya / ai-toolkit layout), 4x nearest-upscaled."""
-    from PIL import Image
+    """PNG + sidecar caption per image (the trainer's kohya / ai-toolkit layout), 32x32 px."""
     from .vae import to_pil
     folder.mkdir(parents=True, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        pil = to_pil(image)
-        pil.resize((pil.width * UPSCALE, pil.height * UPSCALE), Image.NEAREST).save(folder / f"{i:04d}.png")
+        to_pil(image).save(folder / f"{i:04d}.png")
         (folder / f"{i:04d}.txt").write_text(prompt, encoding="utf-8")
     return folder
 

@@ -139,7 +139,8 @@ def word_vector(word: str, dim: int = CAP_DIM) -> Tensor:
     return torch.randn(dim, generator=g)
 
 
-def encode_text(text: str) -> Tensor:
-    """[L, CAP_DIM]: one row per word; the empty prompt is the single `<empty>` token."""
+def encode_text(text: str, dim: int = CAP_DIM) -> Tensor:
+    """[L, dim]: one row per word; the empty prompt is the single `<empty>` token. The toy models read dim 32; other
+    widths serve the pack's demo text encoder on tiny test models."""
     words = text.lower().split()
-    return torch.stack([word_vector(w) for w in (words or [EMPTY])])
+    return torch.stack([word_vector(w, dim) for w in (words or [EMPTY])])

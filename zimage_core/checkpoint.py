@@ -334,9 +334,18 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     source = WeightSource(sources, dtype, layout, files)
     model, fp8_paths = fill_from_source(model, source, dtype, device, fp8_dtype)
     storage = f", {weight_storage} storage for {len(fp8_paths)} Linears" if fp8_paths else ""
-    log.info("loaded %s (%s layout, %.2f B parameters, %s%s)", path, layout, model.num_parameters() / 1e9, dtype,
-             storage)
+    log.info("loaded %s (%s layout, %s parameters, %s%s)", path, layout, parameter_count(model.num_parameters()),
+             dtype, storage)
     return model.eval().requires_grad_(False)
+
+
+def parameter_count(n: int) -> str:
+    """A parameter count for logs, with three significant digits: 6.15 B, 1.94 M, 12.3 K, 950."""
+    rounded = float(f"{n:.3g}")  # first, so that 999 999 reads "1 M", not "1e+03 K"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if rounded >= scale:
+            return f"{rounded / scale:.3g} {unit}"
+    return str(n)
 
 
 def _storage_state_dict(model: ZImageTransformer, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from torch import Tensor
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
-VAE_FACTOR = 8  # Flux VAE: latent side = pixel side / 8
+FLUX_VAE_FACTOR = 8  # the Flux VAE: latent side = pixel side / 8 (the default; encoders report their own)
 
 
 class DatasetError(ValueError):
@@ -41,12 +41,13 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Encoders:
-    """Caller-supplied encoders. encode_image(PIL RGB at the bucket size) -> latent [C, h/8, w/8];
+    """Caller-supplied encoders. encode_image(PIL RGB at the bucket size) -> latent [C, h/factor, w/factor];
     encode_text(str) -> caption features [L, D]; encoder_id names both (model files, versions, settings) and keys
-    the cache."""
+    the cache; factor is the image encoder's spatial downscale (8 for the Flux VAE)."""
     encode_image: Callable[[Image.Image], Tensor]
     encode_text: Callable[[str], Tensor]
     encoder_id: str
+    factor: int = FLUX_VAE_FACTOR
 
 
 @dataclass(frozen=True)
@@ -203,9 +204,10 @@ class DatasetCache:
     prompts and the empty negative prompt)."""
 
     def __init__(self, folder: str | os.PathLike, encoder_id: str, entries: list[CacheEntry], prompts: dict[str, str],
-                 repeats: int = 1):
+                 repeats: int = 1, factor: int = FLUX_VAE_FACTOR):
         self.folder = Path(folder)
         self.encoder_id = encoder_id
+        self.factor = int(factor)  # pixels per latent cell: an entry's latent is [C, height/factor, width/factor]
         self.entries = list(entries)
         self.prompt_files = dict(prompts)
         self.repeats = int(repeats)
@@ -278,6 +280,7 @@ class DatasetCache:
     # ---------------------------------------------------------------------------------------------- manifest
     def save_manifest(self):
         data = {"version": CACHE_VERSION, "encoder_id": self.encoder_id, "repeats": self.repeats,
+                "factor": self.factor,
                 "entries": [e.__dict__ for e in self.entries], "prompts": self.prompt_files}
         tmp = self.folder / (MANIFEST + f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -301,7 +304,8 @@ class DatasetCache:
         if encoder_id is not None and data["encoder_id"] != encoder_id:
             raise DatasetError(f"cache {folder} was built with encoder {data['encoder_id']!r}, not {encoder_id!r}; "
                                "rebuild it")
-        return cls(folder, data["encoder_id"], entries, data.get("prompts", {}), data.get("repeats", 1))
+        return cls(folder, data["encoder_id"], entries, data.get("prompts", {}), data.get("repeats", 1),
+                   data.get("factor", FLUX_VAE_FACTOR))
 
 
 def build_cache(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike, encoders: Encoders,
@@ -348,7 +352,7 @@ def build_cache(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike, en
                         pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                     with torch.no_grad():
                         latent = encoders.encode_image(pixels)
-                    latent = _check_latent(latent, width, height, item.image)
+                    latent = _check_latent(latent, width, height, item.image, encoders.factor)
                     _write_atomic(cache_dir / name, latent, {**meta, "source_sha256": source,
                                                              "size": f"{width}x{height}", "flipped": str(mirrored)})
                 names[mirrored] = name
@@ -357,18 +361,18 @@ def build_cache(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike, en
         if progress is not None:
             progress(n + 1, len(items))
     prompt_files = {p: text_file(p) for p in ["", *prompts]}
-    cache = DatasetCache(cache_dir, encoders.encoder_id, entries, prompt_files, repeats)
+    cache = DatasetCache(cache_dir, encoders.encoder_id, entries, prompt_files, repeats, encoders.factor)
     cache.save_manifest()
     return cache
 
 
-def _check_latent(latent: Tensor, width: int, height: int, source) -> Tensor:
+def _check_latent(latent: Tensor, width: int, height: int, source, factor: int) -> Tensor:
     if latent.ndim == 4 and latent.shape[0] == 1:
         latent = latent[0]
-    expected = (height // VAE_FACTOR, width // VAE_FACTOR)
+    expected = (height // factor, width // factor)
     if latent.ndim != 3 or tuple(latent.shape[-2:]) != expected:
         raise DatasetError(f"encode_image returned shape {list(latent.shape)} for {source} at {width}x{height}; "
-                           f"expected [C, {expected[0]}, {expected[1]}]")
+                           f"expected [C, {expected[0]}, {expected[1]}] (encoder factor {factor})")
     return latent
 
 

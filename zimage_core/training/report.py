@@ -1,7 +1,8 @@
-"""Run reports drawn with PIL only: the loss curve and the validation grid."""
+"""Run reports: the loss curve and the validation grid (drawn with PIL only), and the figures as JSON."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -110,6 +111,16 @@ def grid_png(rows: Sequence[tuple[str, Sequence[Image.Image]]], columns: Sequenc
             image.paste(fitted, (label_w + j * cell + (cell - fitted.width) // 2, y + (cell - fitted.height) // 2))
     path = Path(path)
     _save_png_atomic(image, path)
+    return path
+
+
+def report_json(path: str | os.PathLike, steps: int, losses: Sequence[float], turbo_check: dict[str, float]) -> Path:
+    """The run's figures for scripts: the step count, every step's loss and the turbo check."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"steps": steps, "losses": list(losses), "turbo_check": turbo_check}))
+    os.replace(tmp, path)
     return path
 
 

@@ -37,7 +37,7 @@ from .ema import LoraEma
 from .losses import SigmaSampler, sft_loss, student_step_weights, teacher_trajectory, trajectory_grids, \
     trajectory_loss
 from .optimizers import build_optimizer
-from .report import grid_png, latent_preview, loss_curve_png
+from .report import grid_png, latent_preview, loss_curve_png, report_json
 from .schedules import lr_factor
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
@@ -64,6 +64,7 @@ class TrainResult:
     ema_path: Path | None = None  # NAME_ema.safetensors, next to lora_path
     validation_grids: list[Path] = field(default_factory=list)  # one per validation point of this call
     snapshot_paths: list[Path] = field(default_factory=list)  # intermediate LoRA files kept (save_every)
+    report_path: Path | None = None  # <name>.report.json: steps, losses, turbo check
     turbo_check: dict[str, float] = field(default_factory=dict)
     teacher_forwards: int = 0  # sample-forwards of the teacher (a cfg-2 step of one sample counts 2)
     student_forwards: int = 0  # sample-forwards of the student with grad
@@ -332,7 +333,7 @@ class _Run:
         local = slice(lo, lo + self.local_batch)
         idx = batch[local]
         entry = self.data.entries[batch[0]]
-        shape = (channels, entry.height // 8, entry.width // 8)
+        shape = (channels, entry.height // self.data.factor, entry.width // self.data.factor)
         if cfg.trajectory_noises:
             noise_ids = torch.randint(0, cfg.trajectory_noises, (len(batch),), generator=gen).tolist()[local]
         else:
@@ -457,7 +458,8 @@ class _Run:
     def _validation_size(self) -> tuple[int, int]:
         cfg = self.cfg
         first = self.data.entries[0]
-        return (cfg.validation_width or first.width) // 8, (cfg.validation_height or first.height) // 8
+        factor = self.data.factor
+        return (cfg.validation_width or first.width) // factor, (cfg.validation_height or first.height) // factor
 
     @torch.no_grad()
     def _samples(self, validation, loras, steps: int, cfg_scale: float) -> list[Tensor]:
@@ -582,6 +584,7 @@ class _Run:
             self.log(f"turbo check on {model_name} (RMS distance between {fast} and {slow} samples; smaller keeps "
                      f"the Turbo; 'base' = {model_name} without the trained LoRA): "
                      + ", ".join(f"{k} {v:.4f}" for k, v in check.items()))
+        result.report_path = report_json(cfg.output_path(".report.json"), self.step, self.losses, result.turbo_check)
 
 
 def trajectory_pool_noise(seed: int, entry: int, k: int, shape) -> Tensor:
