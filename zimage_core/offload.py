@@ -1,66 +1,186 @@
-"""Block-wise CPU offload for small GPUs: the transformer blocks' weights live on the offload device and each
-block is copied to the compute device just before it runs and dropped right after, so only one block (plus the
-small embedders) occupies GPU memory. No quantisation: the numbers are those of the full-precision model."""
+"""Block offload for small GPUs: the transformer blocks' weights live on the offload device (CPU RAM) and each block
+is copied to the compute device just before it runs, so only the running block and the next one occupy GPU memory.
+No quantisation: the numbers are those of the model as stored (bf16, or fp8 with its scales).
+
+It covers everything the trainer does: forward, gradient-checkpoint recompute and backward.
+
+* A block's weights and buffers (any: fp8 weights with their scale buffers travel too) are fetched into *new*
+  tensors that stand in for the module's own during the call (`module._parameters[name]` is swapped and restored).
+  So whatever autograd saves for backward refers to the fetched copy, never to the home tensor that the module
+  holds again after the call: backward sees the right values on the right device.
+* Under autograd an offloaded block always runs gradient-checkpointed (`ZImageTransformer` asks `wants_checkpoint`):
+  a block that is not checkpointed saves its fetched weights for backward, which would keep every block resident.
+  The recompute fetches the block again, and the copy is freed once that block's backward has used it.
+* While block i runs, block i + 1 (in backward: i - 1) is already being copied on a side CUDA stream from pinned
+  host memory, so the copy overlaps compute. A guess that turns out wrong only costs that copy; a block is always
+  fetched (waiting for its prefetch, or synchronously) before it runs. On CPU the same code runs synchronously.
+* The home tensors are the module's own (pinned in place of the pageable ones when the compute device is CUDA,
+  never a second copy), so LoRA merges between calls patch them directly; prefetches still in flight are dropped
+  at the start of every model call, so a merge can never be missed.
+"""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .transformer import ZImageTransformer
+_ATTR = "_block_offload"
 
 
-class _BlockOffloader:
-    def __init__(self, block: nn.Module, compute: torch.device):
-        self.block = block
-        self.compute = compute
-        self.params = [p for p in block.parameters()]
-        if compute.type == "cuda":  # pinned host memory makes the per-block copy asynchronous
-            for p in self.params:
-                p.data = p.data.pin_memory()
-        self.home = [p.data for p in self.params]
-        self.handles = [block.register_forward_pre_hook(self.fetch), block.register_forward_hook(self.release)]
+@dataclass
+class _Fetched:
+    """The compute-device copies of one block's tensors, and the event that says when the copy is complete."""
 
-    def fetch(self, module, args):
-        for p, home in zip(self.params, self.home):
-            p.data = home.to(self.compute, non_blocking=True)
+    index: int
+    tensors: dict[tuple[nn.Module, str, str], Tensor]  # (module, "param" | "buffer", name) -> copy
+    ready: torch.cuda.Event | None
 
-    def release(self, module, args, output):
-        for p, home in zip(self.params, self.home):
-            p.data = home
 
-    def remove(self):
+def _block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, Tensor]]:
+    """Every parameter and buffer of `block`, read at call time (a trainer may have replaced a parameter object)."""
+    out = []
+    for module in block.modules():
+        out += [(module, "param", n, p) for n, p in module._parameters.items() if p is not None]
+        out += [(module, "buffer", n, b) for n, b in module._buffers.items() if b is not None]
+    return out
+
+
+class BlockOffload:
+    """Streams `blocks` of a model between `offload` and `compute` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], compute: torch.device, offload: torch.device):
+        self.blocks, self.compute, self.offload = list(blocks), compute, offload
+        self.stream = torch.cuda.Stream(compute) if compute.type == "cuda" else None
+        self.index = {id(b): i for i, b in enumerate(self.blocks)}
+        self.pending: _Fetched | None = None  # a prefetch not yet used
+        self.active: dict[int, tuple[_Fetched, list]] = {}  # block index -> (fetch, home tensors to restore)
+        self.handles = [model.register_forward_pre_hook(self._drop_pending)]
+        for block in self.blocks:
+            self.handles += [block.register_forward_pre_hook(self._enter),
+                             block.register_forward_hook(self._exit, always_call=True)]
+
+    # ------------------------------------------------------------------ copies
+    def _copy(self, index: int) -> _Fetched:
+        tensors = {}
+        stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        with stream, torch.no_grad():
+            for module, kind, name, home in _block_tensors(self.blocks[index]):
+                # empty + copy_, not .to(): a real copy even when both devices are the same (CPU tests, meta)
+                tensors[(module, kind, name)] = torch.empty_like(home, device=self.compute).copy_(
+                    home, non_blocking=self.stream is not None)
+            ready = None
+            if self.stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
+        return _Fetched(index, tensors, ready)
+
+    def _take(self, index: int) -> _Fetched:
+        """Block `index` on the compute device: the prefetch when it guessed right, else a fresh copy."""
+        fetched, self.pending = self.pending, None
+        if fetched is None or fetched.index != index:
+            fetched = self._copy(index)
+        if fetched.ready is not None:
+            current = torch.cuda.current_stream(self.compute)
+            current.wait_event(fetched.ready)
+            for t in fetched.tensors.values():
+                t.record_stream(current)  # allocated on the side stream, used (and freed) on this one
+        return fetched
+
+    def _prefetch(self, index: int) -> None:
+        if 0 <= index < len(self.blocks) and index not in self.active:
+            self.pending = self._copy(index)
+
+    def _drop_pending(self, module, args) -> None:
+        self.pending = None  # homes may have been patched since (LoRA merges happen between model calls)
+
+    # ------------------------------------------------------------------ hooks
+    def _enter(self, block: nn.Module, args) -> None:
+        index = self.index[id(block)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters()):
+            raise RuntimeError(
+                f"block offload: block {index} has parameters that require grad; offloaded block weights are "
+                f"frozen (train LoRAs, or disable block offload to train the base weights)")
+        fetched = self._take(index)
+        homes = []
+        for (module, kind, name), copy in fetched.tensors.items():
+            table = module._parameters if kind == "param" else module._buffers
+            homes.append((table, name, table[name]))
+            table[name] = nn.Parameter(copy, requires_grad=False) if kind == "param" else copy
+        self.active[index] = (fetched, homes)
+        # The next block to run: in backward the checkpoint recompute walks the blocks in reverse.
+        self._prefetch(index - 1 if _in_backward() else index + 1)
+
+    def _exit(self, block: nn.Module, args, output) -> None:
+        entry = self.active.pop(self.index[id(block)], None)
+        if entry is not None:
+            for table, name, home in entry[1]:
+                table[name] = home  # the copy lives on only where autograd saved it for backward
+
+    # ------------------------------------------------------------------ lifetime
+    def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.pending = None
 
 
-def enable_block_offload(model: ZImageTransformer, compute_device: str | torch.device,
-                         offload_device: str | torch.device = "cpu") -> ZImageTransformer:
-    """Keep every block on `offload_device` and stream it to `compute_device` per forward; everything else (embedders,
-    final layer, pad tokens) moves to `compute_device`. In-place LoRA merges between forwards patch the offloaded
-    weights. Idempotent; `disable_block_offload` undoes it."""
-    disable_block_offload(model)
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (where checkpointed blocks are recomputed);
+    torch.utils.checkpoint asks the engine the same way."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _move(tensors: list[tuple[nn.Module, str, str, Tensor]], device: torch.device, pin: bool) -> None:
+    with torch.no_grad():
+        for module, kind, name, t in tensors:
+            moved = t.to(device)
+            if pin and moved.device.type == "cpu" and not moved.is_pinned():
+                moved = moved.pin_memory()  # replaces the pageable tensor: no second copy stays alive
+            if kind == "param" and torch._has_compatible_shallow_copy_type(t, moved):
+                t.data = moved  # the same Parameter object (an optimizer or LoRA handle may hold it)
+            elif kind == "param":  # e.g. to or from "meta": as nn.Module.to does, a new Parameter
+                module._parameters[name] = nn.Parameter(moved, requires_grad=t.requires_grad)
+            else:
+                module._buffers[name] = moved
+
+
+def enable_block_offload(model: nn.Module, compute_device: str | torch.device,
+                         offload_device: str | torch.device = "cpu", blocks: list[nn.Module] | None = None):
+    """Keep every block (default `model.blocks()`) on `offload_device` and stream it to `compute_device` per call;
+    everything else (embedders, final layer, pad tokens) moves to `compute_device`. Host memory is pinned when the
+    compute device is CUDA (for asynchronous copies). Calling it again re-homes the model: an offloaded model is
+    never moved to the compute device whole on the way."""
     compute, offload = torch.device(compute_device), torch.device(offload_device)
-    blocks = model.blocks()
-    block_params = {id(p) for b in blocks for p in b.parameters()}
-    for p in model.parameters():
-        p.data = p.data.to(offload if id(p) in block_params else compute)
-    model._offloaders = [_BlockOffloader(b, compute) for b in blocks]
-    model._compute_device = compute
+    current = getattr(model, _ATTR, None)
+    if current is not None:
+        if (current.compute, current.offload) == (compute, offload):
+            return model
+        disable_block_offload(model, offload)
+    blocks = list(model.blocks()) if blocks is None else list(blocks)
+    in_blocks = {id(t) for b in blocks for *_, t in _block_tensors(b)}
+    everything = _block_tensors(model)
+    _move([e for e in everything if id(e[3]) not in in_blocks], compute, pin=False)
+    _move([e for e in everything if id(e[3]) in in_blocks], offload, pin=compute.type == "cuda")
+    setattr(model, _ATTR, BlockOffload(model, blocks, compute, offload))
     return model
 
 
-def disable_block_offload(model: ZImageTransformer, device: str | torch.device | None = None) -> ZImageTransformer:
-    offloaders = getattr(model, "_offloaders", None)
-    if offloaders:
-        for o in offloaders:
-            o.remove()
-        target = torch.device(device) if device is not None else model._compute_device
-        for p in model.parameters():
-            p.data = p.data.to(target)
-        model._offloaders = None
+def disable_block_offload(model: nn.Module, device: str | torch.device | None = None):
+    """Stop streaming and put the whole model on `device` (default: the compute device it streamed to)."""
+    current = getattr(model, _ATTR, None)
+    if current is not None:
+        current.remove()
+        delattr(model, _ATTR)
+        _move(_block_tensors(model), torch.device(device) if device is not None else current.compute, pin=False)
     return model
 
 
-def is_offloaded(model: ZImageTransformer) -> bool:
-    return bool(getattr(model, "_offloaders", None))
+def is_offloaded(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def wants_checkpoint(model: nn.Module) -> bool:
+    """Blocks of an offloaded model are checkpointed under autograd (see the module docstring)."""
+    return is_offloaded(model)

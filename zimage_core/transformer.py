@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import FREQ_EMBED_DIM, SEQ_MULTIPLE, T_EMBED_MID, ZImageConfig
+from .offload import wants_checkpoint
 
 
 FP16_BRANCH_SCALE = 2.0 ** -8  # fp16 branch outputs are computed this much smaller: 256x more headroom
@@ -354,7 +355,7 @@ class ZImageTransformer(nn.Module):
     def _run(self, block, x, rope, mask, adaln=None):
         if mask is not None:
             mask = mask.to(x.device)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (self.gradient_checkpointing or wants_checkpoint(self)):
             return checkpoint(block, x, rope, mask, adaln, use_reentrant=False)
         return block(x, rope, mask, adaln)
 
