@@ -17,7 +17,7 @@ import workflows as wf  # noqa: E402
 
 pytestmark = pytest.mark.comfy
 INPAINT_SIZE = 256  # the inpainting workflow's size is its image's: a small one keeps the VAE cheap on CPU
-SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
+SHIPPED = sorted((ROOT / "example_workflows").glob("*.json"))
 NAMES = [p.stem for p in SHIPPED]
 
 
@@ -57,7 +57,7 @@ def server(host):
 
 
 def _load(name):
-    return json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    return json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
 
 
 def test_every_definition_is_shipped_with_a_thumbnail():
@@ -65,7 +65,7 @@ def test_every_definition_is_shipped_with_a_thumbnail():
     assert set(NAMES) == {"zimage_turbo_t2i", "zimage_turbo_quality_30step", "zimage_turbo_controlnet",
                           "zimage_turbo_inpaint", "train_sft", "train_differential", "train_distill",
                           "train_base_sample_turbo"}
-    assert all((ROOT / "workflows" / f"{name}.jpg").is_file() for name in NAMES)
+    assert all((ROOT / "example_workflows" / f"{name}.jpg").is_file() for name in NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -134,7 +134,7 @@ def test_workflow_runs_on_the_tiny_model(server, host, name):
 
 
 def test_workflows_are_listed_in_the_template_browser(server):
-    """ComfyUI serves the pack's workflows/ folder to its template browser (with the thumbnails)."""
+    """ComfyUI serves the pack's example_workflows/ folder to its template browser (with the thumbnails)."""
     listing = server.get_json("/api/workflow_templates")
     from comfy_host import PACK_NAME
 
