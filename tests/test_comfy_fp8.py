@@ -25,7 +25,7 @@ def test_fp8_loader_lora_stack_and_sampler(comfy_host, comfy_models):
     m = comfy_models
     prompt = t2i_prompt(m, loras=[(m.user_lora, 0.8)], distillpatch=m.distillpatch, weight_dtype="fp8_e4m3fn",
                         seed=3, size=32, save=False)
-    result = comfy_host.run(prompt)
+    result = comfy_host.run(prompt, fresh=True)  # the stack's report (ui) exists only when it runs, not from cache
     assert result.success, result.error
     transformer = result.output("1", 0).transformer
     linears = [mod for mod in transformer.modules() if isinstance(mod, Fp8Linear)]

@@ -289,7 +289,7 @@ def _finite(value) -> bool:
 # The tables of a TOML config, for `train --help` and the shipped examples/train_*.toml. They only group: from_dict
 # merges every table into the top level, so any setting may also stand outside them.
 SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "": ("what to train", ("scheme", "base_model")),
+    "": ("what to train", ("scheme", "base_model", "model_variant")),
     "lora": ("the trained LoRA and the LoRAs around it", (
         "rank", "alpha", "targets", "preset_lora", "preset_strength", "init_lora", "distill_patch")),
     "data": ("the encoded dataset (python -m zimage_core encode builds cache_dir)", (
