@@ -166,3 +166,18 @@ def test_parameter_counts_read_well_at_every_size(tiny):
     assert [parameter_count(n) for n in (6_154_908_736, 1_940_000, 12_345, 999_999, 950)] == \
         ["6.15 B", "1.94 M", "12.3 K", "1 M", "950"]
     assert parameter_count(tiny.num_parameters()).endswith(" K")  # the tiny model: not "0.00 B"
+
+
+def test_safetensors_header_length_starting_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A safetensors header of 0x380 bytes makes the file start with b"\\x80\\x03", like a pickle: still safetensors."""
+    import json as _json
+    import struct
+
+    from zimage_core.training.checkpoint import load_checkpoint
+
+    header = _json.dumps({"__metadata__": {"format": "other"}}).encode().ljust(0x380, b" ")
+    path = tmp_path / "run.ckpt.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert path.read_bytes()[:2] == b"\x80\x03"
+    with pytest.raises(ValueError, match="not a zimage_core training checkpoint"):
+        load_checkpoint(path)

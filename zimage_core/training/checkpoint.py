@@ -171,8 +171,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"training checkpoint {path} does not exist")
     with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        head = handle.read(8)
+    # A safetensors file starts with its header length (u64, little endian: the top bytes are zero), so a first
+    # byte of 0x80 alone is no pickle: a header of 128 + 256k bytes starts the same way.
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"
+                                            and not 0 < header_len < 1 << 32):
         raise ValueError(f"{path} is a pickled PyTorch file (an older training checkpoint, NAME.ckpt.pt, or "
                          "torch.save output); pickles are never loaded because unpickling can run code. Start the "
                          "run again (checkpoints are now NAME.ckpt.safetensors).")
