@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from zimage_core import ZImageConfig, ZImageTransformer, sample
-from zimage_core.quantization import QUANTIZED_MODULES, quantize_fp8, quantized_paths, to_fp8_storage
+from zimage_core.quantization import QUANTIZED_MODULES, quantize_fp8, to_fp8_storage
 from zimage_core.testing import init_random_, tiny_model
 from zimage_core.transformer import TransformerBlock, rope_cos_sin
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from comfy_api.latest import io
 
 from ..zimage_core import ControlInput, load_controlnet
 from .loader import DTYPES
+from .model_cache import KeepLastCache
 from .types import ZIMAGE_CONTROL, ZIMAGE_CONTROLNET, ControlSpec, LoadedControlNet
 
 log = logging.getLogger("ZImageTurbo")
@@ -30,8 +30,7 @@ FOLDERS = ("model_patches", "controlnet")
 if "model_patches" not in folder_paths.folder_names_and_paths:  # hosts older than Comfy-Org's model_patches folder
     folder_paths.add_model_folder_path("model_patches", os.path.join(folder_paths.models_dir, "model_patches"))
 
-_cache: "weakref.WeakValueDictionary[tuple, LoadedControlNet]" = weakref.WeakValueDictionary()
-_last: list[LoadedControlNet] = []
+_cache: KeepLastCache[LoadedControlNet] = KeepLastCache()  # (path, mtime, weight_dtype) -> LoadedControlNet
 
 
 def controlnet_options() -> list[str]:
@@ -56,18 +55,17 @@ def resolve(name: str) -> str:
 def load(name: str, weight_dtype: str) -> LoadedControlNet:
     path = resolve(name)
     key = (path, os.path.getmtime(path), weight_dtype)
-    loaded = _cache.get(key)
-    if loaded is None:
+
+    def load_new() -> LoadedControlNet:
         with torch.inference_mode(False):
             dtype, storage = DTYPES[weight_dtype]
             try:
                 net = load_controlnet(path, dtype=dtype, device="cpu", weight_storage=storage)
             except ValueError as e:
                 raise ValueError(f"controlnet_name '{name}' cannot be loaded as a Z-Image Fun ControlNet: {e}") from e
-        loaded = LoadedControlNet.create(net, name, dtype)
-        _cache[key] = loaded
-    _last[:] = [loaded]
-    return loaded
+        return LoadedControlNet.create(net, name, dtype)
+
+    return _cache.get_or_load(key, load_new)
 
 
 class ZImageTurboControlNetLoader(io.ComfyNode):

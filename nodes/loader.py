@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -16,6 +15,7 @@ from server import PromptServer
 
 from ..zimage_core import load_transformer
 from ..zimage_core.variants import LABELS, VARIANTS, detect_variant
+from .model_cache import KeepLastCache
 from .types import OFFLOAD_MODES, ZIMAGE_MODEL, LoadedBase, ZImageModel, log
 
 # weight_dtype option -> (compute dtype, weight storage of zimage_core.load_transformer)
@@ -24,11 +24,7 @@ DTYPES = {"bf16": (torch.bfloat16, "same"), "fp16": (torch.float16, "same"), "fp
 FOLDER = "diffusion_models"
 AUTO = "auto"
 
-# Module-level cache (V3 nodes keep no instance state): (path, mtime, dtype, offload) -> LoadedBase. The most recent
-# model is held strongly, the others only while something (ComfyUI's output cache, a workflow branch) still uses them,
-# so switching models frees the old one.
-_cache: "weakref.WeakValueDictionary[tuple, LoadedBase]" = weakref.WeakValueDictionary()
-_last: list[LoadedBase] = []
+_cache: KeepLastCache[LoadedBase] = KeepLastCache()  # (path, mtime, dtype, storage, offload) -> LoadedBase
 
 
 def _diffusers_folders() -> dict[str, str]:
@@ -97,8 +93,8 @@ def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> L
     path = resolve(name)
     dtype, storage = DTYPES[weight_dtype]
     key = (path, _mtime(path), dtype, storage, offload)
-    base = _cache.get(key)
-    if base is None:
+
+    def load() -> LoadedBase:
         # Load outside inference mode: ComfyUI runs nodes under torch.inference_mode(), and inference-mode weights
         # could not be used by the trainer's backward pass.
         with torch.inference_mode(False):
@@ -107,10 +103,10 @@ def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> L
             except (ValueError, KeyError) as e:
                 raise ValueError(f"'{name}' cannot be loaded as a Z-Image transformer: {e}") from e
         base = LoadedBase.create(transformer, path, name, dtype, offload)
-        _cache[key] = base
         log.info("ZImageTurbo: loaded %s (%s, offload %s)", name, weight_dtype, offload)
-    _last[:] = [base]
-    return base
+        return base
+
+    return _cache.get_or_load(key, load)
 
 
 class ZImageTurboModelLoader(io.ComfyNode):

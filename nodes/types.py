@@ -31,7 +31,6 @@ Two more sockets carry the Fun ControlNet (nodes/controlnet.py):
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field, replace
 

@@ -7,6 +7,7 @@ Sampling with it runs ComfyUI's real KSampler path (`nodes.common_ksampler`)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -67,3 +68,10 @@ def apply_node(class_type: str, **inputs):
     if hasattr(cls, "FUNCTION"):
         return getattr(cls(), cls.FUNCTION)(**inputs)[0]
     return cls.execute(**inputs).args[0]
+
+
+@pytest.fixture(scope="module")
+def comfy_own(comfy_host, comfy_models):  # noqa: F811
+    """ComfyUI's Z-Image model on the tiny weights (the ComfyUI-layout copy of the file the pack's loader reads)."""
+    return comfy_zimage_model(comfy_host.models_dir / "diffusion_models" / comfy_models.transformer_comfy,
+                              comfy_models.config.axes_dims)

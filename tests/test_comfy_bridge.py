@@ -9,16 +9,10 @@ import pytest
 import torch
 
 from comfy_host import comfy_host, comfy_models  # noqa: F401  (fixtures)
-from comfy_reference import apply_node, comfy_zimage_model, ksampler
+from comfy_reference import apply_node, comfy_own, ksampler  # noqa: F401  (comfy_own: fixture)
 
 pytestmark = pytest.mark.comfy
 TOLERANCE = 1e-3
-
-
-@pytest.fixture(scope="module")
-def comfy_own(comfy_host, comfy_models):  # noqa: F811
-    return comfy_zimage_model(comfy_host.models_dir / "diffusion_models" / comfy_models.transformer_comfy,
-                              comfy_models.config.axes_dims)
 
 
 def _graph(m, sampler="euler", scheduler="simple", steps=8, cfg=1.0, seed=5, loras=(), model_nodes=(),

@@ -8,17 +8,10 @@ import pytest
 import torch
 
 from comfy_host import comfy_host, comfy_models  # noqa: F401  (fixtures)
-from comfy_reference import comfy_zimage_model, ksampler
+from comfy_reference import comfy_own, ksampler  # noqa: F401  (comfy_own: fixture)
 
 pytestmark = pytest.mark.comfy
 TOLERANCE = 1e-3
-
-
-@pytest.fixture(scope="module")
-def comfy_own(comfy_host, comfy_models):  # noqa: F811
-    """ComfyUI's Z-Image model on the tiny weights (the ComfyUI-layout copy of the file the pack's loader reads)."""
-    return comfy_zimage_model(comfy_host.models_dir / "diffusion_models" / comfy_models.transformer_comfy,
-                              comfy_models.config.axes_dims)
 
 
 @pytest.fixture(scope="module")

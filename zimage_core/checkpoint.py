@@ -23,7 +23,7 @@ import torch
 from .config import ZImageConfig
 from .quantization import FP8_DTYPES, SCALE_NAME, STORABLE_FP8, WEIGHT_STORAGE, Fp8Linear, check_fp8_support, \
     quantize_fp8, use_fp8_structure
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import SafetensorsFile, describe_lookalike
 from .transformer import ZImageTransformer
 
 log = logging.getLogger("zimage_core")
@@ -43,7 +43,7 @@ _COMFY_RENAMES = [
     (re.compile(r"\.attention\.q_norm\."), ".attention.norm_q."),
     (re.compile(r"\.attention\.k_norm\."), ".attention.norm_k."),
 ]
-_LOOKALIKES = [  # (key fragment, what the file probably is)
+LOOKALIKES = [  # (key fragment, what the file probably is)
     ("lora_A", "a LoRA (load it with the LoRA stack, not as a model)"),
     ("lora_down", "a LoRA (load it with the LoRA stack, not as a model)"),
     ("double_blocks.", "a Flux transformer"),
@@ -130,7 +130,7 @@ class WeightSource:
 
 
 # ---------------------------------------------------------------------------------------------- discovery
-def _checkpoint_files(path: Path) -> tuple[list[Path], dict | None]:
+def checkpoint_files(path: Path) -> tuple[list[Path], dict | None]:
     if path.is_file():
         return [path], None  # a single file carries no config: it is inferred from the shapes
     if not path.is_dir():
@@ -158,21 +158,14 @@ def _strip_prefix(keys: list[str]) -> str:
     return ""
 
 
-def _describe_foreign(keys: list[str], lookalikes=_LOOKALIKES) -> str:
-    for fragment, what in lookalikes:
-        if any(fragment in k for k in keys):
-            return f"; it looks like {what}"
-    return ""
-
-
 def _to_diffusers_name(key: str) -> str:
     for pattern, repl in _COMFY_RENAMES:
         key = pattern.sub(repl, key)
     return key
 
 
-def _map_sources(files: list[SafetensorsFile], label: str, required=_REQUIRED, what: str = "a Z-Image transformer",
-                 lookalikes=_LOOKALIKES) -> tuple[dict[str, _Source], dict[str, tuple], str]:
+def map_sources(files: list[SafetensorsFile], label: str, required=_REQUIRED, what: str = "a Z-Image transformer",
+                 lookalikes=LOOKALIKES) -> tuple[dict[str, _Source], dict[str, tuple], str]:
     """Map every stored tensor to the diffusers parameter name(s) it provides; a file without the `required` keys
     is refused as not being `what`, with a guess at what it is instead."""
     entries = [(f, k) for f in files for k in f.keys()]
@@ -183,7 +176,7 @@ def _map_sources(files: list[SafetensorsFile], label: str, required=_REQUIRED, w
     missing = [k for k in required if k not in stripped]
     if missing:
         raise ValueError(
-            f"{label} is not {what}: missing {missing}{_describe_foreign(keys, lookalikes)} "
+            f"{label} is not {what}: missing {missing}{describe_lookalike(keys, lookalikes)} "
             f"(first keys: {sorted(keys)[:4]})")
     comfy = any(n.endswith("attention.qkv.weight") or n.startswith("x_embedder.") for n in stripped)
     sources: dict[str, _Source] = {}
@@ -273,8 +266,8 @@ def _check_against_model(model: ZImageTransformer, shapes: dict[str, tuple], lab
 # ---------------------------------------------------------------------------------------------- public API
 def inspect_checkpoint(path: str | os.PathLike) -> tuple[ZImageConfig, str]:
     """(config, layout description) of a checkpoint, reading only headers."""
-    files, config_json = _checkpoint_files(Path(path))
-    _, shapes, layout = _map_sources([SafetensorsFile(f) for f in files], str(path))
+    files, config_json = checkpoint_files(Path(path))
+    _, shapes, layout = map_sources([SafetensorsFile(f) for f in files], str(path))
     config = ZImageConfig.from_diffusers(config_json) if config_json else config_from_shapes(shapes)
     return config, layout
 
@@ -319,9 +312,9 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     if fp8_dtype is not None:
         check_fp8_support(device, fp8_dtype, option=f"weight_storage={weight_storage!r}")
     path = Path(path)
-    files, config_json = _checkpoint_files(path)
+    files, config_json = checkpoint_files(path)
     st_files = [SafetensorsFile(f) for f in files]
-    sources, shapes, layout = _map_sources(st_files, str(path))
+    sources, shapes, layout = map_sources(st_files, str(path))
     config = ZImageConfig.from_diffusers(config_json) if config_json else config_from_shapes(shapes)
     with torch.device("meta"):
         model = ZImageTransformer(config)

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import _LOOKALIKES, WeightSource, _checkpoint_files, _map_sources, fill_from_source
+from .checkpoint import LOOKALIKES, WeightSource, checkpoint_files, fill_from_source, map_sources
 from .quantization import FP8_DTYPES, WEIGHT_STORAGE, check_fp8_support
 from .config import ZImageConfig
 from .safetensors_io import SafetensorsFile
@@ -54,7 +54,7 @@ REFINER_SHARED = "shared"  # 2.0: the control layers double as the refiner
 REFINER_OWN = "own"  # 2.1: control blocks of their own refine and hint
 _REQUIRED = ("control_all_x_embedder.2-1.weight", "control_layers.0.before_proj.weight")
 _CONTROLNET_LOOKALIKES = [
-    *[(f, w) for f, w in _LOOKALIKES if not f.startswith("control_all_x_embedder")],
+    *[(f, w) for f, w in LOOKALIKES if not f.startswith("control_all_x_embedder")],
     ("controlnet_x_embedder", "a Flux ControlNet"),
     ("controlnet_cond_embedding", "a Stable Diffusion / SDXL ControlNet"),
     ("cap_embedder.", "a Z-Image transformer (load it with the Z-Image Turbo Model Loader)"),
@@ -411,9 +411,9 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
     if fp8_dtype is not None:
         check_fp8_support(device, fp8_dtype, option=f"weight_storage={weight_storage!r}")
     path = Path(path)
-    files, _ = _checkpoint_files(path)
-    sources, shapes, layout = _map_sources([SafetensorsFile(f) for f in files], str(path), required=_REQUIRED,
-                                           what="a Z-Image Fun ControlNet", lookalikes=_CONTROLNET_LOOKALIKES)
+    files, _ = checkpoint_files(path)
+    sources, shapes, layout = map_sources([SafetensorsFile(f) for f in files], str(path), required=_REQUIRED,
+                                          what="a Z-Image Fun ControlNet", lookalikes=_CONTROLNET_LOOKALIKES)
     if "cap_embedder.1.weight" in shapes:
         raise ValueError(f"{path} holds a whole Z-Image transformer next to its ControlNet weights; this loader "
                          f"takes the ControlNet file alone (alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union)")

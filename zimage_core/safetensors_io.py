@@ -125,3 +125,12 @@ class SafetensorsFile:
             got = f.readinto(memoryview(buffer))
         if got != end - start:
             raise ValueError(f"{self.path}: short read at bytes {start}..{end} (file changed while loading?)")
+
+
+def describe_lookalike(keys, lookalikes: list[tuple[str, str]]) -> str:
+    """'; it looks like X' for the first (key fragment, X) of `lookalikes` that some key contains, else '': the hint
+    an error about a file of the wrong kind gives."""
+    for fragment, what in lookalikes:
+        if any(fragment in k for k in keys):
+            return f"; it looks like {what}"
+    return ""

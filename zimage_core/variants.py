@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .sampling import BASE, QUALITY, TURBO, SamplerPreset
+from .sampling import BASE, QUALITY, SamplerPreset
 
 VARIANTS = ("turbo", "base")
 # the slower reference recipe of each variant, next to TURBO (8 steps, cfg 1): what validation compares against

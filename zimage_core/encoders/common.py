@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 from pathlib import Path
 
 import torch
@@ -73,6 +74,14 @@ def weights_id(paths: list[Path]) -> str:
             handle.seek(max(0, size - _ID_SAMPLE))
             digest.update(handle.read(_ID_SAMPLE))
     return digest.hexdigest()[:16]
+
+
+def read_component_config(folder: Path, what: str, example: str) -> tuple[Path, dict]:
+    """(path, contents) of the config.json of a transformers / diffusers component folder such as `example`."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise EncoderError(f"{what} folder {folder} has no config.json (expected a folder such as {example})")
+    return config_file, json.loads(config_file.read_text(encoding="utf-8"))
 
 
 def safetensors_files(folder: Path, what: str) -> list[Path]:

@@ -20,7 +20,6 @@ from the tensor shapes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -28,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .common import EncoderError, common_prefix, open_safetensors, read_state_dict, require, safetensors_files, \
-    weights_id
+from ..safetensors_io import describe_lookalike
+from .common import EncoderError, common_prefix, open_safetensors, read_component_config, read_state_dict, require, \
+    safetensors_files, weights_id
 
 PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 MAX_SEQUENCE_LENGTH = 512  # diffusers' ZImagePipeline default, DiffSynth's too
@@ -105,11 +105,7 @@ def load_prompt_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | 
 
 
 def _load_folder(transformers, folder: Path, dtype: torch.dtype):
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise EncoderError(f"text encoder folder {folder} has no config.json (expected a transformers folder such as "
-                           "Z-Image-Turbo's text_encoder/)")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config_file, config = read_component_config(folder, "text encoder", "Z-Image-Turbo's text_encoder/")
     if config.get("model_type") != "qwen3":
         raise EncoderError(f"{config_file} describes a {config.get('model_type')!r} model "
                            f"({', '.join(config.get('architectures') or [])}), not Qwen3: Z-Image's text encoder is "
@@ -124,8 +120,7 @@ def _load_single_file(transformers, path: Path, dtype: torch.dtype):
     prefix = common_prefix(file.keys(), _SINGLE_FILE_PREFIXES)
     shapes = {k[len(prefix):]: info.shape for k, info in file.tensors.items()}
     if _PROBE not in shapes or "model.embed_tokens.weight" not in shapes:
-        what = next((f"; it looks like {name}" for fragment, name in _LOOKALIKES
-                     if any(fragment in k for k in shapes)), "")
+        what = describe_lookalike(shapes, _LOOKALIKES)
         raise EncoderError(f"{path} is not a Qwen3 text encoder (no {_PROBE}){what}: Z-Image needs Qwen3-4B "
                            "(qwen_3_4b.safetensors)")
     config = transformers.Qwen3Config(**_config_from_shapes(shapes))

@@ -12,7 +12,6 @@ is read from the tensor shapes), or a single file in diffusers' key layout.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -22,8 +21,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .common import EncoderError, common_prefix, open_safetensors, read_state_dict, require, safetensors_files, \
-    weights_id
+from ..safetensors_io import describe_lookalike
+from .common import EncoderError, common_prefix, open_safetensors, read_component_config, read_state_dict, require, \
+    safetensors_files, weights_id
 
 FLUX_SHIFT_FACTOR = 0.1159  # ComfyUI comfy/latent_formats.py Flux; Z-Image-Turbo vae/config.json shift_factor
 FLUX_SCALE_FACTOR = 0.3611  # ... scaling_factor
@@ -82,11 +82,7 @@ def _wrong_channels(source: Path, channels: int) -> EncoderError:
 
 
 def _load_folder(diffusers, folder: Path):
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise EncoderError(f"VAE folder {folder} has no config.json (expected a diffusers folder such as "
-                           "Z-Image-Turbo's vae/)")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config_file, config = read_component_config(folder, "VAE", "Z-Image-Turbo's vae/")
     if config.get("_class_name") != "AutoencoderKL":
         raise EncoderError(f"{config_file} describes a {config.get('_class_name')!r}, not the Flux VAE "
                            "(AutoencoderKL)")
@@ -108,8 +104,7 @@ def _load_single_file(diffusers, path: Path):
     prefix = common_prefix(file.keys(), _PREFIXES)
     shapes = {k[len(prefix):]: info.shape for k, info in file.tensors.items()}
     if "encoder.conv_in.weight" not in shapes or "encoder.conv_out.weight" not in shapes:
-        what = next((f"; it looks like {name}" for fragment, name in _LOOKALIKES
-                     if any(fragment in k for k in shapes)), "")
+        what = describe_lookalike(shapes, _LOOKALIKES)
         raise EncoderError(f"{path} is not a VAE (no encoder.conv_in.weight / encoder.conv_out.weight){what}")
     channels = shapes["encoder.conv_out.weight"][0] // 2  # the encoder outputs mean and log-variance
     if channels != LATENT_CHANNELS:
