@@ -341,6 +341,8 @@ def test_model_takes_part_in_comfy_memory_management_without_leaks(comfy_host, c
         return [lm for lm in mm.current_loaded_models if isinstance(lm.model, types.ZImagePatcher)
                 and type(lm.model.model.diffusion_model).__name__ == "ZImageTransformer"]
 
+    mm.unload_all_models()  # start from what this test loads (earlier test files leave their own models loaded)
+    gc.collect()
     for i in range(50):  # 50 queued runs: new seeds, alternating stacks and dtypes
         loras = [(m.user_lora, 1.0)] if i % 2 else []
         result = comfy_host.run(t2i_prompt(m, loras=loras, seed=1000 + i, size=16, steps=1, save=False,
