@@ -1,0 +1,373 @@
+"""Accelerator memory of Z-Image-Turbo at real size (dim 3840, 30 layers + 2 + 2 refiners), measured on a CPU.
+
+Every run computes on the `meta` device under benchmarks/memtrack.py's live-tensor byte tracker (what
+torch.cuda.max_memory_allocated would read; flash attention's O(S) memory; offloaded weights in host RAM), through
+the pack's own code paths: `zimage_core.sample`, the trainer's `sft_loss` / `teacher_trajectory` /
+`trajectory_loss` with a rank-32 LoRA on the trainer's default targets as runtime branches, fp32 LoRA masters and
+AdamW. Each training figure is the peak of the second optimizer step (AdamW's moments then exist, as in every step
+after the first). The same tracker measures diffusers' ZImageTransformer2DModel (+ peft LoRA, its gradient
+checkpointing, layerwise fp8 casting and block-level group offload) on the same work.
+
+1024² = 4096 image tokens, 512² = 1024, both with a 256-token caption; batch 1. The transformer only: the text
+encoder and the VAE run before and after it (ComfyUI unloads them while the transformer works).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_memory.py [--sizes 1024 512] [--skip-diffusers] [--out r.json]
+    ... --validate   the tracker on a small model: meta run == real CPU run (same bytes), and vs the process RSS
+    ... --growth     checkpointed training memory per block (20 vs 30 layers) against one block's input
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RssPeak, run_worker  # noqa: E402
+from memtrack import LiveBytes, flash_attention, host_homes  # noqa: E402
+
+from zimage_core import ZImageConfig, ZImageTransformer, sample  # noqa: E402
+from zimage_core.lora import apply_loras, new_lora  # noqa: E402
+from zimage_core.offload import enable_block_offload, is_offloaded  # noqa: E402
+from zimage_core.quantization import to_fp8_storage  # noqa: E402
+from zimage_core.training.config import DEFAULT_TARGETS, TrainConfig  # noqa: E402
+from zimage_core.training.losses import sft_loss, teacher_trajectory, trajectory_grids, trajectory_loss  # noqa: E402
+from zimage_core.training.optimizers import build_optimizer  # noqa: E402
+
+GIB = 2**30
+CAPTION_TOKENS = 256
+RANK = 32
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]  # the trainer's DEFAULT_TARGETS, peft-style
+
+
+# ---------------------------------------------------------------------------------------------- models
+def ours(config: ZImageConfig, storage: str, offload: bool, device: str = "meta") -> ZImageTransformer:
+    with torch.device(device):
+        model = ZImageTransformer(config).to(torch.bfloat16)
+    if storage == "fp8":
+        to_fp8_storage(model)
+    if offload:
+        if device == "meta":
+            host_homes(model.blocks())
+        enable_block_offload(model, device, "cpu")
+    return model.eval()
+
+
+def diffusers_model(config: ZImageConfig, storage: str, offload: bool):
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.device("meta"):
+        ref = ZImageTransformer2DModel(**{k: v for k, v in config.to_diffusers().items() if not k.startswith("_")})
+    ref = ref.to(torch.bfloat16)
+    if storage == "fp8":
+        ref.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    if offload:
+        host_homes([ref])
+        ref.enable_group_offload(onload_device=torch.device("meta"), offload_device=torch.device("cpu"),
+                                 offload_type="block_level", num_blocks_per_group=1, use_stream=False)
+    return ref.eval()
+
+
+class DiffusersVelocity:
+    """diffusers' model as a velocity function in our convention (v = -output at t = 1 - sigma)."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __call__(self, latents, sigmas, captions):
+        t = 1.0 - sigmas.to(latents.device, torch.float32)
+        out = self.ref([x[:, None].to(torch.bfloat16) for x in latents], t, list(captions), return_dict=False)[0]
+        return -torch.stack([o[:, 0] for o in out]).float()
+
+
+def ours_lora(model, device: str, seed: int = 0, dtype=torch.float32):
+    """A rank-32 LoRA on the trainer's default targets, as the trainer makes it (fp32 masters)."""
+    return new_lora(model, rank=RANK, alpha=RANK, targets=DEFAULT_TARGETS, seed=seed).to(dtype, device)
+
+
+# ---------------------------------------------------------------------------------------------- work
+def inputs(size: int, config: ZImageConfig, device: str = "meta"):
+    lat = size // 8
+    noise = torch.randn(1, config.in_channels, lat, lat, device=device)
+    caption = torch.randn(CAPTION_TOKENS, config.cap_feat_dim, device=device, dtype=torch.bfloat16)
+    return noise, [caption]
+
+
+def _tensors(module) -> list:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _build(impl: str, config: ZImageConfig, storage: str, offload: bool, device: str):
+    if impl == "ours":
+        model = ours(config, storage, offload, device)
+        return model, model
+    model = diffusers_model(config, storage, offload)
+    return model, DiffusersVelocity(model)
+
+
+def _start(model, device: str, trainable=()) -> LiveBytes:
+    """A tracker holding the model's resident tensors (offloaded block homes are host memory: not counted, which
+    matters when a validation run offloads from the CPU to the CPU)."""
+    tracker = LiveBytes(device)
+    if is_offloaded(model):
+        tracker.ignore(t for b in model.blocks() for t in _tensors(b))
+    train_ids = {id(p) for p in trainable}
+    tracker.adopt([t for t in _tensors(model) if id(t) not in train_ids], "weights")
+    tracker.adopt(trainable, "trainable")
+    return tracker
+
+
+def sampling(impl: str, config: ZImageConfig, size: int, storage: str, offload: bool, device: str = "meta",
+             watch=nullcontext) -> dict:
+    """8-step turbo sampling (cfg 1) of one image."""
+    model, fn = _build(impl, config, storage, offload, device)
+    tracker = _start(model, device)
+    noise, caps = inputs(size, config, device)
+    tracker.adopt([noise, *caps], "work")
+    tracker.reset_peak()
+    with watch(), tracker, flash_attention(), torch.no_grad():
+        sample(fn, noise, caps, steps=8, cfg=1.0)
+    return tracker.summary()
+
+
+def _train_peak(tracker: LiveBytes, params, step, watch=nullcontext) -> dict:
+    """Two optimizer steps of `step()` (forward + backward); the figure is the second's peak: the first creates
+    AdamW's moments, which every later step keeps beside the LoRA."""
+    opt = build_optimizer("adamw", params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+    def one():
+        opt.zero_grad(set_to_none=True)  # as the trainer: a step's grads live until its optimizer step
+        step()
+        opt.step()
+
+    with tracker, flash_attention():
+        one()
+    tracker.relabel([s for state in opt.state.values() for s in state.values() if isinstance(s, torch.Tensor)],
+                    "trainable")
+    tracker.reset_peak()
+    with watch(), tracker, flash_attention():
+        one()
+    return tracker.summary()
+
+
+def _trainable(impl: str, model, device: str) -> list:
+    model.requires_grad_(False)  # the base is frozen, as the trainer and peft freeze it
+    if impl == "ours":
+        model.gradient_checkpointing = True
+        lora = ours_lora(model, device)
+        params = list(lora.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        apply_loras(model, [(lora, 1.0)], mode="runtime")  # as the trainer: a runtime branch, fp32 master
+        return params
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=PEFT_TARGETS, init_lora_weights=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 masters, as diffusers' training scripts do (cast_training_params)
+    model.enable_gradient_checkpointing()
+    model.train()
+    return params
+
+
+def sft_step(impl: str, config: ZImageConfig, size: int, storage: str, offload: bool, device: str = "meta",
+             watch=nullcontext) -> dict:
+    """One rank-32 LoRA SFT step with gradient checkpointing: velocity loss, backward, AdamW."""
+    model, fn = _build(impl, config, storage, offload, device)
+    params = _trainable(impl, model, device)
+    tracker = _start(model, device, params)
+    noise, caps = inputs(size, config, device)
+    x0 = torch.randn_like(noise)
+    tracker.adopt([noise, x0, *caps], "work")
+    sigma, weight = torch.tensor([0.6]), torch.tensor([1.0])
+    return _train_peak(tracker, params, lambda: sft_loss(fn, x0, caps, noise, sigma, weight).backward(), watch)
+
+
+def trajectory_step(config: ZImageConfig, size: int, storage: str, offload: bool, chunk: int) -> dict:
+    """The trainer's trajectory-imitation micro-step: the frozen teacher (the SFT LoRA as a runtime branch) runs its
+    50-step cfg-2 trajectory without grad, then the student LoRA learns its 8 steps (`chunk` steps per forward and
+    backward, 0 = all 8 in one batched forward: the trainer's student_chunk)."""
+    cfg = TrainConfig(scheme="trajectory", student_chunk=chunk)
+    model = ours(config, storage, offload).requires_grad_(False)
+    model.gradient_checkpointing = True
+    student = ours_lora(model, "meta")
+    params = list(student.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    teacher = ours_lora(model, "meta", seed=1)  # frozen; fp32 (an SFT LoRA saved in bf16 takes half)
+    tracker = _start(model, "meta", params)
+    tracker.adopt(list(teacher.parameters()), "trainable")
+    noise, caps = inputs(size, config)
+    negative = torch.zeros_like(caps[0])
+    tracker.adopt([noise, *caps, negative], "work")
+    student_sigmas, grid, keep = trajectory_grids(cfg.teacher_steps, cfg.student_steps, cfg.shift)
+
+    def step():
+        handle = apply_loras(model, [(teacher, 1.0)], mode="runtime")  # the trainer's LoRA stack swaps them
+        with torch.no_grad():
+            states = teacher_trajectory(model, noise, caps, [negative], grid, cfg.teacher_cfg, keep)
+        handle.remove()
+        handle = apply_loras(model, [(student, 1.0)], mode="runtime")
+        trajectory_loss(model, states, student_sigmas, caps, chunk=chunk, backward_scale=1.0)
+        handle.remove()
+
+    return _train_peak(tracker, params, step)
+
+
+# ---------------------------------------------------------------------------------------------- tracker checks
+VALIDATION = ZImageConfig(dim=512, n_layers=4, n_refiner_layers=1, n_heads=4, cap_feat_dim=256)
+
+
+def validate_worker(device: str, offload: bool) -> dict:
+    """An 8-step sample and an SFT step of a small model (head_dim 128 as the real one) at 512², computed for real
+    on the CPU or shapes-only on meta. The CPU run also reads the process RSS during the measured work: its rise
+    over the level at the start is the work's memory as the OS sees it."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    out = {}
+    for name, fn in (("sample", sampling), ("sft", sft_step)):
+        gc.collect()
+        rss = RssPeak()
+        out[name] = fn("ours", VALIDATION, 512, "bf16", offload, device, watch=lambda: rss)
+        out[name]["rss_rise_gib"] = rss.delta_mib / 1024
+    return out
+
+
+def growth(impl: str, size: int = 1024) -> dict:
+    """Checkpointed SFT memory per block: (peak at 30 layers - peak at 20 layers) / 10, without the weights, against
+    the bytes of one block's input [1, S, dim] in bf16 (what a checkpoint keeps per block)."""
+    peaks = {}
+    for n in (20, 30):
+        r = sft_step(impl, ZImageConfig(n_layers=n), size, "bf16", False)
+        peaks[n] = r["peak_gib"] - r["weights_gib"] - r["trainable_gib"]
+    tokens = (size // 16) ** 2 + CAPTION_TOKENS
+    return {"per_block_gib": (peaks[30] - peaks[20]) / 10, "block_input_gib": tokens * ZImageConfig().dim * 2 / GIB}
+
+
+# ---------------------------------------------------------------------------------------------- the table
+MODES = {"bf16": ("bf16", False), "fp8": ("fp8", False), "bf16 + offload": ("bf16", True),
+         "fp8 + offload": ("fp8", True)}
+
+
+def _safe(fn, *args) -> dict | str:
+    try:
+        return fn(*args)
+    except Exception as err:  # a reference mode that cannot run here (diffusers' group offload needs a device
+        return f"n/a: {type(err).__name__}: {str(err).splitlines()[0][:120]}"  # module with streams: no meta)
+
+
+def run_all(sizes, with_diffusers: bool, log=print) -> list[dict]:
+    config, rows = ZImageConfig(), []
+    for work, fn in (("8-step sampling", sampling), ("SFT step, rank 32", sft_step)):
+        for mode, (storage, offload) in MODES.items():
+            for size in sizes:
+                row = {"work": work, "mode": mode, "size": size,
+                       "ours": _safe(fn, "ours", config, size, storage, offload)}
+                if with_diffusers:
+                    row["diffusers"] = _safe(fn, "diffusers", config, size, storage, offload)
+                rows.append(row)
+                log(_line(row))
+    for mode in ("bf16", "fp8", "fp8 + offload"):  # each row runs 2 x 100 teacher forwards: the smallest and largest
+        storage, offload = MODES[mode]
+        for chunk in (1, 0) if mode == "fp8 + offload" else (1,):
+            for size in sizes:
+                row = {"work": f"trajectory step (student_chunk {chunk})", "mode": mode, "size": size,
+                       "ours": _safe(trajectory_step, config, size, storage, offload, chunk)}
+                rows.append(row)
+                log(_line(row))
+    return rows
+
+
+def _gib(result) -> str:
+    return f"{result['peak_gib']:.2f}" if isinstance(result, dict) else "n/a"
+
+
+def _line(row) -> str:
+    ours_, ref = row["ours"], row.get("diffusers")
+    text = f"{row['work']:<36} {row['mode']:<15} {row['size']}²  ours {_gib(ours_)} GiB"
+    if isinstance(ours_, dict):
+        text += (f" (weights {ours_['weights_gib']:.2f}, LoRA + AdamW {ours_['trainable_gib']:.2f}, "
+                 f"activations {ours_['activations_gib']:.2f})")
+    else:
+        text += f" [{ours_}]"
+    if ref is not None:
+        text += f"  diffusers {_gib(ref)} GiB"
+        if isinstance(ref, dict) and isinstance(ours_, dict):
+            text += f"  ratio {ours_['peak_gib'] / ref['peak_gib']:.2f}x"
+        elif isinstance(ref, str):
+            text += f" [{ref}]"
+    return text
+
+
+def markdown(rows, sizes) -> str:
+    head = "| work | mode | " + " | ".join(f"{s}² ours | diffusers | ratio" for s in sizes) + " |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(sizes))]
+    keyed = {(r["work"], r["mode"], r["size"]): r for r in rows}
+    for work, mode in dict.fromkeys((r["work"], r["mode"]) for r in rows):
+        cells = []
+        for s in sizes:
+            r = keyed[(work, mode, s)]
+            o, d = r["ours"], r.get("diffusers")
+            ratio = (f"{o['peak_gib'] / d['peak_gib']:.2f}x" if isinstance(o, dict) and isinstance(d, dict) else "-")
+            cells += [_gib(o), _gib(d) if d is not None else "-", ratio]
+        lines.append(f"| {work} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
+    parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--validate", action="store_true")
+    parser.add_argument("--growth", action="store_true")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--worker", nargs=2, metavar=("DEVICE", "OFFLOAD"))
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(validate_worker(args.worker[0], args.worker[1] == "block")))
+        return
+    torch.set_num_threads(1)
+    report: dict = {}
+    if args.validate:
+        report["validation"] = validation()
+    if args.growth:
+        report["growth"] = {impl: growth(impl) for impl in ("ours", "diffusers")}
+        for impl, g in report["growth"].items():
+            print(f"checkpointed SFT, {impl}: {g['per_block_gib'] * 1024:.1f} MiB per block "
+                  f"(one block's bf16 input: {g['block_input_gib'] * 1024:.1f} MiB)")
+    if not (args.validate or args.growth):
+        rows = run_all(args.sizes, not args.skip_diffusers)
+        report["rows"] = rows
+        print()
+        print(markdown(rows, args.sizes))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+def validation() -> dict:
+    """The meta run must count exactly the bytes of the real CPU run; the CPU run's RSS shows what the tracker
+    cannot see (allocator and kernel workspace)."""
+    out = {}
+    for offload in ("none", "block"):
+        real = run_worker(Path(__file__), "cpu", offload)
+        meta = run_worker(Path(__file__), "meta", offload)
+        out[offload] = {"cpu": real, "meta": meta}
+        for work in ("sample", "sft"):
+            r, m = real[work], meta[work]
+            print(f"validation, offload {offload}, {work}: peak meta {m['peak_gib'] * 2**30:.0f} B, real CPU "
+                  f"{r['peak_gib'] * 2**30:.0f} B; rise during the work: tracked {r['rise_gib'] * 1024:.1f} MiB, "
+                  f"RSS {r['rss_rise_gib'] * 1024:.1f} MiB")
+    return out
+
+
+if __name__ == "__main__":
+    main()
