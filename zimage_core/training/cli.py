@@ -4,6 +4,11 @@ It reads an encoded dataset cache (built by `python -m zimage_core encode`, the 
 `build_cache`), so no VAE or text encoder is loaded. Under `torchrun --nproc_per_node N` (and torchrun's multi-node
 rendezvous) it trains data-parallel (gradients averaged over processes; NCCL on GPUs, gloo on CPU): the global
 batch_size of the config is split evenly over the processes.
+
+Two command-line options trade speed for accelerator memory (both are how the base is held, not what is trained, so
+they are not TrainConfig settings: in ComfyUI the same choices are the model loader's weight_dtype and offload):
+`--weight-storage fp8_e4m3fn` (zimage_core.quantization) and `--offload block` (zimage_core.offload). Under torchrun
+every process loads its own base the same way.
 """
 
 from __future__ import annotations
@@ -15,8 +20,30 @@ import textwrap
 
 import torch
 
+from ..quantization import WEIGHT_STORAGE
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
+OFFLOAD_MODES = ("none", "block")
+# The figures quoted in --help: one rank-32 SFT step at 1024² at real size, accelerator memory
+# (benchmarks/bench_memory.py, measured on the meta device under a live-storage tracker).
+WEIGHT_STORAGE_HELP = (
+    "how the frozen base's block weights are held. same: in --dtype. fp8_e4m3fn: the attention and SwiGLU Linear "
+    "weights of every block (98%% of the weights) in float8 with a scale per output channel, each cast to --dtype "
+    "only while its layer runs (the LoRA and everything else stay as without). Saves about half the weight memory: a "
+    "rank-32 SFT step at 1024² needs 9.3 GiB instead of 14.9 GiB in bf16 (measured by benchmarks/bench_memory.py). "
+    "Costs: the base is the fp8-rounded one (the trained LoRA differs slightly from a bf16-base run) and one cast per "
+    "Linear per forward and backward. Needs a torch build and device that cast float8 (checked before training). "
+    "Default: %(default)s")
+OFFLOAD_HELP = (
+    "none: the whole model on --device. block: the transformer blocks stay in host RAM (pinned) and each is copied "
+    "to the GPU just before it runs, the next one on a side stream while the current one computes; offloaded blocks "
+    "always run gradient-checkpointed. A rank-32 SFT step at 1024² needs 4.1 GiB in bf16, 3.8 GiB with "
+    "--weight-storage fp8_e4m3fn (measured by benchmarks/bench_memory.py; 14.9 GiB / 9.3 GiB without offload). "
+    "Costs: host RAM for the blocks (their weight size, about 12 GB in bf16; each torchrun process holds its own) and "
+    "two host-to-GPU copies of every block per step (forward and the backward recompute), slower wherever the copy "
+    "cannot hide behind the compute. The trained LoRA is the same as without (bit-exact on CPU, where the same code "
+    "runs synchronously and saves nothing). Default: %(default)s")
 
 
 SCHEME_HELP = {
@@ -65,6 +92,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="compute dtype of the frozen base (auto: bf16 on GPU, fp32 on CPU); LoRA stays fp32")
+    parser.add_argument("--weight-storage", default="same", choices=WEIGHT_STORAGE, help=WEIGHT_STORAGE_HELP)
+    parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES, help=OFFLOAD_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -75,15 +104,57 @@ def resolve_device_dtype(device: str, dtype: str, local_rank: int = 0) -> tuple[
     return chosen, DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if use_cuda else torch.float32)
 
 
-def load_base_model(name: str, dtype: torch.dtype, device):
-    """`tiny:SEED` builds the random tiny model (tests and demos); anything else is a checkpoint path."""
+def check_weight_storage(weight_storage: str, device: torch.device) -> None:
+    """Refuse fp8 storage before anything loads when this build cannot cast float8 on the compute device (the error
+    names the option); "same" needs nothing."""
+    from ..quantization import FP8_DTYPES, check_fp8_support
+
+    if weight_storage != "same":
+        check_fp8_support(device, FP8_DTYPES[weight_storage], option=f"--weight-storage {weight_storage}")
+
+
+def load_base_model(name: str, dtype: torch.dtype, device, weight_storage: str = "same", offload: str = "none"):
+    """The frozen base: `tiny:SEED` builds the random tiny model (tests and demos), anything else is a checkpoint
+    path. With block offload it is loaded to the CPU and only then offloaded: the whole model never sits on the
+    compute device, which could not hold it (that is why one offloads)."""
+    from ..offload import enable_block_offload
+
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+    check_weight_storage(weight_storage, torch.device(device))
+    load_device = "cpu" if offload == "block" else device
     if name.startswith("tiny:"):
+        from ..quantization import FP8_DTYPES, to_fp8_storage
         from ..testing import tiny_model
-        return tiny_model(int(name.split(":", 1)[1] or 0), dtype=dtype).to(device)
-    if not name:
+        model = tiny_model(int(name.split(":", 1)[1] or 0), dtype=dtype).requires_grad_(False)
+        if weight_storage != "same":
+            to_fp8_storage(model, FP8_DTYPES[weight_storage])  # in place, on the CPU
+        model = model.to(load_device)
+    elif not name:
         raise ValueError("the config has no base_model (a Z-Image-Turbo checkpoint path)")
-    from ..checkpoint import load_transformer
-    return load_transformer(name, dtype=dtype, device=device)
+    else:
+        from ..checkpoint import load_transformer
+        model = load_transformer(name, dtype=dtype, device=load_device, weight_storage=weight_storage)
+    if offload == "block":
+        enable_block_offload(model, device, "cpu")
+    return model
+
+
+def describe_base(model, dtype: torch.dtype) -> str:
+    """One log line: how the base is held (compute dtype, fp8 storage, block offload)."""
+    from ..offload import is_offloaded
+    from ..quantization import FP8_DTYPES, Fp8Linear
+
+    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    names = {dtype: name for name, dtype in FP8_DTYPES.items()}
+    storage = (f"{names.get(fp8[0].weight.dtype, fp8[0].weight.dtype)} weight storage on for {len(fp8)} block "
+               "Linears" if fp8 else "weights stored in the compute dtype")
+    if is_offloaded(model):
+        state = model._block_offload
+        place = f"block offload on: {len(state.blocks)} blocks in {state.offload} RAM, streamed to {state.compute}"
+    else:
+        place = f"whole model on {model.x_pad_token.device}"
+    return f"base: {str(dtype).removeprefix('torch.')} compute, {storage}, {place}"
 
 
 def load_config(path: str, steps: int | None = None, resume: str | None = None):
@@ -124,13 +195,14 @@ def run(args: argparse.Namespace) -> int:
     use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
+    check_weight_storage(args.weight_storage, device)  # before any process group or weights: an early, clear error
     distributed = world > 1
     if distributed:
         import torch.distributed as dist
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = int(os.environ.get("RANK", "0"))
     try:
-        model = load_base_model(config.base_model, dtype, device)
+        model = load_base_model(config.base_model, dtype, device, args.weight_storage, args.offload)
         cache = DatasetCache.load(config.cache_dir)
         check_cache_fits(cache, model.config, config.base_model)
         bar = None
@@ -145,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
                 bar.refresh()
 
         log = (lambda message: (bar.write(message) if bar is not None else print(message))) if rank == 0 else None
+        if log is not None:
+            log(describe_base(model, dtype))
         try:
             result = train(model, config, cache, progress=progress, log=log)
         except KeyboardInterrupt:
