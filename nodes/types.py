@@ -44,7 +44,7 @@ import comfy.supported_models
 from comfy_api.latest import io
 
 from ..zimage_core import ZImageTransformer
-from ..zimage_core.offload import disable_block_offload, enable_block_offload
+from ..zimage_core.offload import OFFLOAD_MODES, disable_block_offload, enable_block_offload
 
 log = logging.getLogger("ZImageTurbo")
 
@@ -53,7 +53,6 @@ ZIMAGE_MODEL = io.Custom("ZIMAGE_MODEL")
 ZIMAGE_CONTROLNET = io.Custom("ZIMAGE_CONTROLNET")
 ZIMAGE_CONTROL = io.Custom("ZIMAGE_CONTROL")
 
-OFFLOAD_MODES = ("none", "block")
 ROLE_LORA, ROLE_DISTILLPATCH, ROLE_TRAINED = "lora", "distillpatch", "trained"
 BLOCKS_IN_FLIGHT = 2  # block offload keeps at most the running block and the prefetched next one on the GPU
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 _ATTR = "_block_offload"
+OFFLOAD_MODES = ("none", "block")  # what a user can choose (loader node, headless trainer): nothing, or block offload
 
 
 @dataclass

@@ -20,11 +20,11 @@ import textwrap
 
 import torch
 
+from ..offload import OFFLOAD_MODES
 from ..quantization import WEIGHT_STORAGE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
-OFFLOAD_MODES = ("none", "block")
 # The figures quoted in --help: one rank-32 SFT step at 1024² at real size, accelerator memory
 # (benchmarks/bench_memory.py, measured on the meta device under a live-storage tracker).
 WEIGHT_STORAGE_HELP = (
