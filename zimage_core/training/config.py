@@ -86,7 +86,9 @@ class TrainConfig:
     student_steps: int = 8
     trajectory_noises: int = 0  # 0: fresh noise every step (DiffSynth); N: a fixed pool of N noises per image
     cache_teacher: bool = True  # with a noise pool, compute each teacher trajectory once and reuse it
-    student_chunk: int = 0  # student steps per forward (0: all in one batched forward)
+    # student steps per forward and backward (0: all in one batched forward). 1 by default: at 1024² all 8 at once
+    # need 21.8 GiB even with fp8 + block offload, one at a time 4.4 GiB (benchmarks/bench_memory.py), same loss
+    student_chunk: int = 1
 
     # outputs
     output_dir: str = "output"
