@@ -129,12 +129,15 @@ class ZImageTurboModelLoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Precision the weights are held and run in. bf16 is the released precision; "
                                        "fp16 for GPUs without bf16; fp32 for reference/CPU runs; fp8_e4m3fn stores "
-                                       "the transformer blocks' weights in fp8 (half the memory, computed in bf16; "
+                                       "the transformer blocks' weights in fp8 (half the memory: sampling 6.3 GiB, "
+                                       "training 9.3 GiB at 1024²; computed in bf16; "
                                        "a small loss of quality, see the README) and loads fp8 files as they are."),
                 io.Combo.Input("offload", options=list(OFFLOAD_MODES), default="none",
                                tooltip="none: the whole model moves to the GPU for sampling. block: only the "
                                        "embedders stay on the GPU and each transformer block is streamed from RAM "
-                                       "when it runs (slower, for GPUs with little VRAM)."),
+                                       "when it runs (slower, for GPUs with little VRAM: at 1024² sampling needs "
+                                       "1.1 GiB instead of 11.9 and a LoRA training step 4.1 instead of 14.9; "
+                                       "the weights then live in RAM: 12.3 GB in bf16, 6.2 GB in fp8)."),
                 io.Combo.Input("variant", options=[AUTO, *VARIANTS], default=AUTO, optional=True,
                                tooltip="Which Z-Image this is (both have the same weights layout): auto = from the "
                                        "file name (z_image_bf16 / Z-Image = base, anything with 'turbo' = Turbo, "
