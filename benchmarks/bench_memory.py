@@ -94,10 +94,10 @@ def ours_lora(model, device: str, seed: int = 0, dtype=torch.float32):
 
 
 # ---------------------------------------------------------------------------------------------- work
-def inputs(size: int, config: ZImageConfig, device: str = "meta"):
+def inputs(size: int, config: ZImageConfig, device: str = "meta", caption_tokens: int = CAPTION_TOKENS):
     lat = size // 8
     noise = torch.randn(1, config.in_channels, lat, lat, device=device)
-    caption = torch.randn(CAPTION_TOKENS, config.cap_feat_dim, device=device, dtype=torch.bfloat16)
+    caption = torch.randn(caption_tokens, config.cap_feat_dim, device=device, dtype=torch.bfloat16)
     return noise, [caption]
 
 
@@ -126,11 +126,11 @@ def _start(model, device: str, trainable=()) -> LiveBytes:
 
 
 def sampling(impl: str, config: ZImageConfig, size: int, storage: str, offload: bool, device: str = "meta",
-             watch=nullcontext) -> dict:
+             watch=nullcontext, caption_tokens: int = CAPTION_TOKENS) -> dict:
     """8-step turbo sampling (cfg 1) of one image."""
     model, fn = _build(impl, config, storage, offload, device)
     tracker = _start(model, device)
-    noise, caps = inputs(size, config, device)
+    noise, caps = inputs(size, config, device, caption_tokens)
     tracker.adopt([noise, *caps], "work")
     tracker.reset_peak()
     with watch(), tracker, flash_attention(), torch.no_grad():
@@ -180,12 +180,12 @@ def _trainable(impl: str, model, device: str) -> list:
 
 
 def sft_step(impl: str, config: ZImageConfig, size: int, storage: str, offload: bool, device: str = "meta",
-             watch=nullcontext) -> dict:
+             watch=nullcontext, caption_tokens: int = CAPTION_TOKENS) -> dict:
     """One rank-32 LoRA SFT step with gradient checkpointing: velocity loss, backward, AdamW."""
     model, fn = _build(impl, config, storage, offload, device)
     params = _trainable(impl, model, device)
     tracker = _start(model, device, params)
-    noise, caps = inputs(size, config, device)
+    noise, caps = inputs(size, config, device, caption_tokens)
     x0 = torch.randn_like(noise)
     tracker.adopt([noise, x0, *caps], "work")
     sigma, weight = torch.tensor([0.6]), torch.tensor([1.0])

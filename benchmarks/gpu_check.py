@@ -5,6 +5,9 @@ model is the real Z-Image-Turbo shape (`ZImageConfig()`: dim 3840, 30 layers + 2
 random weights following `zimage_core.testing.init_random_`'s rules (drawn on the GPU from a fixed seed: a CPU
 generator would spend minutes on 6 B numbers). Both sides get the very same tensors.
 
+Next to each measured peak of ours stands what benchmarks/bench_memory.py's meta-device tracker predicts for the same
+work: a GPU run thus checks the simulation behind the README's memory table at real size.
+
 1. parity: relative RMS ||v_diffusers - v_ours|| / ||v_ours|| of one bf16 forward (1024 px = a 128x128 latent,
    16 channels, a 256-token caption, sigma 0.6).
 2. 8-step 1024 px turbo sampling (`zimage_core.sampling.TURBO`: 8 steps, cfg 1, Euler, shift 3): wall time
@@ -65,6 +68,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from zimage_core import ZImageConfig, ZImageTransformer, apply_loras, new_lora, sample  # noqa: E402
 from zimage_core.offload import enable_block_offload  # noqa: E402
@@ -374,6 +378,9 @@ def run_ours(setup: Setup, mode: str, parts: set, inputs: dict, results: dict, e
                 errors)
     del model
     free_memory(setup)
+    for part in parts & {"sample", "train"}:
+        if isinstance(results[part]["ours"].get(mode), dict):
+            results[part]["ours"][mode]["predicted_gib"] = predicted_peak(setup, part, mode)
 
 
 def run_diffusers(setup: Setup, mode: str, parts: set, inputs: dict, results: dict) -> None:
@@ -388,6 +395,19 @@ def run_diffusers(setup: Setup, mode: str, parts: set, inputs: dict, results: di
         attempt(results["train"]["diffusers"], mode, f"train diffusers {mode}",
                 lambda: train_diffusers(setup, mode, inputs))
         free_memory(setup)
+
+
+def predicted_peak(setup: Setup, part: str, mode: str) -> float | str:
+    """What benchmarks/bench_memory.py's meta-device tracker predicts for ours on this very work (GiB): printed next
+    to the measured peak, so a GPU run checks the simulation behind the README's memory table at real size."""
+    import bench_memory
+
+    measure = bench_memory.sampling if part == "sample" else bench_memory.sft_step
+    try:
+        return measure("ours", setup.config, setup.latent_hw * 8, mode.split("+")[0], mode.endswith("offload"),
+                       caption_tokens=setup.caption_len)["peak_gib"]
+    except Exception as err:
+        return f"{NA}: {type(err).__name__}: {err}"[:200]
 
 
 def fp8_available(setup: Setup) -> str | None:
@@ -419,15 +439,17 @@ def _side(entry) -> tuple[str, str, float | None]:
 
 
 def table(title: str, part: dict, extra=None) -> list[str]:
-    head = "| mode | ours time s | ours peak GiB (weights) | diffusers time s | diffusers peak GiB (weights) " \
-           "| ratio (ours / diffusers time) |"
+    head = "| mode | ours time s | ours peak GiB (weights) | ours predicted GiB (bench_memory) | diffusers time s " \
+           "| diffusers peak GiB (weights) | ratio (ours / diffusers time) |"
     lines = [f"### {title}", "", head + (f" {extra[0]} |" if extra else ""),
-             "|---" * (6 + (1 if extra else 0)) + "|"]
+             "|---" * (7 + (1 if extra else 0)) + "|"]
     for mode in MODES:
-        ours_t, ours_m, ours_s = _side(part["ours"].get(mode))
+        ours = part["ours"].get(mode)
+        ours_t, ours_m, ours_s = _side(ours)
+        predicted = _cell(ours.get("predicted_gib"), "{:.3g}") if isinstance(ours, dict) else NA
         ref_t, ref_m, ref_s = _side(part["diffusers"].get(mode))
         ratio = f"{ours_s / ref_s:.2f}x" if ours_s and ref_s else NA
-        row = f"| {mode} | {ours_t} | {ours_m} | {ref_t} | {ref_m} | {ratio} |"
+        row = f"| {mode} | {ours_t} | {ours_m} | {predicted} | {ref_t} | {ref_m} | {ratio} |"
         if extra:
             row += f" {extra[1](mode)} |"
         lines.append(row)

@@ -47,6 +47,16 @@ def test_every_mode_ran_on_both_sides(results, part):
             assert entry["peak_gib"] == entry["weights_gib"] == "n/a"
 
 
+@pytest.mark.parametrize("part", ["sample", "train"])
+def test_ours_rows_carry_the_meta_tracker_prediction(results, part):
+    """Each row of ours shows bench_memory's prediction for the same work, which a GPU run sets against its
+    measured peak; the prediction orders the modes as their storage says."""
+    predicted = {mode: results[part]["ours"][mode]["predicted_gib"] for mode in MODES}
+    assert all(isinstance(v, float) and v > 0 for v in predicted.values()), predicted
+    assert predicted["fp8"] < predicted["bf16"] and predicted["fp8+offload"] < predicted["bf16+offload"]
+    assert predicted["bf16+offload"] < predicted["bf16"] and predicted["fp8+offload"] < predicted["fp8"]
+
+
 def test_bf16_forward_parity(results):
     """bf16, the dtype of the GPU run (same code path). On the CPU both implementations round at the same points
     (0.0 here); 1e-3 is a quarter of one bf16 rounding (2^-8), while a wrong weight mapping, time convention or
