@@ -130,13 +130,14 @@ def build(workflow: Workflow, object_info: dict) -> dict:
         outputs = [{"name": out_name, "type": out_type, "links": outgoing.get((node.id, slot), []),
                     "slot_index": slot}
                    for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))]
-        entry = {"id": node.id, "type": node.type, "pos": [40 + 400 * node.col, 60 + 330 * node.row],
+        entry = {"id": node.id, "type": node.type, "pos": [0, 0],  # placed below, once every size is known
                  "size": [360, 120 + 26 * len(widgets)], "flags": {}, "order": order, "mode": 0,
                  "inputs": inputs, "outputs": outputs,
                  "properties": {"Node name for S&R": node.type}, "widgets_values": widgets}
         if node.title:
             entry["title"] = node.title
         ui_nodes.append(entry)
+    _place(ui_nodes, workflow.nodes)
     ui_links = []
     for link_id, src, slot, dst, name in links:
         dst_inputs = next(n for n in ui_nodes if n["id"] == dst)["inputs"]
@@ -145,6 +146,20 @@ def build(workflow: Workflow, object_info: dict) -> dict:
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"zimage-turbo/{workflow.name}")), "revision": 0, "last_node_id": max(by_id), "last_link_id": len(links),
             "nodes": ui_nodes, "links": ui_links, "groups": [], "config": {},
             "extra": {"ds": {"scale": 0.75, "offset": [70, 40]}, "zimage_turbo_note": workflow.note}, "version": 0.4}
+
+
+def _place(entries: list[dict], nodes: list[Node]) -> None:
+    """Put each node in its grid cell (col, row), pushed down where the node above it in the same column is taller
+    than a cell (the trainer, the samplers), so that no node hides another."""
+    columns: dict[int, list[tuple[int, dict]]] = {}
+    for entry, node in zip(entries, nodes):
+        columns.setdefault(node.col, []).append((node.row, entry))
+    for col, cells in columns.items():
+        free_from = 0
+        for row, entry in sorted(cells, key=lambda cell: cell[0]):
+            y = max(60 + 330 * row, free_from)
+            entry["pos"] = [40 + 400 * col, y]
+            free_from = y + entry["size"][1] + 60  # the title bar sits above pos: leave room for it
 
 
 # ------------------------------------------------------------------------------------------------ definitions
