@@ -14,6 +14,7 @@ encoder and the VAE run before and after it (ComfyUI unloads them while the tran
     PYTHONPATH=. .venv/bin/python benchmarks/bench_memory.py [--sizes 1024 512] [--skip-diffusers] [--out r.json]
     ... --validate   the tracker on a small model: meta run == real CPU run (same bytes), and vs the process RSS
     ... --growth     checkpointed training memory per block (20 vs 30 layers) against one block's input
+    ... --encoders   the headless encode step: Qwen3-4B (bf16) on a prompt, the Flux VAE encoder (fp32) on an image
 """
 
 from __future__ import annotations
@@ -223,6 +224,73 @@ def trajectory_step(config: ZImageConfig, size: int, storage: str, offload: bool
     return _train_peak(tracker, params, step)
 
 
+# ---------------------------------------------------------------------------------------------- encoders
+# Qwen3-4B (config.json of Z-Image-Turbo's text_encoder/, also ComfyUI's Qwen3_4BConfig) and the Flux VAE
+# (ae.safetensors / vae/config.json): the models the headless `encode` step loads (zimage_core.encoders).
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, use_quant_conv=False,
+                use_post_quant_conv=False)
+
+
+def _qwen3():
+    import transformers
+
+    with torch.device("meta"):
+        return transformers.Qwen3Model(transformers.Qwen3Config(**QWEN3_4B)).to(torch.bfloat16).eval()
+
+
+def _flux_vae():
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL(**FLUX_VAE).eval()
+
+
+def _encode_text(model, tokens: int) -> None:
+    """As `PromptEncoder` calls Qwen3 (all hidden states returned, the second to last kept), without the all-ones
+    attention mask it passes: transformers drops that for the causal SDPA kernel anyway, after reading its values,
+    which a meta tensor does not have."""
+    ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
+    model(input_ids=ids, output_hidden_states=True).hidden_states[-2][0].float()
+
+
+def _encode_image(vae, size: int) -> None:
+    """As `FluxVaeEncoder` calls the VAE: the posterior's mode of one image in fp32."""
+    vae.encode(torch.empty(1, 3, size, size, device="meta")).latent_dist.mode()
+
+
+def encode_memory(text_tokens: int = 0, image_size: int = 0) -> dict:
+    """The headless encode step (zimage_core.encoders.load_encoders puts both models on the device): the text
+    encoder's and/or the VAE's weights resident, then a caption of `text_tokens` and an image of `image_size`."""
+    models = ([_qwen3()] if text_tokens else []) + ([_flux_vae()] if image_size else [])
+    tracker = LiveBytes("meta")
+    for model in models:
+        tracker.adopt(_tensors(model), "weights")  # the VAE's decoder is loaded too, though it never runs
+    tracker.reset_peak()
+    with tracker, flash_attention(), torch.no_grad():
+        if text_tokens:
+            _encode_text(models[0], text_tokens)
+        if image_size:
+            _encode_image(models[-1], image_size)
+    return tracker.summary()
+
+
+def encoders(sizes) -> dict:
+    out = {"text encoder, 512 tokens": encode_memory(text_tokens=512),
+           "text encoder, 128 tokens": encode_memory(text_tokens=128)}
+    for size in sizes:
+        out[f"VAE encode, {size}²"] = encode_memory(image_size=size)
+        out[f"both loaded, 512 tokens + {size}²"] = encode_memory(512, size)
+    for name, r in out.items():
+        print(f"{name:<28} {r['peak_gib']:.2f} GiB (weights {r['weights_gib']:.2f}, "
+              f"activations {r['activations_gib']:.2f})")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- tracker checks
 VALIDATION = ZImageConfig(dim=512, n_layers=4, n_refiner_layers=1, n_heads=4, cap_feat_dim=256)
 
@@ -331,6 +399,7 @@ def main() -> None:
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--validate", action="store_true")
     parser.add_argument("--growth", action="store_true")
+    parser.add_argument("--encoders", action="store_true", help="Qwen3-4B and Flux-VAE encode memory (headless)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=2, metavar=("DEVICE", "OFFLOAD"))
     args = parser.parse_args()
@@ -346,7 +415,9 @@ def main() -> None:
         for impl, g in report["growth"].items():
             print(f"checkpointed SFT, {impl}: {g['per_block_gib'] * 1024:.1f} MiB per block "
                   f"(one block's bf16 input: {g['block_input_gib'] * 1024:.1f} MiB)")
-    if not (args.validate or args.growth):
+    if args.encoders:
+        report["encoders"] = encoders(args.sizes)
+    if not (args.validate or args.growth or args.encoders):
         rows = run_all(args.sizes, not args.skip_diffusers)
         report["rows"] = rows
         print()

@@ -115,25 +115,28 @@ class _FlashAttention(torch.autograd.Function):
     """PyTorch's flash-attention kernel (CPU variant) as an autograd function: saves q, k, v, out, logsumexp."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float | None):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad.contiguous(), q, k, v, out, lse, 0.0, False, scale=ctx.scale)
-        return dq, dk, dv, None
+            grad.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, scale=ctx.scale)
+        return dq, dk, dv, None, None
 
 
 def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    if attn_mask is not None or dropout_p or is_causal or enable_gqa:
-        raise NotImplementedError("the flash-attention stand-in covers unmasked, non-causal attention (batch 1 or "
-                                  "captions of equal padded length)")
-    return _FlashAttention.apply(query, key, value, scale)
+    if attn_mask is not None or dropout_p:
+        raise NotImplementedError("the flash-attention stand-in covers attention without a mask or dropout (batch 1, "
+                                  "or captions of equal padded length)")
+    if enable_gqa and key.shape[-3] != query.shape[-3]:  # grouped KV heads (Qwen3): the CPU kernel wants them
+        repeat = query.shape[-3] // key.shape[-3]        # expanded (a GPU kernel reads them in place; small here)
+        key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
+    return _FlashAttention.apply(query, key, value, bool(is_causal), scale)
 
 
 @contextmanager
