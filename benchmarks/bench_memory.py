@@ -263,10 +263,14 @@ def _encode_image(vae, size: int) -> None:
     vae.encode(torch.empty(1, 3, size, size, device="meta")).latent_dist.mode()
 
 
-def encode_memory(text_tokens: int = 0, image_size: int = 0) -> dict:
-    """The headless encode step (zimage_core.encoders.load_encoders puts both models on the device): the text
-    encoder's and/or the VAE's weights resident, then a caption of `text_tokens` and an image of `image_size`."""
+def encode_memory(text_tokens: int = 0, image_size: int = 0, turns: bool = False) -> dict:
+    """The headless encode step: a caption of `text_tokens` through the text encoder, then an image of `image_size`
+    through the VAE. turns=False: both models resident together; turns=True: as zimage_core.encoders.load_encoders
+    runs them, in turn (the text encoder leaves the device for host RAM before the VAE joins it)."""
     models = ([_qwen3()] if text_tokens else []) + ([_flux_vae()] if image_size else [])
+    vae = models[-1] if image_size else None
+    if turns and vae is not None and text_tokens:
+        host_homes([vae])  # waits in host RAM
     tracker = LiveBytes("meta")
     for model in models:
         tracker.adopt(_tensors(model), "weights")  # the VAE's decoder is loaded too, though it never runs
@@ -274,8 +278,11 @@ def encode_memory(text_tokens: int = 0, image_size: int = 0) -> dict:
     with tracker, flash_attention(), torch.no_grad():
         if text_tokens:
             _encode_text(models[0], text_tokens)
+        if turns and vae is not None and text_tokens:
+            host_homes([models[0]])
+            vae.to("meta")
         if image_size:
-            _encode_image(models[-1], image_size)
+            _encode_image(vae, image_size)
     return tracker.summary()
 
 
@@ -284,7 +291,8 @@ def encoders(sizes) -> dict:
            "text encoder, 128 tokens": encode_memory(text_tokens=128)}
     for size in sizes:
         out[f"VAE encode, {size}²"] = encode_memory(image_size=size)
-        out[f"both loaded, 512 tokens + {size}²"] = encode_memory(512, size)
+        out[f"both resident, 512 tokens + {size}²"] = encode_memory(512, size)
+        out[f"in turn (the pack), 512 tokens + {size}²"] = encode_memory(512, size, turns=True)
     for name, r in out.items():
         print(f"{name:<28} {r['peak_gib']:.2f} GiB (weights {r['weights_gib']:.2f}, "
               f"activations {r['activations_gib']:.2f})")

@@ -89,6 +89,17 @@ def test_buckets_stay_under_max_pixels_with_sides_multiple_of_16(size):
     assert bucket_size(1024, 1024) == (1024, 1024)
 
 
+def test_every_caption_is_encoded_before_the_first_image(tmp_path):
+    """So a text encoder and a VAE that take turns on the GPU swap once per build, not once per image."""
+    folder = make_toy_dataset(tmp_path / "d", n=4)
+    base, order = toy_encoders(seed=0), []
+    enc = type(base)(lambda pil: order.append("image") or base.encode_image(pil),
+                     lambda s: order.append("text") or base.encode_text(s), base.encoder_id)
+    cache = build_cache(folder, tmp_path / "cache", enc, prompts=["validation prompt"])
+    assert order == ["text"] * 6 + ["image"] * 4  # 4 captions, "" and the prompt, then the images
+    assert [e.caption for e in cache.entries] == [i.caption for i in scan_dataset(folder)[0]]
+
+
 def test_cache_is_reused_and_rebuilt_for_another_encoder(tmp_path):
     folder = make_toy_dataset(tmp_path / "d", n=3, sizes=((96, 96), (128, 64)))
     enc, calls = counting(toy_encoders(seed=0))

@@ -315,7 +315,9 @@ def build_cache(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike, en
     """Scan dataset_dir (strict: any unusable file is an error, see scan_dataset), encode every usable image and
     caption (reusing cache files made by the same encoder from the same bytes at the same size) and the extra
     prompts (the empty prompt is always added: caption dropout and the validation negative use it), write the
-    manifest and return the cache. flip also encodes each mirrored image. Encoding runs without gradients.
+    manifest and return the cache. flip also encodes each mirrored image. Encoding runs without gradients: every
+    caption and prompt first, then every image, so a text encoder and a VAE that take turns on the GPU (the
+    headless encoders, ComfyUI's model management) swap once, not once per image.
 
     The manifest is what makes a cache folder a cache: an existing one is removed before anything is encoded and
     the new one is written last, so an interrupted build is never taken for a complete one, while the files it did
@@ -339,6 +341,9 @@ def build_cache(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike, en
             caption_files[text] = name
         return caption_files[text]
 
+    for item in items:
+        text_file(item.caption)
+    prompt_files = {p: text_file(p) for p in ["", *prompts]}
     for n, item in enumerate(items):
         with Image.open(item.image) as im:
             width, height = bucket_size(im.width, im.height, max_pixels, bucket_step)
@@ -360,7 +365,6 @@ def build_cache(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike, en
                                   names.get(True, "")))
         if progress is not None:
             progress(n + 1, len(items))
-    prompt_files = {p: text_file(p) for p in ["", *prompts]}
     cache = DatasetCache(cache_dir, encoders.encoder_id, entries, prompt_files, repeats, encoders.factor)
     cache.save_manifest()
     return cache
