@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RssPeak, run_worker  # noqa: E402
+from common import DiffusersVelocity, RssPeak, run_worker  # noqa: E402
 from memtrack import LiveBytes, flash_attention, host_homes  # noqa: E402
 
 from zimage_core import ZImageConfig, ZImageTransformer, sample  # noqa: E402
@@ -75,18 +75,6 @@ def diffusers_model(config: ZImageConfig, storage: str, offload: bool):
         ref.enable_group_offload(onload_device=torch.device("meta"), offload_device=torch.device("cpu"),
                                  offload_type="block_level", num_blocks_per_group=1, use_stream=False)
     return ref.eval()
-
-
-class DiffusersVelocity:
-    """diffusers' model as a velocity function in our convention (v = -output at t = 1 - sigma)."""
-
-    def __init__(self, ref):
-        self.ref = ref
-
-    def __call__(self, latents, sigmas, captions):
-        t = 1.0 - sigmas.to(latents.device, torch.float32)
-        out = self.ref([x[:, None].to(torch.bfloat16) for x in latents], t, list(captions), return_dict=False)[0]
-        return -torch.stack([o[:, 0] for o in out]).float()
 
 
 def ours_lora(model, device: str, seed: int = 0, dtype=torch.float32):

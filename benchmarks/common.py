@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: peak-RSS of a child process, medians, table printing."""
+"""Helpers shared by the benchmark scripts: peak-RSS of a child process, medians, table printing, and diffusers' model
+as a velocity function."""
 
 from __future__ import annotations
 
@@ -73,3 +74,22 @@ def timed(fn, repeats: int) -> list[float]:
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+class DiffusersVelocity:
+    """diffusers' ZImageTransformer2DModel as a zimage_core velocity model: (latents [B, C, H, W], sigmas [B] or a
+    scalar, captions) -> v = -output at t = 1 - sigma, on the latents' device, computed in `dtype`."""
+
+    def __init__(self, ref, dtype=None):
+        import torch
+
+        self.ref, self.dtype = ref, dtype or torch.bfloat16
+
+    def __call__(self, latents, sigmas, captions):
+        import torch
+
+        x = latents.to(self.dtype)
+        t = 1.0 - torch.as_tensor(sigmas, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        caps = [c.to(x.device, self.dtype) for c in captions]
+        out = self.ref([xi[:, None] for xi in x], t, caps, return_dict=False)[0]
+        return -torch.stack([o[:, 0] for o in out]).to(latents.dtype)

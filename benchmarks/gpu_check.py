@@ -70,6 +70,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import DiffusersVelocity  # noqa: E402
 from zimage_core import ZImageConfig, ZImageTransformer, apply_loras, new_lora, sample  # noqa: E402
 from zimage_core.offload import enable_block_offload  # noqa: E402
 from zimage_core.quantization import check_fp8_support, to_fp8_storage  # noqa: E402
@@ -199,20 +200,6 @@ def build_diffusers(setup: Setup):
     return ref
 
 
-class DiffusersVelocity:
-    """diffusers' model as a zimage_core velocity model: (latents [B, C, H, W], sigmas [B], captions) -> v."""
-
-    def __init__(self, ref, setup: Setup):
-        self.ref, self.device = ref, setup.device
-
-    def __call__(self, latents, sigmas, captions):
-        x = latents.to(self.device, DTYPE)
-        t = 1.0 - torch.as_tensor(sigmas, dtype=torch.float32, device=self.device).reshape(-1).expand(x.shape[0])
-        caps = [c.to(self.device, DTYPE) for c in captions]
-        out = self.ref([xi[:, None] for xi in x], t, caps, return_dict=False)[0]
-        return -torch.stack([o[:, 0] for o in out]).to(latents.dtype)
-
-
 def ours_in_mode(setup: Setup, mode: str) -> ZImageTransformer:
     model = build_ours(setup)
     if mode.startswith("fp8"):
@@ -316,7 +303,7 @@ def train_ours(setup: Setup, model: ZImageTransformer, inputs: dict) -> dict:
 def train_diffusers(setup: Setup, mode: str, inputs: dict) -> dict:
     ref = diffusers_in_mode(setup, mode, lora_targets=TrainConfig().targets)
     ref.enable_gradient_checkpointing()
-    velocity = DiffusersVelocity(ref, setup)
+    velocity = DiffusersVelocity(ref, DTYPE)
     x0, noise, sigma = inputs["x0"], inputs["train_noise"], inputs["sigma"]
     weight = inputs["weight"].to(setup.device)
 
@@ -355,7 +342,7 @@ def run_parity(setup: Setup, inputs: dict) -> dict:
     sigma = torch.tensor([PARITY_SIGMA])
     with torch.no_grad():
         ours = model(inputs["noise"], sigma, inputs["captions"]).float()
-        theirs = DiffusersVelocity(ref, setup)(inputs["noise"], sigma, inputs["captions"]).float()
+        theirs = DiffusersVelocity(ref, DTYPE)(inputs["noise"], sigma, inputs["captions"]).float()
     return {"dtype": "bf16", "sigma": PARITY_SIGMA, "rel_rms": rel_rms(theirs, ours),
             "max_abs": float((theirs - ours).abs().max()), "ours_rms": float(ours.pow(2).mean().sqrt())}
 
@@ -386,7 +373,7 @@ def run_ours(setup: Setup, mode: str, parts: set, inputs: dict, results: dict, e
 def run_diffusers(setup: Setup, mode: str, parts: set, inputs: dict, results: dict) -> None:
     def sample_mode():
         ref = diffusers_in_mode(setup, mode)
-        return measure_sample(setup, DiffusersVelocity(ref, setup), inputs)
+        return measure_sample(setup, DiffusersVelocity(ref, DTYPE), inputs)
 
     if "sample" in parts:
         attempt(results["sample"]["diffusers"], mode, f"sample diffusers {mode}", sample_mode)
@@ -471,6 +458,12 @@ def add_comparisons(results: dict) -> None:
                 entry["finite"] = bool(torch.isfinite(latent).all())
 
 
+def _both_sides(part: dict, mode: str, cell) -> str:
+    """'ours / diffusers' of one figure of a mode's two entries (n/a where a side did not run)."""
+    return " / ".join(cell(e) if isinstance(e, dict) else NA for e in (part[side].get(mode) for side in
+                                                                       ("ours", "diffusers")))
+
+
 def report(results: dict) -> str:
     lines = [f"## gpu_check: {results['setup']['description']}", ""]
     parity = results.get("parity")
@@ -480,28 +473,14 @@ def report(results: dict) -> str:
         lines += [f"bf16 forward parity, rel RMS diffusers vs ours: {value}", ""]
     if "sample" in results:
         s = results["sample"]
-
-        def vs_bf16(mode):
-            cells = []
-            for side in ("ours", "diffusers"):
-                entry = s[side].get(mode)
-                cells.append(_cell(entry.get("rel_rms_vs_ours_bf16"), "{:.2e}") if isinstance(entry, dict) else NA)
-            return " / ".join(cells)
-
         lines += table(f"{TURBO.steps}-step sampling, cfg {TURBO.cfg:g}", s,
-                       ("latent rel RMS vs ours bf16 (ours / diffusers)", vs_bf16))
+                       ("latent rel RMS vs ours bf16 (ours / diffusers)",
+                        lambda mode: _both_sides(s, mode, lambda e: _cell(e.get("rel_rms_vs_ours_bf16"), "{:.2e}"))))
     if "train" in results:
         t = results["train"]
-
-        def losses(mode):
-            cells = []
-            for side in ("ours", "diffusers"):
-                entry = t[side].get(mode)
-                cells.append(f"{entry['first_loss']:.4f}" if isinstance(entry, dict) else NA)
-            return " / ".join(cells)
-
         lines += table(f"LoRA rank {LORA_RANK} SFT step, gradient checkpointing", t,
-                       ("warm-up step loss (ours / diffusers)", losses))
+                       ("warm-up step loss (ours / diffusers)",
+                        lambda mode: _both_sides(t, mode, lambda e: f"{e['first_loss']:.4f}")))
     lines.append(f"comfy: {results['comfy']}")
     return "\n".join(lines)
 
