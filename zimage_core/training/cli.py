@@ -116,12 +116,12 @@ def check_weight_storage(weight_storage: str, device: torch.device) -> None:
 def load_base_model(name: str, dtype: torch.dtype, device, weight_storage: str = "same", offload: str = "none"):
     """The frozen base: `tiny:SEED` builds the random tiny model (tests and demos), anything else is a checkpoint
     path. With block offload it is loaded to the CPU and only then offloaded: the whole model never sits on the
-    compute device, which could not hold it (that is why one offloads)."""
+    compute device, which could not hold it (that is why one offloads). Whether fp8 casts on the compute device
+    is checked by `run` before anything loads (check_weight_storage)."""
     from ..offload import enable_block_offload
 
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
-    check_weight_storage(weight_storage, torch.device(device))
     load_device = "cpu" if offload == "block" else device
     if name.startswith("tiny:"):
         from ..quantization import FP8_DTYPES, to_fp8_storage
@@ -150,8 +150,8 @@ def describe_base(model, dtype: torch.dtype) -> str:
     storage = (f"{names.get(fp8[0].weight.dtype, fp8[0].weight.dtype)} weight storage on for {len(fp8)} block "
                "Linears" if fp8 else "weights stored in the compute dtype")
     if is_offloaded(model):
-        state = model._block_offload
-        place = f"block offload on: {len(state.blocks)} blocks in {state.offload} RAM, streamed to {state.compute}"
+        home = next(model.blocks()[0].parameters()).device
+        place = f"block offload on: {len(model.blocks())} blocks in {home} RAM, streamed to {model.device}"
     else:
         place = f"whole model on {model.x_pad_token.device}"
     return f"base: {str(dtype).removeprefix('torch.')} compute, {storage}, {place}"
