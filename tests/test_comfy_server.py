@@ -77,3 +77,32 @@ def test_startup_log_is_clean_and_the_loader_counts_small_models(server, comfy_m
     assert [line for line in log.splitlines() if "ERROR" in line] == []
     counts = re.findall(r"layout, ([\d.]+(?: [KMB])?) parameters", log)
     assert counts and all(c != "0.00 B" and not c.startswith("0") for c in counts), counts
+
+
+def _template_folder_names(comfy_dir) -> list[str]:
+    """The folder names ComfyUI's template browser looks for in a pack, in its order, read from the host's own
+    source (app/custom_node_manager.py), so a host that changes the list changes what this test expects."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(comfy_dir) / "app" / "custom_node_manager.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.List)
+                and any(getattr(t, "id", "") == "example_workflow_folder_names" for t in node.targets)):
+            return [ast.literal_eval(element) for element in node.value.elts]
+    raise AssertionError("example_workflow_folder_names not found in the host's app/custom_node_manager.py")
+
+
+def test_the_template_browser_serves_the_workflows_folder(server, comfy_host):
+    """The pack has exactly one of the folder names the host serves as templates, `workflows/` (the headless configs
+    live in configs/, which is none of them), and the host serves its files under the pack's name."""
+    from pathlib import Path
+
+    names = _template_folder_names(comfy_host.comfy_dir)
+    assert "workflows" in names and "configs" not in names
+    pack = comfy_host.base_dir / "custom_nodes" / PACK_NAME
+    assert [name for name in names if (pack / name).is_dir()] == ["workflows"]
+    shipped = sorted(Path(pack / "workflows").glob("*.json"))
+    assert shipped
+    status, served = server._request(f"/api/workflow_templates/{PACK_NAME}/{shipped[0].name}")
+    assert status == 200 and served == shipped[0].read_bytes()

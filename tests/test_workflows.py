@@ -19,7 +19,7 @@ pytestmark = pytest.mark.comfy
 INPAINT_SIZE = 256  # the inpainting workflow's size is its image's: a small one keeps the VAE cheap on CPU
 RUN_SIZE = 256  # the other workflows run at this latent size and RUN_STEPS training steps: the full-size random
 RUN_STEPS = 10  # Flux VAE at 1024 px and 250 steps cost minutes per workflow on CPU and prove nothing more
-SHIPPED = sorted((ROOT / "example_workflows").glob("*.json"))
+SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
 NAMES = [p.stem for p in SHIPPED]
 
 
@@ -59,7 +59,7 @@ def server(host):
 
 
 def _load(name):
-    return json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+    return json.loads((ROOT / "workflows" / f"{name}.json").read_text())
 
 
 def test_every_definition_is_shipped_with_a_thumbnail():
@@ -67,7 +67,7 @@ def test_every_definition_is_shipped_with_a_thumbnail():
     assert set(NAMES) == {"zimage_turbo_t2i", "zimage_turbo_quality_30step", "zimage_turbo_controlnet",
                           "zimage_turbo_inpaint", "train_sft", "train_differential", "train_distill",
                           "train_base_sample_turbo"}
-    assert all((ROOT / "example_workflows" / f"{name}.jpg").is_file() for name in NAMES)
+    assert all((ROOT / "workflows" / f"{name}.jpg").is_file() for name in NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -88,7 +88,12 @@ def test_workflow_validates_in_the_real_host(server, host, name):
 @pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (tools/setup_env.sh installs it)")
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_opens_in_the_frontend(server, name, tmp_path):
-    result = open_workflow(server.url, _load(name))
+    """The workflow as the template browser hands it to the frontend (served from workflows/) opens cleanly."""
+    from comfy_host import PACK_NAME
+
+    served = server.get_json(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+    assert served == _load(name)
+    result = open_workflow(server.url, served)
     shots = Path(os.environ.get("ZIMAGE_SCREENSHOTS", tmp_path))  # tools/screenshots.sh refreshes docs/
     shots.mkdir(parents=True, exist_ok=True)
     (shots / f"{name}.png").write_bytes(result.screenshot_png)
@@ -146,10 +151,15 @@ def test_workflow_runs_on_the_tiny_model(server, host, name):
 
 
 def test_workflows_are_listed_in_the_template_browser(server):
-    """ComfyUI serves the pack's example_workflows/ folder to its template browser (with the thumbnails)."""
+    """ComfyUI serves the pack's workflows/ folder to its template browser: the listing names its workflows, and
+    every file the browser fetches (workflow and thumbnail) is byte for byte the one in workflows/."""
     listing = server.get_json("/api/workflow_templates")
     from comfy_host import PACK_NAME
 
     assert sorted(listing[PACK_NAME]) == NAMES
+    for name in NAMES:
+        for suffix in (".json", ".jpg"):
+            status, served = server._request(f"/api/workflow_templates/{PACK_NAME}/{name}{suffix}")
+            assert status == 200 and served == (ROOT / "workflows" / f"{name}{suffix}").read_bytes(), name + suffix
     status, thumbnail = server._request(f"/api/workflow_templates/{PACK_NAME}/zimage_turbo_t2i.jpg")
-    assert status == 200 and thumbnail[:2] == b"\xff\xd8"  # a JPEG
+    assert thumbnail[:2] == b"\xff\xd8"  # a JPEG

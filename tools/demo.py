@@ -230,7 +230,7 @@ def run_shipped_workflows(server: ComfyServer, real_encoder: bool, out: Path, ti
     object_info = server.get_json("/object_info")
     loras = wf.combo_options(object_info["ZImageTurboLoraStack"]["input"]["required"]["distillpatch"])
     for name in wf.DEMO_WORKFLOWS:
-        ui = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+        ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
         prompt = wf.use_available_distillpatch(wf.to_api(ui, object_info), loras)
         if not real_encoder:
             prompt = wf.swap_text_encoder(prompt, 2560)

@@ -1,5 +1,5 @@
 """Refresh the pictures of the shipped workflows: docs/screenshots/NAME.png (the README's node reference) and
-example_workflows/NAME.jpg (the thumbnail ComfyUI's template browser shows), taken in the real frontend in headless Chromium.
+workflows/NAME.jpg (the thumbnail ComfyUI's template browser shows), taken in the real frontend in headless Chromium.
 
     .venv/bin/python tools/screenshots.py
 """
@@ -37,7 +37,7 @@ def main():
     shots = ROOT / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with ComfyServer(base) as server:
-        for path in sorted((ROOT / "example_workflows").glob("*.json")):
+        for path in sorted((ROOT / "workflows").glob("*.json")):
             result = open_workflow(server.url, json.loads(path.read_text()))
             problems = result.unknown_types + result.widget_mismatches + result.alerts
             if problems:

@@ -1,8 +1,8 @@
-"""The shipped workflows (example_workflows/*.json, UI format as the frontend saves it), generated from short definitions.
+"""The shipped workflows (workflows/*.json, UI format as the frontend saves it), generated from short definitions.
 
 Widget values in the UI format are positional, so they are laid out from the node definitions ComfyUI itself
 reports (`/object_info`): regenerate after any change to a node's inputs, and the workflow tests fail when a
-shipped file no longer matches the nodes. Usage (writes example_workflows/*.json and their .jpg thumbnails):
+shipped file no longer matches the nodes. Usage (writes workflows/*.json and their .jpg thumbnails):
 
     .venv/bin/python tools/workflows.py            # starts a headless ComfyUI to read /object_info
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / "example_workflows"
+WORKFLOWS = ROOT / "workflows"
 
 PROMPT = ("a red fox sitting in fresh snow at golden hour, detailed fur, shallow depth of field, photograph")
 MODEL_FILE = "z_image_turbo_bf16.safetensors"  # Comfy-Org/z_image_turbo split_files/diffusion_models

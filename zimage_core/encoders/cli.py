@@ -18,7 +18,7 @@ examples:
   # ComfyUI's single files, with a tokenizer folder (Z-Image-Turbo's tokenizer/, or ComfyUI's own
   # comfy/text_encoders/qwen25_tokenizer), taking dataset_dir, cache_dir, sizes and validation prompts from the
   # training config
-  python -m zimage_core encode --config examples/train_sft.toml \\
+  python -m zimage_core encode --config configs/train_sft.toml \\
       --text-encoder ComfyUI/models/text_encoders/qwen_3_4b.safetensors \\
       --tokenizer ComfyUI/comfy/text_encoders/qwen25_tokenizer --vae ComfyUI/models/vae/ae.safetensors
 

@@ -54,11 +54,11 @@ SCHEME_HELP = {
                   "cfg-2 samples in 8 steps at cfg 1",
     "distillpatch": "sft, validated together with the DistillPatch (distill_patch), the pair used at 8 steps",
 }
-EXAMPLES = ("examples/train_sft.toml", "examples/train_differential.toml", "examples/train_distill.toml")
+EXAMPLES = ("configs/train_sft.toml", "configs/train_differential.toml", "configs/train_distill.toml")
 
 
 def help_epilog() -> str:
-    """The schemes, the config's tables and their settings, and the shipped examples (train --help)."""
+    """The schemes, the config's tables and their settings, and the shipped configs (train --help)."""
     from .config import SECTIONS
 
     def block(head: str, text: str) -> list[str]:
@@ -72,7 +72,7 @@ def help_epilog() -> str:
     for table, (text, names) in SECTIONS.items():
         lines += block(f"[{table}]" if table else "(top level)", f"{text}: {', '.join(names)}")
     lines += ["", *textwrap.wrap(
-        "examples (commented, valid configs to copy): " + ", ".join(EXAMPLES), width=112), ""]
+        "shipped configs (commented, valid examples to copy): " + ", ".join(EXAMPLES), width=112), ""]
     lines += textwrap.wrap(
         "the cache: python -m zimage_core encode --config FILE --model Z-Image-Turbo (or ComfyUI's single files, see "
         "encode --help), or the ComfyUI training node's output/zimage_training/<name>/cache.", width=112)
@@ -86,7 +86,7 @@ def help_epilog() -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = help_epilog()
-    parser.add_argument("--config", required=True, help="training config (TOML), e.g. examples/train_sft.toml")
+    parser.add_argument("--config", required=True, help="training config (TOML), e.g. configs/train_sft.toml")
     parser.add_argument("--steps", type=int, help="override the config's steps")
     parser.add_argument("--resume", help="'auto' or a checkpoint path (overrides the config)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda if available")

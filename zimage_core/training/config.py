@@ -288,7 +288,7 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# The tables of a TOML config, for `train --help` and the shipped examples/train_*.toml. They only group: from_dict
+# The tables of a TOML config, for `train --help` and the shipped configs/train_*.toml. They only group: from_dict
 # merges every table into the top level, so any setting may also stand outside them.
 SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "": ("what to train", ("scheme", "base_model", "model_variant")),
