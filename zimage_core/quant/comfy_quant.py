@@ -198,8 +198,11 @@ KINDS: dict[str, _Kind] = {
 CONVROT_GROUPS = tuple(4 ** i for i in range(1, 7))  # 4 ... 4096
 
 
+_CONVROT = "int8_tensorwise_convrot"
+
+
 def _convrot_name(group: int) -> str:
-    return f"int8_tensorwise_convrot{group}"
+    return f"{_CONVROT}{group}"
 
 
 for _g in CONVROT_GROUPS:
@@ -229,4 +232,147 @@ def format_key(conf: dict) -> str:
 
 
 def supported_formats() -> list[str]:
-    return sorted({k for k in KINDS if not k.startswith("int8_tensorwise_convrot")} | {"int8_tensorwise+convrot"})
+    return sorted({k for k in KINDS if not k.startswith(_CONVROT)} | {"int8_tensorwise+convrot"})
+
+
+# ---------------------------------------------------------------------------------------------- reading a file
+def layer_configs(file, label: str) -> dict[str, dict]:
+    """{layer key as the file names it (without `.weight`): comfy_quant object}, from the per-layer `.comfy_quant`
+    tensors and/or the header's `_quantization_metadata` (whose layer names may omit the file's key prefix)."""
+    confs: dict[str, dict] = {}
+    raw = file.metadata.get(HEADER_KEY)
+    if raw is not None:
+        try:
+            layers = json.loads(raw)["layers"]
+            if not isinstance(layers, dict):
+                raise TypeError("'layers' is not an object")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{label}: the header's {HEADER_KEY} is not ComfyUI's {{'layers': {{...}}}} JSON "
+                             f"({err})") from None
+        for layer, conf in layers.items():
+            conf = {"format": conf} if isinstance(conf, str) else conf
+            matches = [k for k in file.tensors if k.endswith(layer + ".weight")
+                       and (k == layer + ".weight" or k.endswith("." + layer + ".weight"))]
+            if not matches:
+                log.warning("%s: %s names layer %s, which the file does not hold; ignored", label, HEADER_KEY, layer)
+                continue
+            confs[matches[0][: -len(".weight")]] = conf
+    for key in file.tensors:
+        if key.endswith(CONF_SUFFIX):
+            try:
+                conf = json.loads(bytes(file.read(key).tolist()).decode("utf-8"))
+                if not isinstance(conf, dict):
+                    raise TypeError("not a JSON object")
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{label}: {key} is not a comfy_quant JSON object ({err})") from None
+            confs[key[: -len(CONF_SUFFIX)]] = conf
+    return confs
+
+
+def _check_layer(file, layer: str, conf: dict, label: str) -> tuple[Format, tuple[int, int]]:
+    """The Format and logical shape of one quantized layer, every stored tensor checked from the header alone."""
+    name = format_key(conf)
+    if name not in KINDS:
+        fmt = conf.get("format")
+        if name and name.startswith(_CONVROT):
+            why = f"its ConvRot group {name[len(_CONVROT):]} is not a power of 4 up to 4096"
+        else:
+            why = "a ComfyUI format this pack does not load" if fmt in KNOWN_UNSUPPORTED else "an unknown format"
+        raise ValueError(f"{label}: layer {layer} has comfy_quant format {fmt!r}: {why} "
+                         f"(supported: {', '.join(supported_formats())})")
+    kind = KINDS[name]
+    tensors = file.tensors
+    weight = tensors.get(layer + ".weight")
+    if weight is None or weight.dtype not in kind.weight_dtypes or len(weight.shape) != 2:
+        got = "missing" if weight is None else f"{str(weight.dtype).removeprefix('torch.')} {list(weight.shape)}"
+        raise ValueError(f"{label}: {layer}.weight ({conf['format']}) must be a 2-D "
+                         f"{'/'.join(str(d).removeprefix('torch.') for d in kind.weight_dtypes)} tensor, got {got}")
+    for scale in kind.scales:
+        if layer + "." + scale not in tensors:
+            raise ValueError(f"{label}: layer {layer} ({conf['format']}) has no {layer}.{scale}: the file is "
+                             f"incomplete")
+    rows, cols = weight.shape
+    shape = (rows, cols * 2) if name == "nvfp4" else (rows, cols)
+    expected = _scale_shapes(name, shape, tensors[layer + ".weight_scale"].shape)
+    for scale, allowed in expected.items():
+        got = tuple(tensors[layer + "." + scale].shape)
+        if got not in allowed:
+            raise ValueError(f"{label}: {layer}.{scale} has shape {list(got)}, a {conf['format']} weight of "
+                             f"shape {list(weight.shape)} needs {' or '.join(str(list(a)) for a in allowed)}")
+    stored = "+" + PQS if layer + "." + PQS in tensors else ""
+    if stored and tuple(tensors[layer + "." + PQS].shape) != (shape[1],):
+        raise ValueError(f"{label}: {layer}.{PQS} has shape {list(tensors[layer + '.' + PQS].shape)}, the layer "
+                         f"has {shape[1]} input columns")
+    if name.startswith(_CONVROT) and shape[1] % int(name[len(_CONVROT):]):
+        raise ValueError(f"{label}: layer {layer} has ConvRot group {name[len(_CONVROT):]}, "
+                         f"which does not divide its {shape[1]} input columns")
+    return FORMATS[PREFIX + name + stored], shape
+
+
+def _scale_shapes(name: str, shape: tuple[int, int], block_shape) -> dict[str, tuple]:
+    """The allowed shapes of each scale of a weight of logical (possibly padded) `shape`."""
+    n, k = shape
+    scalar = ((), (1,))
+    if name in ("float8_e4m3fn", "float8_e5m2"):
+        return {"weight_scale": (*scalar, (n, 1))}
+    if name == "float8_e4m3fn_rowwise":
+        return {"weight_scale": ((n,), (n, 1))}
+    if name == "float8_e4m3fn_blockwise":
+        b = n // block_shape[0] if len(block_shape) == 2 and block_shape[0] else 0
+        return {"weight_scale": ((n // b, k // b),) if b and n % b == 0 and k % b == 0 else ((-1, -1),)}
+    if name == "nvfp4":
+        return {"weight_scale": ((-(-n // 128) * 128, -(-(k // 16) // 4) * 4),), "weight_scale_2": scalar}
+    if name == "mxfp8":
+        return {"weight_scale": ((-(-n // 128) * 128, -(-(k // 32) // 4) * 4),)}
+    if name == "int8_tensorwise":
+        return {"weight_scale": (*scalar, (n, 1))}
+    return {"weight_scale": ((n, 1),)}  # ConvRot: one scale per row
+
+
+def read_comfy_quant(path: str | Path):
+    """A ComfyUI mixed-precision file as a QuantizedFile: every comfy_quant layer as stored (a fused
+    `attention.qkv` cut into to_q/to_k/to_v by rows), every other tensor for the plain loader. The whole header is
+    checked (formats, scales, shapes) before any tensor is read."""
+    import copy
+
+    from ..checkpoint import WeightSource, _strip_prefix, _to_diffusers_name, map_sources
+    from ..safetensors_io import SafetensorsFile
+    from . import QuantizedFile, StoredWeight
+
+    path = Path(path)
+    file = SafetensorsFile(path)
+    label = str(path)
+    confs = layer_configs(file, label)
+    checked = {layer: _check_layer(file, layer, conf, label) for layer, conf in confs.items()}
+    consumed = {f"{layer}.{suffix}" for layer in confs for suffix in _LAYER_SUFFIXES if suffix != "bias"}
+    stray = [k for k, info in file.tensors.items() if k not in consumed and info.dtype in (torch.int8, torch.uint8)
+             and not k.endswith(CONF_SUFFIX)]
+    if stray:
+        raise ValueError(f"{label}: {stray[0]} is stored as {str(file.tensors[stray[0]].dtype).removeprefix('torch.')}"
+                         f" but has no comfy_quant format (neither a {stray[0].rpartition('.')[0]}{CONF_SUFFIX} "
+                         f"tensor nor an entry in the header's {HEADER_KEY})")
+
+    prefix = _strip_prefix(file.keys())
+    comfy_layout = any(k.endswith("attention.qkv.weight") or k[len(prefix):].startswith("x_embedder.")
+                       for k in file.keys())
+    quantized = {}
+    for layer, (fmt, shape) in checked.items():
+        tensors = {name: file.read(f"{layer}.{name}") for name in fmt.stored_names}
+        name = layer[len(prefix):]
+        if name.endswith("attention.qkv"):
+            dim, rows = shape[0] // 3, KINDS[fmt.name[len(PREFIX):].split("+")[0]].rows
+            for i, proj in enumerate(("to_q", "to_k", "to_v")):
+                part = rows(tensors, shape, i * dim, (i + 1) * dim)
+                quantized[name[: -len("qkv")] + proj] = StoredWeight(fmt, part, (dim, shape[1]))
+        else:
+            target = _to_diffusers_name(name + ".weight")[: -len(".weight")] if comfy_layout else name
+            quantized[target] = StoredWeight(fmt, tensors, shape)
+
+    plain_file = copy.copy(file)
+    plain_file.tensors = {k: v for k, v in file.tensors.items() if k not in consumed}
+    sources, shapes, layout = map_sources([plain_file], label, required=())
+    source = WeightSource(sources, torch.float32, layout, [path])
+    plain = {name: (shapes[name], lambda name=name: source.read(name)) for name in sources}
+    formats = sorted({w.format.name for w in quantized.values()})
+    where = "per-layer comfy_quant" if any(k.endswith(CONF_SUFFIX) for k in file.keys()) else HEADER_KEY
+    return QuantizedFile(path, quantized, plain, f"{layout}, ComfyUI mixed precision ({where}: {', '.join(formats)})")

@@ -197,3 +197,84 @@ def is_fp4(metadata: dict[str, str], keys) -> bool:
     if isinstance(weight, dict) and (str(weight.get("dtype", "")).startswith("fp4") or weight.get("group_size") == 16):
         return True
     return any(k.rpartition(".")[2] in _FP4_MARKERS for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------- reading a file
+# nunchaku's fused Linears -> (the model's Linears, in row order)
+_FUSED = {"attention.to_qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
+          "feed_forward.net.0.proj": ("feed_forward.w3", "feed_forward.w1"),
+          "feed_forward.net.2": ("feed_forward.w2",)}
+
+
+def _targets(stem: str) -> tuple[str, ...]:
+    for fused, parts in _FUSED.items():
+        if stem.endswith("." + fused):
+            base = stem[: -len(fused)]
+            return tuple(base + p for p in parts)
+    return (stem,)
+
+
+def _check_linear(file, stem: str, label: str) -> None:
+    """Every stored tensor of one quantized Linear, checked from the header alone."""
+    keys = file.tensors
+    missing = [f"{stem}.{name}" for name in STORED if f"{stem}.{name}" not in keys]
+    if missing:
+        raise ValueError(f"{label}: SVDQuant layer {stem} has no {missing[0]}: the file is incomplete")
+    extra = sorted(k for k in keys if k.startswith(stem + ".") and k[len(stem) + 1:] not in _SUBKEYS)
+    if extra:
+        raise ValueError(f"{label}: SVDQuant layer {stem} holds {extra[0]}, which an int4 SVDQuant Linear does not "
+                         f"have (an AWQ W4A16 layer, or another nunchaku format): not supported")
+    q = keys[f"{stem}.qweight"]
+    if q.dtype != torch.int8 or len(q.shape) != 2:
+        raise ValueError(f"{label}: {stem}.qweight must be int8 [N, K/2], got {q.dtype} {list(q.shape)}")
+    if len(_targets(stem)) > 1 and q.shape[0] % len(_targets(stem)):
+        raise ValueError(f"{label}: fused {stem}.qweight has {q.shape[0]} rows, not {len(_targets(stem))} equal parts")
+
+
+def read_svdquant(path: str | Path):
+    """A nunchaku SVDQuant int4 file as a QuantizedFile: each quantized Linear unpacked to the natural layout
+    (fused q/k/v and w3/w1 cut by rows), every other tensor for the plain loader (refiner FFNs that nunchaku kept in
+    bf16 as a fused `net.0.proj` are cut the same way). svdq-fp4 files are refused by name."""
+    from ..checkpoint import _strip_prefix
+    from ..safetensors_io import SafetensorsFile
+    from . import QuantizedFile, StoredWeight
+
+    path = Path(path)
+    file = SafetensorsFile(path)
+    label = str(path)
+    if is_fp4(file.metadata, file.keys()):
+        raise ValueError(f"{label} {FP4_REFUSAL}")
+    stems = sorted(k[: -len(".qweight")] for k in file.keys() if k.endswith(".qweight"))
+    for stem in stems:
+        _check_linear(file, stem, label)
+    prefix = _strip_prefix(file.keys())
+    quantized = {}
+    for stem in stems:
+        stored = {name: file.read(f"{stem}.{name}") for name in (*STORED, "bias") if f"{stem}.{name}" in file.tensors}
+        bias = stored.pop("bias", None)
+        if bias is not None and bias.count_nonzero():
+            raise ValueError(f"{label}: {stem}.bias is not zero, but Z-Image's {stem.rpartition('.')[2]} Linear "
+                             f"has no bias")
+        natural = unpack_linear(stored, f"{label}: {stem}")
+        targets = _targets(stem[len(prefix):])
+        n, k = natural["qweight"].shape[0], natural["qweight"].shape[1] * 2
+        rows = n // len(targets)
+        for i, target in enumerate(targets):
+            part = natural if len(targets) == 1 else take_rows(natural, i * rows, (i + 1) * rows)
+            quantized[target] = StoredWeight(INT4, part, (rows, k))
+
+    consumed = {f"{stem}.{name}" for stem in stems for name in _SUBKEYS}
+    plain = {}
+    for key, info in file.tensors.items():
+        if key in consumed:
+            continue
+        stem, _, leaf = key[len(prefix):].rpartition(".")
+        targets = _targets(stem)
+        rows = info.shape[0] // len(targets) if info.shape else 0
+        for i, target in enumerate(targets):
+            part = slice(i * rows, (i + 1) * rows) if len(targets) > 1 else None
+            shape = (rows, *info.shape[1:]) if part else tuple(info.shape)
+            plain[f"{target}.{leaf}"] = (shape, lambda key=key, part=part: file.read(key, part))
+    rank = max((w.tensors["proj_up"].shape[1] for w in quantized.values()), default=0)
+    return QuantizedFile(path, quantized, plain, f"nunchaku SVDQuant int4 r{rank}"
+                                                 f"{f' (prefix {prefix!r})' if prefix else ''}")
