@@ -77,3 +77,62 @@ def reference(stored: dict, conf: dict, shape, dtype: torch.dtype) -> torch.Tens
         b = n // s.shape[0]
         return q.to(dtype) * s.to(dtype).repeat_interleave(b, 0).repeat_interleave(b, 1)
     raise ValueError(fmt)
+
+
+QUANTIZABLE = (".attention.qkv.weight", ".attention.out.weight", ".feed_forward.w1.weight",
+               ".feed_forward.w2.weight", ".feed_forward.w3.weight")
+RECIPES = ("float8_e4m3fn", "nvfp4", "mxfp8", "int8_tensorwise", "int8_convrot", "float8_e5m2", "int8_rowwise",
+           "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise")
+
+
+def write_file(model, path, recipes=RECIPES, header: bool = False, prefix: str = "", pre_quant_every: int = 0):
+    """Save `model` (a tiny Z-Image) as a ComfyUI mixed-precision file: its block Linears (ComfyUI names, fused
+    qkv) quantized by comfy-kitchen, formats cycling through `recipes`, every `pre_quant_every`-th one with a
+    `pre_quant_scale`; the rest in bf16. `header` puts the formats in `_quantization_metadata` (layer names without
+    the key prefix, as kitchen's converters write) instead of per-layer `.comfy_quant` tensors. Returns
+    {ComfyUI weight key: reference fp32 weight}: what the loaded model must compute with."""
+    from safetensors.torch import save_file
+
+    from zimage_core.checkpoint import comfyui_state_dict
+
+    state = {k: v.detach().to(torch.bfloat16) for k, v in comfyui_state_dict(model).items()}
+    out, refs, layers = {}, {}, {}
+    keys = sorted(k for k in state if k.endswith(QUANTIZABLE))
+    for i, key in enumerate(keys):
+        w = state.pop(key).float()
+        recipe = recipes[i % len(recipes)]
+        stored, conf = quantize(w, recipe, group=16 if w.shape[1] % 64 else 64)
+        layer = key[: -len(".weight")]
+        ref = reference(stored, conf, tuple(w.shape), torch.float32)
+        if pre_quant_every and i % pre_quant_every == 0:
+            stored["pre_quant_scale"] = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(i)) + 0.5
+            ref = ref * stored["pre_quant_scale"]
+        stored["input_scale"] = torch.tensor(1.0)  # an activation scale: carried by fp8 files, unused here
+        out.update({f"{prefix}{layer}.{name}": t for name, t in stored.items()})
+        if header:
+            layers[layer] = conf
+        else:
+            out[f"{prefix}{layer}.comfy_quant"] = conf_tensor(conf)
+        refs[key] = ref
+    out.update({prefix + k: v for k, v in state.items()})
+    metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})} if header else {}
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata=metadata)
+    return refs
+
+
+def reference_model(model, refs: dict):
+    """A copy of `model` with its plain weights rounded to bf16 (as the file stores them) and its quantized weights
+    replaced by the reference dequantization (fused qkv split into q/k/v): the model a loader must reproduce."""
+    import copy
+
+    ref_model = copy.deepcopy(model).to(torch.bfloat16).float()
+    with torch.no_grad():
+        for key, w in refs.items():
+            stem = key[: -len(".weight")]
+            if stem.endswith("attention.qkv"):
+                for part, proj in zip(w.chunk(3), ("to_q", "to_k", "to_v")):
+                    ref_model.get_submodule(stem[: -len("qkv")] + proj).weight.copy_(part)
+            else:
+                path = stem.replace(".attention.out", ".attention.to_out.0")
+                ref_model.get_submodule(path).weight.copy_(w)
+    return ref_model

@@ -64,3 +64,104 @@ def test_swizzle_and_hadamard_match_comfy_kitchen():
         assert torch.equal(cq.unswizzle(blocked, rows, cols), from_blocked(blocked, rows, cols))
     for size in (4, 64, 256):
         assert torch.equal(cq.hadamard(size), _build_hadamard(size))
+
+
+# ---------------------------------------------------------------------------------------------- loading files
+from comfy_quant_fixtures import reference_model, write_file  # noqa: E402
+from zimage_core.checkpoint import load_transformer  # noqa: E402
+from zimage_core.quant import QuantizedLinear  # noqa: E402
+from zimage_core.testing import tiny_model  # noqa: E402
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.9, 0.3]), torch.randn(2, 9, 48, generator=g)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model(seed=5)
+
+
+@pytest.fixture(scope="module")
+def mixed_file(base, tmp_path_factory):
+    """Every format in one file (per-layer comfy_quant tensors, ComfyUI names, fused qkv), some with
+    pre_quant_scale, plus the reference weights."""
+    path = tmp_path_factory.mktemp("comfy_quant") / "z_image_mixed.safetensors"
+    return path, write_file(base, path, pre_quant_every=4)
+
+
+def _resident_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_mixed_file_loads_quantized_and_computes_like_the_reference(base, mixed_file):
+    """Every block Linear stays as stored (a QuantizedLinear of its comfy: format, q/k/v cut from the fused qkv),
+    and the model's output is bit-identical to the same model built from comfy-kitchen's dequantized weights."""
+    path, refs = mixed_file
+    model = load_transformer(path, torch.float32)
+    quantized = {p: m.fmt for p, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(quantized) == 7 * 4  # q, k, v, out, w1, w2, w3 in 2 layers + 2 refiner blocks
+    assert {f.split("+")[0] for f in quantized.values()} == {
+        "comfy:float8_e4m3fn", "comfy:float8_e5m2", "comfy:nvfp4", "comfy:mxfp8", "comfy:int8_tensorwise",
+        "comfy:int8_tensorwise_convrot16", "comfy:int8_tensorwise_convrot64", "comfy:float8_e4m3fn_rowwise",
+        "comfy:float8_e4m3fn_blockwise"}
+    assert any(f.endswith("+pre_quant_scale") for f in quantized.values())
+    expected = reference_model(base, refs)
+    with torch.no_grad():
+        assert torch.equal(model(*_inputs()), expected(*_inputs()))
+
+
+def test_resident_memory_is_the_file_size(base, mixed_file):
+    """Loaded in bf16 (the dtype of the file's plain tensors), the model holds what the file holds: within 5 %
+    (the file also carries its header, the comfy_quant JSON and input scales)."""
+    path, _ = mixed_file
+    model = load_transformer(path, torch.bfloat16)
+    ratio = _resident_bytes(model) / path.stat().st_size
+    assert 0.95 < ratio <= 1.0, ratio
+
+
+def test_header_metadata_file_with_prefix_loads(base, tmp_path):
+    """The older per-file `_quantization_metadata` header (layer names without the file's `model.diffusion_model.`
+    key prefix): same weights, same output as the reference."""
+    path = tmp_path / "z_image_nvfp4_header.safetensors"
+    refs = write_file(base, path, recipes=("nvfp4", "int8_convrot"), header=True, prefix="model.diffusion_model.")
+    model = load_transformer(path, torch.float32)
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 28
+    with torch.no_grad():
+        assert torch.equal(model(*_inputs()), reference_model(base, refs)(*_inputs()))
+
+
+def _rewrite(src, dst, drop=(), conf: dict | None = None, add: dict | None = None):
+    """Copy a safetensors file, dropping keys, replacing one layer's comfy_quant JSON and adding tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from comfy_quant_fixtures import conf_tensor
+
+    state = {k: v for k, v in load_file(str(src)).items() if k not in drop}
+    for key, value in (conf or {}).items():
+        state[key] = conf_tensor(value)
+    state.update(add or {})
+    save_file(state, str(dst))
+    return dst
+
+
+QKV = "layers.0.attention.qkv"
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(drop=(f"{QKV}.weight_scale",)), f"{QKV}.weight_scale"),
+    (dict(conf={f"{QKV}.comfy_quant": {"format": "float7_e3m3"}}), "'float7_e3m3': an unknown format"),
+    (dict(conf={f"{QKV}.comfy_quant": {"format": "awq_w4a16"}}), "'awq_w4a16': a ComfyUI format this pack does not"),
+    (dict(conf={f"{QKV}.comfy_quant": {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 8}}),
+     "ConvRot group 8 is not a power of 4"),
+    (dict(drop=(f"{QKV}.comfy_quant",)), f"{QKV}.weight is stored as"),
+], ids=["missing-scale", "unknown-format", "unsupported-format", "bad-convrot-group", "no-comfy_quant"])
+def test_bad_files_are_refused_naming_file_and_tensor(mixed_file, tmp_path, change, message):
+    """Each defect is a ValueError naming the file and the layer/tensor/format at fault, raised by the header
+    check before any model exists."""
+    path, _ = mixed_file
+    bad = _rewrite(path, tmp_path / "bad.safetensors", **change)
+    with pytest.raises(ValueError) as err:
+        load_transformer(bad, torch.float32)
+    assert str(bad) in str(err.value) and message in str(err.value), str(err.value)

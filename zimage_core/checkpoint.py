@@ -362,7 +362,8 @@ def _load_quantized_file(path: Path, family: str, dtype: torch.dtype, device, we
     paths = set(install_quantized(model, qfile.quantized, device))
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
-            if name.rpartition(".")[0] not in paths:
+            module_path, _, leaf = name.rpartition(".")
+            if module_path not in paths or leaf == "bias":  # a quantized Linear's bias is a plain tensor
                 tensor.data.copy_(qfile.plain[name][1]())
     formats = sorted({w.format.name for w in qfile.quantized.values()})
     log.info("loaded %s (%s, %s parameters, %d quantized Linears: %s; the rest in %s)", path, qfile.layout,

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import fp8
+from . import comfy_quant, fp8, svdquant
 from .linear import COMPUTE_PATHS, Format, QuantizedLinear, is_quantized, replace_module, weight_shape
 
-FORMATS: dict[str, Format] = {**fp8.FORMATS}
+FORMATS: dict[str, Format] = {**fp8.FORMATS, **comfy_quant.FORMATS, **svdquant.FORMATS}
 
 # family -> what a user calls such a file (error messages)
 FAMILIES = {
@@ -54,7 +54,8 @@ class QuantizedFile:
     layout: str = ""
 
 
-READERS: dict[str, Callable[[Path], QuantizedFile]] = {}
+READERS: dict[str, Callable[[Path], QuantizedFile]] = {"comfy_quant": comfy_quant.read_comfy_quant,
+                                                         "svdquant": svdquant.read_svdquant}
 
 
 def detect_family(path: str | os.PathLike) -> str:
