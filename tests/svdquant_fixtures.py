@@ -69,3 +69,63 @@ def float_weight(lin: dict) -> torch.Tensor:
     n, k = lin["values"].shape
     w = lin["values"].double().reshape(n, k // 64, 64) * lin["scales"].double().unsqueeze(-1)
     return w.reshape(n, k) / lin["smooth"].double() + lin["up"].double() @ lin["down"].double()
+
+
+def tiny_config():
+    """A tiny Z-Image whose block Linears fit nunchaku's 128 x 128 tiles (dim 128, SwiGLU hidden 384)."""
+    return dict(dim=128, n_heads=2, axes_dims=(16, 24, 24), ffn_hidden_dim=384)
+
+
+def write_file(model, path, rank: int = 32, skip_refiners: bool = False, fp4: bool = False):
+    """Save `model` as nunchaku's Z-Image file (diffusers names, fused `attention.to_qkv` and SwiGLU
+    `feed_forward.net.0.proj` = [w3; w1], `net.2` = w2): the block Linears replaced by random int4 SVDQuant Linears of
+    `rank` in nunchaku's packed layout (with skip_refiners the refiner blocks stay bf16, their FFN fused the same way),
+    the rest in bf16. Returns {model Linear path: reference fp64 weight W_eff}."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(rank)
+    state = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+    out, refs = {}, {}
+    blocks = sorted({k.rsplit(".attention.", 1)[0] for k in state if ".attention.to_q.weight" in k})
+    for block in blocks:
+        fused = {
+            "attention.to_qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
+            "attention.to_out.0": ("attention.to_out.0",),
+            "feed_forward.net.0.proj": ("feed_forward.w3", "feed_forward.w1"),
+            "feed_forward.net.2": ("feed_forward.w2",),
+        }
+        refiner = not block.startswith("layers.")
+        for name, parts in fused.items():
+            weights = [state.pop(f"{block}.{p}.weight") for p in parts]
+            if refiner and skip_refiners:
+                out[f"{block}.{name}.weight"] = torch.cat(weights)  # bf16, fused as nunchaku's FeedForward holds it
+                continue
+            n, k = sum(w.shape[0] for w in weights), weights[0].shape[1]
+            lin = random_linear(n, k, rank, gen)
+            out.update({f"{block}.{name}.{key}": t for key, t in nunchaku_tensors(lin).items()})
+            w_eff = float_weight(lin)
+            for part, rows in zip(parts, w_eff.split([w.shape[0] for w in weights])):
+                refs[f"{block}.{part}"] = rows
+            if fp4:
+                out[f"{block}.{name}.wtscale"] = torch.ones(1, dtype=torch.bfloat16)
+    for key, value in state.items():
+        out[key] = value
+    config = {"weight": {"dtype": "fp4_e2m1_all" if fp4 else "int4", "group_size": 16 if fp4 else 64},
+              "rank": rank, "skip_refiners": skip_refiners}
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path),
+              metadata={"quantization_config": json.dumps(config)})
+    return refs
+
+
+def reference_model(model, refs: dict):
+    """`model` with its plain weights rounded to bf16 (as the file stores them) and each quantized Linear's weight
+    set to the float W_eff (computed in fp64, rounded to fp32)."""
+    import copy
+
+    ref_model = copy.deepcopy(model).to(torch.bfloat16).float()
+    with torch.no_grad():
+        for path, w in refs.items():
+            ref_model.get_submodule(path).weight.copy_(w)
+    return ref_model

@@ -92,10 +92,12 @@ def install_quantized(model: nn.Module, weights: dict[str, StoredWeight], device
         if (old.out_features, old.in_features) != tuple(stored.shape):
             raise ValueError(f"quantized weight {path}.weight has shape {list(stored.shape)}, the model's Linear "
                              f"is [{old.out_features}, {old.in_features}]")
+    moved: dict[int, Tensor] = {}  # a tensor shared by the parts of a fused weight is moved (and held) once
     for path, stored in weights.items():
         old = model.get_submodule(path)
         bias = None if old.bias is None else torch.empty_like(old.bias, device=device)
-        tensors = {name: t.to(device) for name, t in stored.tensors.items()}
+        tensors = {name: moved.get(id(t)) if id(t) in moved else moved.setdefault(id(t), t.to(device))
+                   for name, t in stored.tensors.items()}
         replace_module(model, path, QuantizedLinear(old.in_features, old.out_features, stored.format, tensors, bias))
     for module in model.modules():
         for name, param in list(module._parameters.items()):
