@@ -80,7 +80,8 @@ def reference(stored: dict, conf: dict, shape, dtype: torch.dtype) -> torch.Tens
 
 
 QUANTIZABLE = (".attention.qkv.weight", ".attention.out.weight", ".feed_forward.w1.weight",
-               ".feed_forward.w2.weight", ".feed_forward.w3.weight")
+               ".feed_forward.w2.weight", ".feed_forward.w3.weight",
+               "layers.0.adaLN_modulation.0.weight")  # files may quantize more than the block Linears (with bias)
 RECIPES = ("float8_e4m3fn", "nvfp4", "mxfp8", "int8_tensorwise", "int8_convrot", "float8_e5m2", "int8_rowwise",
            "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise")
 

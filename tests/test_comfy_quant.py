@@ -4,6 +4,8 @@ files (per-layer `comfy_quant` tensors and the older `_quantization_metadata` he
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -101,11 +103,10 @@ def test_mixed_file_loads_quantized_and_computes_like_the_reference(base, mixed_
     path, refs = mixed_file
     model = load_transformer(path, torch.float32)
     quantized = {p: m.fmt for p, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    assert len(quantized) == 7 * 4  # q, k, v, out, w1, w2, w3 in 2 layers + 2 refiner blocks
-    assert {f.split("+")[0] for f in quantized.values()} == {
+    assert len(quantized) == 7 * 4 + 1  # q, k, v, out, w1, w2, w3 in 2 layers + 2 refiners; one adaLN (has a bias)
+    assert {re.sub(r"convrot\d+", "convrot", f.split("+")[0]) for f in quantized.values()} == {
         "comfy:float8_e4m3fn", "comfy:float8_e5m2", "comfy:nvfp4", "comfy:mxfp8", "comfy:int8_tensorwise",
-        "comfy:int8_tensorwise_convrot16", "comfy:int8_tensorwise_convrot64", "comfy:float8_e4m3fn_rowwise",
-        "comfy:float8_e4m3fn_blockwise"}
+        "comfy:int8_tensorwise_convrot", "comfy:float8_e4m3fn_rowwise", "comfy:float8_e4m3fn_blockwise"}
     assert any(f.endswith("+pre_quant_scale") for f in quantized.values())
     expected = reference_model(base, refs)
     with torch.no_grad():
@@ -127,7 +128,7 @@ def test_header_metadata_file_with_prefix_loads(base, tmp_path):
     path = tmp_path / "z_image_nvfp4_header.safetensors"
     refs = write_file(base, path, recipes=("nvfp4", "int8_convrot"), header=True, prefix="model.diffusion_model.")
     model = load_transformer(path, torch.float32)
-    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 28
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 29
     with torch.no_grad():
         assert torch.equal(model(*_inputs()), reference_model(base, refs)(*_inputs()))
 
@@ -155,8 +156,7 @@ QKV = "layers.0.attention.qkv"
     (dict(conf={f"{QKV}.comfy_quant": {"format": "awq_w4a16"}}), "'awq_w4a16': a ComfyUI format this pack does not"),
     (dict(conf={f"{QKV}.comfy_quant": {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 8}}),
      "ConvRot group 8 is not a power of 4"),
-    (dict(drop=(f"{QKV}.comfy_quant",)), f"{QKV}.weight is stored as"),
-], ids=["missing-scale", "unknown-format", "unsupported-format", "bad-convrot-group", "no-comfy_quant"])
+], ids=["missing-scale", "unknown-format", "unsupported-format", "bad-convrot-group"])
 def test_bad_files_are_refused_naming_file_and_tensor(mixed_file, tmp_path, change, message):
     """Each defect is a ValueError naming the file and the layer/tensor/format at fault, raised by the header
     check before any model exists."""
@@ -165,3 +165,17 @@ def test_bad_files_are_refused_naming_file_and_tensor(mixed_file, tmp_path, chan
     with pytest.raises(ValueError) as err:
         load_transformer(bad, torch.float32)
     assert str(bad) in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_integer_weight_without_comfy_quant_is_refused(mixed_file, tmp_path):
+    """An int8/uint8 weight that no comfy_quant entry describes would load as garbage: refused by name."""
+    from safetensors import safe_open
+
+    path, _ = mixed_file
+    with safe_open(str(path), "pt") as f:
+        layer = next(k[: -len(".weight")] for k in sorted(f.keys())
+                     if k.endswith(".weight") and f.get_slice(k).get_dtype() in ("I8", "U8"))
+    bad = _rewrite(path, tmp_path / "bad.safetensors", drop=(f"{layer}.comfy_quant",))
+    with pytest.raises(ValueError, match=re.escape(f"{layer}.weight is stored as")) as err:
+        load_transformer(bad, torch.float32)
+    assert str(bad) in str(err.value)
