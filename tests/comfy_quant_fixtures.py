@@ -81,7 +81,7 @@ def reference(stored: dict, conf: dict, shape, dtype: torch.dtype) -> torch.Tens
 
 QUANTIZABLE = (".attention.qkv.weight", ".attention.out.weight", ".feed_forward.w1.weight",
                ".feed_forward.w2.weight", ".feed_forward.w3.weight",
-               "layers.0.adaLN_modulation.0.weight")  # files may quantize more than the block Linears (with bias)
+               "layers.0.adaLN_modulation.0.weight", "x_embedder.weight")  # files may quantize more (with bias)
 RECIPES = ("float8_e4m3fn", "nvfp4", "mxfp8", "int8_tensorwise", "int8_convrot", "float8_e5m2", "int8_rowwise",
            "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise")
 
@@ -126,6 +126,8 @@ def reference_model(model, refs: dict):
     replaced by the reference dequantization (fused qkv split into q/k/v): the model a loader must reproduce."""
     import copy
 
+    from zimage_core.checkpoint import _to_diffusers_name
+
     ref_model = copy.deepcopy(model).to(torch.bfloat16).float()
     with torch.no_grad():
         for key, w in refs.items():
@@ -134,6 +136,6 @@ def reference_model(model, refs: dict):
                 for part, proj in zip(w.chunk(3), ("to_q", "to_k", "to_v")):
                     ref_model.get_submodule(stem[: -len("qkv")] + proj).weight.copy_(part)
             else:
-                path = stem.replace(".attention.out", ".attention.to_out.0")
+                path = _to_diffusers_name(key)[: -len(".weight")]
                 ref_model.get_submodule(path).weight.copy_(w)
     return ref_model

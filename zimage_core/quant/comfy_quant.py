@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .linear import Format
+from .stored import BLOCK_PREFIXES, QuantizedFile, StoredWeight
 
 log = logging.getLogger("zimage_core")
 
@@ -335,9 +336,8 @@ def read_comfy_quant(path: str | Path):
     checked (formats, scales, shapes) before any tensor is read."""
     import copy
 
-    from ..checkpoint import WeightSource, _strip_prefix, _to_diffusers_name, map_sources
+    from ..checkpoint import WeightSource, _strip_prefix, _to_diffusers_name, map_sources  # (imports this package)
     from ..safetensors_io import SafetensorsFile
-    from . import QuantizedFile, StoredWeight
 
     path = Path(path)
     file = SafetensorsFile(path)
@@ -355,7 +355,7 @@ def read_comfy_quant(path: str | Path):
     prefix = _strip_prefix(file.keys())
     comfy_layout = any(k.endswith("attention.qkv.weight") or k[len(prefix):].startswith("x_embedder.")
                        for k in file.keys())
-    quantized = {}
+    parts = {}  # model Linear path -> StoredWeight
     for layer, (fmt, shape) in checked.items():
         tensors = {name: file.read(f"{layer}.{name}") for name in fmt.stored_names}
         name = layer[len(prefix):]
@@ -363,16 +363,21 @@ def read_comfy_quant(path: str | Path):
             dim, rows = shape[0] // 3, KINDS[fmt.name[len(PREFIX):].split("+")[0]].rows
             for i, proj in enumerate(("to_q", "to_k", "to_v")):
                 part = rows(tensors, shape, i * dim, (i + 1) * dim)
-                quantized[name[: -len("qkv")] + proj] = StoredWeight(fmt, part, (dim, shape[1]))
+                parts[name[: -len("qkv")] + proj] = StoredWeight(fmt, part, (dim, shape[1]))
         else:
             target = _to_diffusers_name(name + ".weight")[: -len(".weight")] if comfy_layout else name
-            quantized[target] = StoredWeight(fmt, tensors, shape)
+            parts[target] = StoredWeight(fmt, tensors, shape)
+    # Linears outside the blocks (embedders, final layer) are dequantized at load (zimage_core.quant.stored)
+    quantized = {path: w for path, w in parts.items() if path.startswith(BLOCK_PREFIXES)}
 
     plain_file = copy.copy(file)
     plain_file.tensors = {k: v for k, v in file.tensors.items() if k not in consumed}
     sources, shapes, layout = map_sources([plain_file], label, required=())
     source = WeightSource(sources, torch.float32, layout, [path])
     plain = {name: (shapes[name], lambda name=name: source.read(name)) for name in sources}
+    for target, w in parts.items():
+        if target not in quantized:
+            plain[target + ".weight"] = (w.shape, lambda w=w: w.format.dequantize(w.tensors, w.shape, torch.float32))
     formats = sorted({w.format.name for w in quantized.values()})
     where = "per-layer comfy_quant" if any(k.endswith(CONF_SUFFIX) for k in file.keys()) else HEADER_KEY
     return QuantizedFile(path, quantized, plain, f"{layout}, ComfyUI mixed precision ({where}: {', '.join(formats)})")

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .linear import Format
+from .stored import BLOCK_PREFIXES, QuantizedFile, StoredWeight
 
 log = logging.getLogger("zimage_core")
 
@@ -235,9 +236,8 @@ def read_svdquant(path: str | Path):
     """A nunchaku SVDQuant int4 file as a QuantizedFile: each quantized Linear unpacked to the natural layout
     (fused q/k/v and w3/w1 cut by rows), every other tensor for the plain loader (refiner FFNs that nunchaku kept in
     bf16 as a fused `net.0.proj` are cut the same way). svdq-fp4 files are refused by name."""
-    from ..checkpoint import _strip_prefix
+    from ..checkpoint import _strip_prefix  # (imports this package)
     from ..safetensors_io import SafetensorsFile
-    from . import QuantizedFile, StoredWeight
 
     path = Path(path)
     file = SafetensorsFile(path)
@@ -248,7 +248,7 @@ def read_svdquant(path: str | Path):
     for stem in stems:
         _check_linear(file, stem, label)
     prefix = _strip_prefix(file.keys())
-    quantized = {}
+    quantized, plain = {}, {}
     for stem in stems:
         stored = {name: file.read(f"{stem}.{name}") for name in (*STORED, "bias") if f"{stem}.{name}" in file.tensors}
         bias = stored.pop("bias", None)
@@ -261,10 +261,13 @@ def read_svdquant(path: str | Path):
         rows = n // len(targets)
         for i, target in enumerate(targets):
             part = natural if len(targets) == 1 else take_rows(natural, i * rows, (i + 1) * rows)
-            quantized[target] = StoredWeight(INT4, part, (rows, k))
+            if target.startswith(BLOCK_PREFIXES):
+                quantized[target] = StoredWeight(INT4, part, (rows, k))
+            else:  # outside the blocks: dequantized at load (zimage_core.quant.stored)
+                plain[target + ".weight"] = ((rows, k), lambda part=part, shape=(rows, k): dequantize(part, shape,
+                                                                                                     torch.float32))
 
     consumed = {f"{stem}.{name}" for stem in stems for name in _SUBKEYS}
-    plain = {}
     for key, info in file.tensors.items():
         if key in consumed:
             continue
