@@ -3,8 +3,9 @@ one table of formats (`FORMATS`, merged from the family modules), the detection 
 code that swaps a model's Linears for QuantizedLinears holding a file's tensors.
 
 Families (one module each): `fp8` (this pack's fp8 storage and ComfyUI's scaled fp8, also made from bf16 at load
-with `weight_storage="fp8_e4m3fn"`), `gguf` (llama.cpp's container: city96 / stable-diffusion.cpp files). A family
-module exposes `FORMATS` (format key -> Format) and, where it reads its own files, a reader registered in `READERS`:
+with `weight_storage="fp8_e4m3fn"`), `gguf` (llama.cpp's container: city96 / stable-diffusion.cpp files),
+`comfy_quant` (ComfyUI's mixed-precision safetensors) and `svdquant` (nunchaku's SVDQuant int4). A family module
+exposes `FORMATS` (format key -> Format) and, where it reads its own files, a reader registered in `READERS`:
 `reader(path) -> QuantizedFile`. Families that are detected but have no reader are refused by name when loaded (see
 `zimage_core.checkpoint.load_transformer`).
 """
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import comfy_quant, fp8, gguf, svdquant
 from .linear import COMPUTE_PATHS, Format, QuantizedLinear, is_quantized, replace_module, weight_shape
