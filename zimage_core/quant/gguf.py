@@ -30,22 +30,29 @@ def _f16(raw: Tensor) -> Tensor:
     return raw.contiguous().view(torch.float16).to(torch.float32)
 
 
-def _shifts(values, like: Tensor, shape) -> Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(shape)
+def _shifts(step: int, count: int, like: Tensor, shape) -> Tensor:
+    """0, step, 2·step, ... (count values) as shift amounts in `like`'s dtype, made on its device (no host copy)."""
+    return torch.arange(0, step * count, step, dtype=like.dtype, device=like.device).reshape(shape)
 
 
 def _nibbles(qs: Tensor, group: int) -> Tensor:
     """[n, k] bytes -> [n, k / group, 2, group]: per run of `group` bytes, their low nibbles then their high ones."""
-    return (qs.reshape(qs.shape[0], -1, 1, group) >> _shifts((0, 4), qs, (1, 1, 2, 1))) & 0x0F
+    return (qs.reshape(qs.shape[0], -1, 1, group) >> _shifts(4, 2, qs, (1, 1, 2, 1))) & 0x0F
 
 
 def _bits(raw: Tensor) -> Tensor:
     """[n, k] bytes -> [n, k * 8] bits, bit j = bit j % 8 of byte j // 8 (a little-endian bit field)."""
-    return ((raw.unsqueeze(-1) >> _shifts(range(8), raw, (1, 1, 8))) & 1).reshape(raw.shape[0], -1)
+    return ((raw.unsqueeze(-1) >> _shifts(1, 8, raw, (1, 1, 8))) & 1).reshape(raw.shape[0], -1)
+
+
+_CODEBOOKS: dict[torch.device, Tensor] = {}  # one copy per device: no host-to-device copy per layer call
 
 
 def _codebook(index: Tensor) -> Tensor:
-    return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=index.device)[index.long()]
+    table = _CODEBOOKS.get(index.device)
+    if table is None:
+        table = _CODEBOOKS[index.device] = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=index.device)
+    return table[index.long()]
 
 
 # ------------------------------------------------------------------ one function per type: [n, bytes] -> [n, elems]
@@ -78,19 +85,19 @@ def _q2_k(b: Tensor) -> Tensor:
     scales, qs = b[:, :16], b[:, 16:80]
     dl = (_f16(b[:, 80:82]) * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (_f16(b[:, 82:84]) * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
-    q = ((qs.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), qs, (1, 1, 4, 1))) & 3).reshape(n, 16, 16)
+    q = ((qs.reshape(n, -1, 1, 32) >> _shifts(2, 4, qs, (1, 1, 4, 1))) & 3).reshape(n, 16, 16)
     return (dl * q.to(torch.float32) - ml).reshape(n, QK_K)
 
 
 def _q3_k(b: Tensor) -> Tensor:
     n = b.shape[0]
     hmask, qs, scales = b[:, :32], b[:, 32:96], b[:, 96:108]
-    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts((0, 4), b, (1, 2, 1))).reshape(n, 16) & 0x0F
-    high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts((0, 2, 4, 6), b, (1, 4, 1))).reshape(n, 16) & 0x03
+    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts(4, 2, b, (1, 2, 1))).reshape(n, 16) & 0x0F
+    high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts(2, 4, b, (1, 4, 1))).reshape(n, 16) & 0x03
     sc = ((low | (high << 4)).to(torch.int8) - 32).to(torch.float32)
     dl = (_f16(b[:, 108:110]) * sc).reshape(n, 16, 1)
-    ql = ((qs.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b, (1, 1, 4, 1))).reshape(n, 16, 16)) & 3
-    qh = ((hmask.reshape(n, -1, 1, 32) >> _shifts(range(8), b, (1, 1, 8, 1))).reshape(n, 16, 16) & 1) ^ 1
+    ql = ((qs.reshape(n, -1, 1, 32) >> _shifts(2, 4, b, (1, 1, 4, 1))).reshape(n, 16, 16)) & 3
+    qh = ((hmask.reshape(n, -1, 1, 32) >> _shifts(1, 8, b, (1, 1, 8, 1))).reshape(n, 16, 16) & 1) ^ 1
     q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).to(torch.float32)  # a clear high bit subtracts 4
     return (dl * q).reshape(n, QK_K)
 
@@ -120,7 +127,7 @@ def _q5_k(b: Tensor) -> Tensor:
     d = (_f16(b[:, :2]) * sc).reshape(n, -1, 1)
     dm = (_f16(b[:, 2:4]) * mn).reshape(n, -1, 1)
     ql = _nibbles(b[:, 48:], 32).reshape(n, -1, 32)
-    qh = ((b[:, 16:48].reshape(n, -1, 1, 32) >> _shifts(range(8), b, (1, 1, 8, 1))) & 1).reshape(n, -1, 32)
+    qh = ((b[:, 16:48].reshape(n, -1, 1, 32) >> _shifts(1, 8, b, (1, 1, 8, 1))) & 1).reshape(n, -1, 32)
     return (d * (ql | (qh << 4)).to(torch.float32) - dm).reshape(n, QK_K)
 
 
@@ -129,7 +136,7 @@ def _q6_k(b: Tensor) -> Tensor:
     scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
     d = (_f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
     ql = _nibbles(b[:, :128], 64).reshape(n, -1, 32)
-    qh = ((b[:, 128:192].reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b, (1, 1, 4, 1))) & 3).reshape(n, -1, 32)
+    qh = ((b[:, 128:192].reshape(n, -1, 1, 32) >> _shifts(2, 4, b, (1, 1, 4, 1))) & 3).reshape(n, -1, 32)
     q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
     return (d * q).reshape(n, QK_K)
 
@@ -141,8 +148,8 @@ def _iq4_nl(b: Tensor) -> Tensor:
 def _iq4_xs(b: Tensor) -> Tensor:
     n = b.shape[0]
     high_bits = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)  # a little-endian u16
-    low = (b[:, 4:8].reshape(n, -1, 1) >> _shifts((0, 4), b, (1, 1, 2))).reshape(n, -1) & 0x0F
-    high = (high_bits.reshape(n, 1) >> _shifts(range(0, 16, 2), high_bits, (1, 8))) & 0x03
+    low = (b[:, 4:8].reshape(n, -1, 1) >> _shifts(4, 2, b, (1, 1, 2))).reshape(n, -1) & 0x0F
+    high = (high_bits.reshape(n, 1) >> _shifts(2, 8, high_bits, (1, 8))) & 0x03
     scales = ((low.to(torch.int32) | (high << 4)) - 32).to(torch.float32)
     dl = (_f16(b[:, :2]) * scales).reshape(n, -1, 1)
     q = _codebook(_nibbles(b[:, 8:], 16).reshape(n, -1, 32))
