@@ -180,14 +180,9 @@ TYPES: dict[str, tuple[int, int, Callable[[Tensor], Tensor]]] = {
 FLOAT_TYPES = ("F32", "F16", "BF16")  # loaded as plain tensors in the compute dtype
 
 
-def row_bytes(kind: str, in_features: int) -> int:
-    elems, nbytes, _ = TYPES[kind]
-    return in_features // elems * nbytes
-
-
 def dequantize(raw: Tensor, kind: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
     """The bytes of one tensor of ggml type `kind` (uint8, any shape holding whole blocks) as `shape` in `dtype`."""
-    elems, nbytes, fn = TYPES[kind]
+    _, nbytes, fn = TYPES[kind]
     values = fn(raw.reshape(-1, nbytes))
     return values.reshape(shape).to(dtype)
 
