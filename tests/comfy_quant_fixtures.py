@@ -86,12 +86,14 @@ RECIPES = ("float8_e4m3fn", "nvfp4", "mxfp8", "int8_tensorwise", "int8_convrot",
            "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise")
 
 
-def write_file(model, path, recipes=RECIPES, header: bool = False, prefix: str = "", pre_quant_every: int = 0):
+def write_file(model, path, recipes=RECIPES, header: bool = False, prefix: str = "", pre_quant_every: int = 0,
+               input_scale: bool = True):
     """Save `model` (a tiny Z-Image) as a ComfyUI mixed-precision file: its block Linears (ComfyUI names, fused
-    qkv) quantized by comfy-kitchen, formats cycling through `recipes`, every `pre_quant_every`-th one with a
-    `pre_quant_scale`; the rest in bf16. `header` puts the formats in `_quantization_metadata` (layer names without
-    the key prefix, as kitchen's converters write) instead of per-layer `.comfy_quant` tensors. Returns
-    {ComfyUI weight key: reference fp32 weight}: what the loaded model must compute with."""
+    qkv; plus one adaLN and the x_embedder) quantized by comfy-kitchen, formats cycling through `recipes`, every
+    `pre_quant_every`-th one with a `pre_quant_scale`, each with an `input_scale` unless `input_scale` is False; the
+    rest in bf16. `header` puts the formats in `_quantization_metadata` (layer names without the key prefix, as
+    kitchen's converters write) instead of per-layer `.comfy_quant` tensors. Returns {ComfyUI weight key: reference
+    fp32 weight}: what the loaded model must compute with."""
     from safetensors.torch import save_file
 
     from zimage_core.checkpoint import comfyui_state_dict
@@ -108,7 +110,8 @@ def write_file(model, path, recipes=RECIPES, header: bool = False, prefix: str =
         if pre_quant_every and i % pre_quant_every == 0:
             stored["pre_quant_scale"] = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(i)) + 0.5
             ref = ref * stored["pre_quant_scale"]
-        stored["input_scale"] = torch.tensor(1.0)  # an activation scale: carried by fp8 files, unused here
+        if input_scale:  # an activation scale: carried by fp8 files for ComfyUI's fp8 GEMM, unused here
+            stored["input_scale"] = torch.tensor(1.0)
         out.update({f"{prefix}{layer}.{name}": t for name, t in stored.items()})
         if header:
             layers[layer] = conf
