@@ -3,9 +3,11 @@ one table of formats (`FORMATS`, merged from the family modules), the detection 
 code that swaps a model's Linears for QuantizedLinears holding a file's tensors.
 
 Families (one module each): `fp8` (this pack's fp8 storage and ComfyUI's scaled fp8, also made from bf16 at load
-with `weight_storage="fp8_e4m3fn"`), `gguf` (llama.cpp's container: city96 / stable-diffusion.cpp files). A family module exposes `FORMATS` (format key -> Format) and, where it reads
-its own files, a reader registered in `READERS`: `reader(path) -> QuantizedFile`. Families that are detected but
-have no reader are refused by name when loaded (see `zimage_core.checkpoint.load_transformer`).
+with `weight_storage="fp8_e4m3fn"`), `gguf` (llama.cpp's container: city96 / stable-diffusion.cpp files),
+`comfy_quant` (ComfyUI's mixed-precision safetensors) and `svdquant` (nunchaku's SVDQuant int4). A family module
+exposes `FORMATS` (format key -> Format) and, where it reads its own files, a reader registered in `READERS`:
+`reader(path) -> QuantizedFile`. Families that are detected but have no reader are refused by name when loaded (see
+`zimage_core.checkpoint.load_transformer`).
 """
 
 from __future__ import annotations

@@ -227,8 +227,8 @@ def _as_bytes(data: np.ndarray, rows: slice | None) -> Tensor:
 def read_gguf(path: str | os.PathLike) -> QuantizedFile:
     """Every tensor of a Z-Image GGUF as the model needs it: quantized 2-D `.weight` tensors of the blocks as
     StoredWeights of format `gguf:<type>` (their bytes, a fused qkv split by rows), everything else (F32 / F16 /
-    BF16, a quantized embedder) as a plain tensor dequantized to fp32 when read. The whole file is checked (readable, architecture, Z-Image
-    keys, every type supported, block-aligned rows) before anything is read."""
+    BF16, a quantized embedder) as a plain tensor dequantized to fp32 when read. The whole file is checked
+    (readable, architecture, Z-Image keys, every type supported) before anything is read."""
     from ..checkpoint import _IGNORED, _REQUIRED, LOOKALIKES, _strip_prefix, is_comfy_layout, model_targets
     from ..safetensors_io import describe_lookalike
 
