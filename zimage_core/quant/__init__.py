@@ -78,6 +78,7 @@ def install_quantized(model: nn.Module, weights: dict[str, StoredWeight], device
         bias = None if old.bias is None else torch.empty_like(old.bias, device=device)
         tensors = {name: moved[id(t)] if id(t) in moved else moved.setdefault(id(t), t.to(device, copy=True))
                    for name, t in stored.tensors.items()}  # copied off the file map
+        stored.tensors.clear()  # a reader's own tensors (e.g. SVDQuant's unpacked ones) are freed as we go
         replace_module(model, path, QuantizedLinear(old.in_features, old.out_features, stored.format, tensors, bias))
     for module in model.modules():
         for name, param in list(module._parameters.items()):

@@ -357,7 +357,7 @@ def read_comfy_quant(path: str | Path):
                        for k in file.keys())
     parts = {}  # model Linear path -> StoredWeight
     for layer, (fmt, shape) in checked.items():
-        tensors = {name: file.read(f"{layer}.{name}") for name in fmt.stored_names}
+        tensors = {name: file.mapped(f"{layer}.{name}") for name in fmt.stored_names}  # read when installed
         name = layer[len(prefix):]
         if name.endswith("attention.qkv"):
             dim, rows = shape[0] // 3, KINDS[fmt.name[len(PREFIX):].split("+")[0]].rows
@@ -378,6 +378,6 @@ def read_comfy_quant(path: str | Path):
     for target, w in parts.items():
         if target not in quantized:
             plain[target + ".weight"] = (w.shape, lambda w=w: w.format.dequantize(w.tensors, w.shape, torch.float32))
-    formats = sorted({w.format.name for w in quantized.values()})
+    formats = sorted({w.format.name.split("+")[0] for w in quantized.values()})
     where = "per-layer comfy_quant" if any(k.endswith(CONF_SUFFIX) for k in file.keys()) else HEADER_KEY
     return QuantizedFile(path, quantized, plain, f"{layout}, ComfyUI mixed precision ({where}: {', '.join(formats)})")

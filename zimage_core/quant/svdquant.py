@@ -250,7 +250,8 @@ def read_svdquant(path: str | Path):
     prefix = _strip_prefix(file.keys())
     quantized, plain = {}, {}
     for stem in stems:
-        stored = {name: file.read(f"{stem}.{name}") for name in (*STORED, "bias") if f"{stem}.{name}" in file.tensors}
+        stored = {name: file.mapped(f"{stem}.{name}") for name in (*STORED, "bias")
+                  if f"{stem}.{name}" in file.tensors}
         bias = stored.pop("bias", None)
         if bias is not None and bias.count_nonzero():
             raise ValueError(f"{label}: {stem}.bias is not zero, but Z-Image's {stem.rpartition('.')[2]} Linear "
