@@ -74,24 +74,29 @@ def _unpermute(packed: Tensor, logical_view: tuple[int, ...], perm: tuple[int, .
 def unpack_int4(qweight: Tensor) -> Tensor:
     """nunchaku qweight int8 [N, K/2] -> signed int4 values int8 [N, K] in natural order."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    words = qweight.contiguous().view(torch.int32).reshape(-1, 1)
-    nibbles = (words >> torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)) & 0xF
-    values = torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
+    # nibble i of each little-endian int32 word is the low (even i) or high (odd i) half of its byte i // 2; bytes
+    # keep the temporaries at one byte per value
+    b = qweight.contiguous().view(torch.uint8)
+    values = _signed(torch.stack([b & 0xF, b >> 4], dim=-1))
     view = (n // TILE_N, 8, 2, 8, 1, k // 64, 1, 2, 4, 8)
     return _unpermute(values, view, _QWEIGHT_PERM).reshape(n, k)
 
 
+def _signed(nibbles: Tensor) -> Tensor:
+    """uint8 nibbles 0..15 -> their two's-complement int4 values as int8 (-8..7)."""
+    return (nibbles ^ 8).view(torch.int8) - 8
+
+
 def pack_natural_int4(values: Tensor) -> Tensor:
     """int4 values [N, K] -> comfy-kitchen's natural packing int8 [N, K/2] (low nibble = even column)."""
-    v = values.to(torch.int32) & 0xF
-    return (v[:, 0::2] | (v[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    v = values.view(torch.uint8) & 0xF
+    return (v[:, 0::2] | (v[:, 1::2] << 4)).view(torch.int8)
 
 
 def unpack_natural_int4(packed: Tensor) -> Tensor:
     """comfy-kitchen's natural int8 [N, K/2] -> signed int4 values int8 [N, K]."""
-    b = packed.view(torch.uint8).to(torch.int16)
-    nibbles = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(packed.shape[0], -1)
-    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
+    b = packed.view(torch.uint8)
+    return _signed(torch.stack([b & 0xF, b >> 4], dim=-1)).reshape(packed.shape[0], -1)
 
 
 def unpack_scales(wscales: Tensor, n: int) -> Tensor:
