@@ -6,15 +6,15 @@ put the same objects in the safetensors header instead, as `_quantization_metada
 `{"format_version": "1.0", "layers": {"<layer>": {"format": ...}}}`. The suffix `weight_scale` means something
 different per format, so the format is read first and the scales are interpreted from it:
 
-| format (`comfy:` key)          | `weight`                 | scales                                                      |
-|--------------------------------|--------------------------|-------------------------------------------------------------|
-| float8_e4m3fn / float8_e5m2    | fp8 [N, K]               | `weight_scale` f32 scalar (or [N, 1])                       |
-| float8_e4m3fn_rowwise          | fp8 [N, K]               | `weight_scale` f32 [N]  (silveroxides' convert_to_quant)    |
-| float8_e4m3fn_blockwise        | fp8 [N, K]               | `weight_scale` f32 [N/b, K/b], b x b tiles (convert_to_quant)|
-| nvfp4                          | uint8 [N, K/2], E2M1, even element in the HIGH nibble | `weight_scale` fp8 e4m3 per 16, cuBLAS-swizzled; `weight_scale_2` f32 scalar |
-| mxfp8                          | fp8 e4m3 [N, K]          | `weight_scale` e8m0 per 32, cuBLAS-swizzled                 |
-| int8_tensorwise                | int8 [N, K]              | `weight_scale` f32 scalar or [N, 1]                         |
-| int8_tensorwise + convrot      | int8 [N, K], rotated     | `weight_scale` f32 [N, 1]; un-rotate by a regular Hadamard per group of g columns |
+- float8_e4m3fn / float8_e5m2: fp8 [N, K]; `weight_scale` f32 scalar (or [N, 1])
+- float8_e4m3fn_rowwise (silveroxides' convert_to_quant): fp8 [N, K]; `weight_scale` f32 [N]
+- float8_e4m3fn_blockwise (convert_to_quant): fp8 [N, K]; `weight_scale` f32 [N/b, K/b], one per b x b tile
+- nvfp4: uint8 [N, K/2] of E2M1 codes, the even element in the HIGH nibble; `weight_scale` fp8 e4m3 per 16 columns in
+  the cuBLAS-swizzled layout; `weight_scale_2` f32 scalar
+- mxfp8: fp8 e4m3 [N, K]; `weight_scale` e8m0 per 32 columns, swizzled
+- int8_tensorwise: int8 [N, K]; `weight_scale` f32 scalar or [N, 1]
+- int8_tensorwise + convrot: int8 [N, K], rotated; `weight_scale` f32 [N, 1]; un-rotated by a regular Hadamard matrix
+  per group of g input columns
 
 Any layer may also carry `pre_quant_scale` [K] (AWQ-style smoothing: ComfyUI multiplies the input by it before the
 matmul, so the weight it computes with is W·diag(pre_quant_scale); it is folded into the dequantized weight here)
@@ -29,9 +29,9 @@ scales included); only a fused `attention.qkv` is cut into q/k/v by rows, withou
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,15 +77,23 @@ def swizzle(grid: Tensor) -> Tensor:
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+@functools.lru_cache(maxsize=None)
+def _e2m1_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The 16 E2M1 values by code, made once per dtype and device (not a host-to-device copy per call)."""
+    return torch.tensor(_E2M1, dtype=dtype, device=device)
+
+
 def _e8m0_to_f32(scales: Tensor) -> Tensor:
     """e8m0 bytes -> 2^(e - 127) in fp32, with e = 0 read as 0 (comfy-kitchen's convention)."""
     e = scales.view(torch.uint8).to(torch.int32)
     return torch.where(e == 0, 0, e << 23).view(torch.float32)
 
 
-def hadamard(size: int, device=None) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def hadamard(size: int, device: torch.device | None = None) -> Tensor:
     """ConvRot's regular Hadamard matrix of `size` (a power of 4): Kronecker powers of a symmetric 4 x 4 +-1 matrix,
-    over sqrt(size). Symmetric and orthogonal, so the rotation that made the stored weight also undoes it."""
+    over sqrt(size). Symmetric and orthogonal, so the rotation that made the stored weight also undoes it. Cached per
+    size and device (callers must not write to it)."""
     h4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float32,
                       device=device)
     h = h4
@@ -94,7 +102,7 @@ def hadamard(size: int, device=None) -> Tensor:
     return h / size ** 0.5
 
 
-# ---------------------------------------------------------------------------------------------- one dequantizer per format
+# ---------------------------------------------------------------------------------------------- dequantizers
 # Each takes (stored tensors, logical shape (N, K), dtype) and returns the [N, K] weight in dtype.
 def _float8(t: dict[str, Tensor], shape, dtype) -> Tensor:
     return t["weight"].to(dtype) * t["weight_scale"].to(dtype)
@@ -115,7 +123,7 @@ def _nvfp4(t, shape, dtype) -> Tensor:
     packed = t["weight"]
     rows, cols = packed.shape[0], packed.shape[1] * 2
     codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(rows, cols)  # even element: high nibble
-    values = torch.tensor(_E2M1, dtype=dtype, device=packed.device)[codes.int()]
+    values = _e2m1_table(dtype, packed.device)[codes.int()]
     blocks = unswizzle(t["weight_scale"].view(torch.float8_e4m3fn), rows, cols // 16)
     scale = t["weight_scale_2"].to(dtype) * blocks.to(dtype)
     return (values.reshape(rows, -1, 16) * scale.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
