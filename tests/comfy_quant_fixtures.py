@@ -44,6 +44,9 @@ def quantize(w: torch.Tensor, fmt: str, group: int = 16, block: int = 32) -> tup
         q, s = eager.quantize_int8_convrot_weight(w, group)
         return {"weight": q, "weight_scale": s}, {"format": "int8_tensorwise", "convrot": True,
                                                   "convrot_groupsize": group}
+    if fmt == "convrot_w4a4":
+        q, s = ck.quantize_convrot_w4a4_weight(w, convrot_groupsize=group)
+        return {"weight": q, "weight_scale": s}, {"format": fmt, "convrot_groupsize": group}
     if fmt == "float8_e4m3fn_rowwise":
         scale = w.abs().amax(dim=1) / FP8_MAX
         return {"weight": (w / scale[:, None]).to(torch.float8_e4m3fn), "weight_scale": scale}, {"format": fmt}
@@ -70,6 +73,8 @@ def reference(stored: dict, conf: dict, shape, dtype: torch.dtype) -> torch.Tens
         return eager.dequantize_int8_convrot_weight(q, s, conf["convrot_groupsize"]).to(dtype)
     if fmt == "int8_tensorwise":
         return eager.dequantize_int8_simple(q, s).to(dtype)
+    if fmt == "convrot_w4a4":
+        return ck.dequantize_convrot_w4a4_weight(q, s, convrot_groupsize=conf["convrot_groupsize"], output_dtype=dtype)
     # convert_to_quant's RowWiseFP8Layout / BlockWiseFP8Layout.dequantize: fp8 -> dtype, times the scale in dtype
     if fmt == "float8_e4m3fn_rowwise":
         return q.to(dtype) * s.to(dtype)[:, None]
@@ -83,7 +88,7 @@ QUANTIZABLE = (".attention.qkv.weight", ".attention.out.weight", ".feed_forward.
                ".feed_forward.w2.weight", ".feed_forward.w3.weight",
                "layers.0.adaLN_modulation.0.weight", "x_embedder.weight")  # files may quantize more (with bias)
 RECIPES = ("float8_e4m3fn", "nvfp4", "mxfp8", "int8_tensorwise", "int8_convrot", "float8_e5m2", "int8_rowwise",
-           "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise")
+           "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise", "convrot_w4a4")
 
 
 def write_file(model, path, recipes=RECIPES, header: bool = False, prefix: str = "", pre_quant_every: int = 0,
@@ -104,6 +109,8 @@ def write_file(model, path, recipes=RECIPES, header: bool = False, prefix: str =
     for i, key in enumerate(keys):
         w = state.pop(key).float()
         recipe = recipes[i % len(recipes)]
+        if recipe == "convrot_w4a4" and w.shape[1] % 64:  # W4A4 needs K % 64: narrower layers take nvfp4
+            recipe = "nvfp4"
         stored, conf = quantize(w, recipe, group=16 if w.shape[1] % 64 else 64)
         layer = key[: -len(".weight")]
         ref = reference(stored, conf, tuple(w.shape), torch.float32)
