@@ -28,42 +28,41 @@ def quant_files(comfy_host, comfy_models):
     return folder / COMFY_NAME, folder / SVDQ_NAME
 
 
-def _run(comfy_host, prompt, offload):
+def _graph_and_core(comfy_host, m, path, offload: str, seed: int, with_loras: bool):
+    """The sampler's latent for the file `path` through the nodes (loader, LoRA stack with the user LoRA at 0.7 and
+    the DistillPatch when `with_loras`, Turbo sampler), zimage_core's latent on load_transformer of the same file,
+    the quantized formats the loader made, and the stack's report."""
+    from zimage_core import load_transformer
+
+    loras = [(m.user_lora, 0.7)] if with_loras else []
+    prompt = t2i_prompt(m, loras=loras, distillpatch=m.distillpatch if with_loras else None, seed=seed, size=32,
+                        save=False, transformer=path.name)
     prompt["1"]["inputs"]["offload"] = offload
     result = comfy_host.run(prompt, fresh=True)
     assert result.success, result.error
     quantized = comfy_host.pack_module("zimage_core.quant").QuantizedLinear  # the pack's own copy
     formats = {mod.fmt.split("+")[0] for mod in result.output("1", 0).transformer.modules()
                if isinstance(mod, quantized)}
-    return result, formats
+    folder = comfy_host.models_dir / "loras"
+    stack = [(folder / name, strength) for name, strength in loras + [(m.distillpatch, 1.0)] * with_loras]
+    expected = _core_reference(comfy_host, m, "a red fox in the snow", seed=seed, steps=8, cfg=1.0, loras=stack,
+                               model=load_transformer(path, dtype=torch.float32))
+    return _sampler_latent(result), expected, formats, result.ui.get("2", {}).get("text", [""])[0]
 
 
 @pytest.mark.parametrize("offload", ["none", "block"])
 def test_comfy_quant_base_with_lora_stack_samples_as_zimage_core(comfy_host, comfy_models, quant_files, offload):
-    from zimage_core import load_transformer
-
-    m = comfy_models
     loader = comfy_host.pack_module("nodes.loader")
     assert COMFY_NAME in loader.model_options() and SVDQ_NAME in loader.model_options()
-    prompt = t2i_prompt(m, loras=[(m.user_lora, 0.7)], distillpatch=m.distillpatch, seed=3, size=32, save=False,
-                        transformer=COMFY_NAME)
-    result, formats = _run(comfy_host, prompt, offload)
-    assert {"comfy:nvfp4", "comfy:mxfp8", "comfy:int8_tensorwise_convrot16"} <= formats
-    assert result.ui["2"]["text"][0].count("modules patched") == 2
-    loras = comfy_host.models_dir / "loras"
-    expected = _core_reference(comfy_host, m, "a red fox in the snow", seed=3, steps=8, cfg=1.0,
-                               loras=[(loras / m.user_lora, 0.7), (loras / m.distillpatch, 1.0)],
-                               model=load_transformer(quant_files[0], dtype=torch.float32))
-    torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+    latent, expected, formats, report = _graph_and_core(comfy_host, comfy_models, quant_files[0], offload, seed=3,
+                                                        with_loras=True)
+    assert {"comfy:nvfp4", "comfy:mxfp8", "comfy:int8_tensorwise_convrot16", "comfy:convrot_w4a4_g64"} <= formats
+    assert report.count("modules patched") == 2
+    torch.testing.assert_close(latent, expected, rtol=0, atol=0)
 
 
 def test_svdquant_base_with_block_offload_samples_as_zimage_core(comfy_host, comfy_models, quant_files):
-    from zimage_core import load_transformer
-
-    m = comfy_models
-    prompt = t2i_prompt(m, seed=5, size=32, save=False, transformer=SVDQ_NAME)
-    result, formats = _run(comfy_host, prompt, "block")
+    latent, expected, formats, _ = _graph_and_core(comfy_host, comfy_models, quant_files[1], "block", seed=5,
+                                                   with_loras=False)
     assert formats == {"svdq:int4"}
-    expected = _core_reference(comfy_host, m, "a red fox in the snow", seed=5, steps=8, cfg=1.0,
-                               model=load_transformer(quant_files[1], dtype=torch.float32))
-    torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+    torch.testing.assert_close(latent, expected, rtol=0, atol=0)
