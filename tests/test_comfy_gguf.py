@@ -34,13 +34,14 @@ def gguf_file(comfy_host, comfy_models):
 
 def test_loader_lists_gguf_files_from_unet_diffusion_models_and_unet_gguf(comfy_host, gguf_file, tmp_path,
                                                                          monkeypatch):
+    from zimage_core.testing import tiny_model
+
     loader = comfy_host.pack_module("nodes.loader")
     folder_paths = comfy_host.folder_paths
     assert "unet_gguf" not in folder_paths.folder_names_and_paths  # a host without ComfyUI-GGUF: still listed
     assert NAME in loader.model_options() and loader.resolve(NAME) == str(gguf_file[0])
     (comfy_host.models_dir / "diffusion_models" / "sub").mkdir(exist_ok=True)
-    other = write_gguf(comfy_host.models_dir / "diffusion_models" / "sub" / "other.gguf",
-                       __import__("zimage_core.testing").testing.tiny_model(1))
+    other = write_gguf(comfy_host.models_dir / "diffusion_models" / "sub" / "other.gguf", tiny_model(1))
     extra = tmp_path / "gguf_only"
     extra.mkdir()
     (extra / "third.gguf").write_bytes(other.read_bytes())
@@ -48,7 +49,7 @@ def test_loader_lists_gguf_files_from_unet_diffusion_models_and_unet_gguf(comfy_
     options = loader.model_options()
     assert {NAME, "sub/other.gguf", "third.gguf"} <= set(options)
     assert loader.resolve("third.gguf") == str(extra / "third.gguf")
-    assert comfy_host.pack_module("nodes.loader").ZImageTurboModelLoader.validate_inputs("third.gguf") is True
+    assert loader.ZImageTurboModelLoader.validate_inputs("third.gguf") is True
     with pytest.raises(FileNotFoundError, match="missing.gguf' not found in the diffusion_models, unet, unet_gguf"):
         loader.resolve("missing.gguf")
     other.unlink()

@@ -126,8 +126,10 @@ def test_a_gguf_model_equals_the_model_rebuilt_from_the_reference_dequantizer(fi
         assert module.fmt == f"gguf:{types[comfy + '.weight']}", path_
     if which == "mixed":
         assert {m.fmt for m in linears.values()} == {f"gguf:{k}" for k in MIX}
-    if which == "sdcpp":  # sd.cpp quantizes the refiners and embedders too
+    if which == "sdcpp":  # sd.cpp quantizes the refiners and embedders too, and stores the pad tokens 1-D
         assert any(p.startswith("noise_refiner.") for p in linears) and types["x_embedder.weight"] == "Q4_0"
+        shapes = {t.name: tuple(t.shape) for t in gguf.GGUFReader(str(path)).tensors}
+        assert shapes[prefix + "x_pad_token"] == (256,) and model.x_pad_token.shape == (1, 256)
 
 
 def test_fused_qkv_is_split_by_rows_of_stored_blocks(files, tiny):

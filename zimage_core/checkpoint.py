@@ -361,6 +361,16 @@ def _quantized_shapes(qfile: QuantizedFile) -> dict[str, tuple]:
             **{name: tuple(shape) for name, (shape, _) in qfile.plain.items()}}
 
 
+def _fit_unit_dims(qfile: QuantizedFile, model: torch.nn.Module) -> None:
+    """Give plain tensors that differ from the model's only by dimensions of size 1 the model's shape: ggml drops
+    trailing unit dimensions, so stable-diffusion.cpp's GGUFs store the [1, dim] pad tokens as [dim]."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, (shape, read) in list(qfile.plain.items()):
+        want = expected.get(name)
+        if want is not None and want != shape and [d for d in want if d != 1] == [d for d in shape if d != 1]:
+            qfile.plain[name] = (want, lambda read=read, want=want: read().reshape(want))
+
+
 def _load_quantized_file(path: Path, family: str, dtype: torch.dtype, device, weight_storage: str):
     """A quantized file (GGUF, ...): its quantized Linears become QuantizedLinears holding the file's tensors as
     stored, everything else is read in `dtype`. The family's reader checks the whole file before this builds
@@ -369,10 +379,11 @@ def _load_quantized_file(path: Path, family: str, dtype: torch.dtype, device, we
         raise ValueError(f"weight_storage={weight_storage!r} re-quantizes bf16/fp16/fp32 files; {path} is "
                          f"{FAMILIES[family]} and already quantized: load it with weight_storage 'same'")
     qfile = _read_quantized_file(path, family)
-    shapes = _quantized_shapes(qfile)
-    config = config_from_shapes(shapes)
+    config = config_from_shapes(_quantized_shapes(qfile))
     with torch.device("meta"):
         model = ZImageTransformer(config)
+    _fit_unit_dims(qfile, model)
+    shapes = _quantized_shapes(qfile)
     _check_against_model(model, shapes, str(path))
     model = model.to(dtype=dtype)
     paths = set(install_quantized(model, qfile.quantized, device))
