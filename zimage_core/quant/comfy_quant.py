@@ -81,9 +81,11 @@ _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -
 
 
 @functools.lru_cache(maxsize=None)
-def _e2m1_table(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The 16 E2M1 values by code, made once per dtype and device (not a host-to-device copy per call)."""
-    return torch.tensor(_E2M1, dtype=dtype, device=device)
+def _e2m1_pairs(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[256, 2]: the two E2M1 values of each byte, high nibble first (one gather per byte instead of per nibble),
+    made once per dtype and device."""
+    codes = torch.arange(256)
+    return torch.tensor(_E2M1, dtype=dtype)[torch.stack([codes >> 4, codes & 0x0F], dim=-1)].to(device)
 
 
 def _e8m0_to_f32(scales: Tensor) -> Tensor:
@@ -125,8 +127,8 @@ def _float8_blockwise(t, shape, dtype) -> Tensor:
 def _nvfp4(t, shape, dtype) -> Tensor:
     packed = t["weight"]
     rows, cols = packed.shape[0], packed.shape[1] * 2
-    codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(rows, cols)  # even element: high nibble
-    values = _e2m1_table(dtype, packed.device)[codes.int()]
+    # even element in the high nibble; embedding is a faster gather than indexing on CPU
+    values = torch.nn.functional.embedding(packed.int(), _e2m1_pairs(dtype, packed.device)).reshape(rows, cols)
     blocks = unswizzle(t["weight_scale"].view(torch.float8_e4m3fn), rows, cols // 16)
     scale = t["weight_scale_2"].to(dtype) * blocks.to(dtype)
     return (values.reshape(rows, -1, 16) * scale.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
