@@ -20,7 +20,7 @@ def test_unpacking_inverts_nunchakus_layout_exactly(rank):
     16 x 16 low-rank fragments) comes back bit for bit in the natural layout."""
     lin = fx.random_linear(384, 256, rank, torch.Generator().manual_seed(rank))
     packed = fx.nunchaku_tensors(lin)
-    natural = sq.unpack_linear(packed, "layer")
+    natural = sq.unpack_linear(packed)
     assert torch.equal(sq.unpack_natural_int4(natural["qweight"]), lin["values"])
     assert torch.equal(natural["wscales"], lin["scales"].t())
     assert torch.equal(natural["smooth_factor"], lin["smooth"])
@@ -39,7 +39,7 @@ def test_weight_equals_comfy_kitchen_and_the_float_formula():
 
     n, k, rank = 384, 256, 32
     lin = fx.random_linear(n, k, rank, torch.Generator().manual_seed(1))
-    t = {name: v.float() for name, v in sq.unpack_linear(fx.nunchaku_tensors(lin), "layer").items()}
+    t = {name: v.float() for name, v in sq.unpack_linear(fx.nunchaku_tensors(lin)).items()}
     t["qweight"] = t["qweight"].to(torch.int8)
     ours = sq.dequantize(t, (n, k), torch.float32)
     exact = fx.float_weight(lin)
