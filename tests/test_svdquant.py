@@ -95,6 +95,18 @@ def test_nunchaku_file_loads_and_computes_like_the_reference(base, tmp_path, ran
     assert 0.95 < ratio <= 1.0, ratio
 
 
+def test_inspect_reads_the_layout_without_unpacking(base, tmp_path, monkeypatch):
+    """inspect_checkpoint gives the config and the rank from the header; no Linear is unpacked for it."""
+    from zimage_core import inspect_checkpoint
+
+    path = tmp_path / "svdq-int4_r32.safetensors"
+    fx.write_file(base, path)
+    monkeypatch.setattr(sq, "unpack_linear", lambda tensors: pytest.fail("unpacked while inspecting"))
+    config, layout = inspect_checkpoint(path)
+    assert (config.dim, config.n_layers, config.ffn_hidden_dim) == (128, 2, 384)
+    assert layout == "nunchaku SVDQuant int4 r32"
+
+
 def test_svdq_fp4_is_refused_by_name(base, tmp_path):
     path = tmp_path / "svdq-fp4_r32-z-image-tiny.safetensors"
     fx.write_file(base, path, fp4=True)
