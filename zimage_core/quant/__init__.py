@@ -13,6 +13,7 @@ exposes `FORMATS` (format key -> Format) and, where it reads its own files, a re
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,12 +73,19 @@ def install_quantized(model: nn.Module, weights: dict[str, StoredWeight], device
         if (old.out_features, old.in_features) != tuple(stored.shape):
             raise ValueError(f"quantized weight {path}.weight has shape {list(stored.shape)}, the model's Linear "
                              f"is [{old.out_features}, {old.in_features}]")
-    moved: dict[int, Tensor] = {}  # a tensor shared by the parts of a fused weight is moved (and held) once
+    moved: dict[int, tuple[weakref.ref, Tensor]] = {}  # a tensor shared by the parts of a fused weight: moved once
+
+    def move(t: Tensor) -> Tensor:  # copied off the file map; the weak reference guards against a reused id()
+        entry = moved.get(id(t))
+        if entry is None or entry[0]() is not t:
+            entry = moved[id(t)] = (weakref.ref(t), t.to(device, copy=True))
+        return entry[1]
+
     for path, stored in weights.items():
         old = model.get_submodule(path)
         bias = None if old.bias is None else torch.empty_like(old.bias, device=device)
-        tensors = {name: moved[id(t)] if id(t) in moved else moved.setdefault(id(t), t.to(device, copy=True))
-                   for name, t in stored.tensors.items()}  # copied off the file map
+        tensors = {name: move(t) for name, t in stored.tensors.items()}
+        stored.tensors.clear()  # a reader's own tensors (e.g. SVDQuant's unpacked ones) are freed as we go
         replace_module(model, path, QuantizedLinear(old.in_features, old.out_features, stored.format, tensors, bias))
     for module in model.modules():
         for name, param in list(module._parameters.items()):
