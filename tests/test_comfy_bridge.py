@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import comfy_host, comfy_models  # noqa: F401  (fixtures)
+from comfy_fixtures import comfy_host, comfy_models  # noqa: F401  (fixtures)
 from comfy_reference import apply_node, comfy_own, ksampler  # noqa: F401  (comfy_own: fixture)
 
 pytestmark = pytest.mark.comfy

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from comfy_host import comfy_host, comfy_models, t2i_prompt, write_lora  # noqa: F401  (fixtures)
+from comfy_fixtures import comfy_host, comfy_models, t2i_prompt, write_lora  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.comfy
 

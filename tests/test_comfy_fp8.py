@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import comfy_host, comfy_models, t2i_prompt  # noqa: F401  (fixtures)
+from comfy_fixtures import comfy_host, comfy_models, t2i_prompt  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.comfy
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_host import NODE_IDS, comfy_host, comfy_models, t2i_prompt, train_prompt  # noqa: F401  (fixtures)
+from comfy_fixtures import NODE_IDS, comfy_host, comfy_models, t2i_prompt, train_prompt  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.comfy
 
@@ -308,7 +308,7 @@ def test_chained_stacks_and_block_offload_give_the_same_image(comfy_host, comfy_
 
 
 def test_fp8_file_is_upcast_with_the_quality_warning_in_the_ui(comfy_host, comfy_models):
-    from comfy_host import write_tiny_transformer
+    from comfy_fixtures import write_tiny_transformer
 
     m = comfy_models
     write_tiny_transformer(comfy_host.models_dir / "diffusion_models" / "zimage_tiny_fp8.safetensors", seed=0,

@@ -8,8 +8,8 @@ import io
 import pytest
 from PIL import Image
 
-from comfy_host import (NODE_IDS, PACK_NAME, ComfyServer, PromptRejected, comfy_host, comfy_models,  # noqa: F401
-                        t2i_prompt)
+from comfy_fixtures import NODE_IDS, comfy_host, comfy_models, t2i_prompt  # noqa: F401  (fixtures)
+from comfy_host import PACK_NAME, ComfyServer, PromptRejected
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 

@@ -14,7 +14,8 @@ import dataclasses
 import pytest
 import torch
 
-from comfy_host import comfy_host, find_comfyui, write_random_flux_vae  # noqa: F401  (fixture)
+from comfy_fixtures import comfy_host, write_random_flux_vae  # noqa: F401  (fixture)
+from comfy_host import find_comfyui
 from tiny_encoders import comfy_tokenizer_dir, qwen3_config, tiny_encoders, write_images  # noqa: F401  (fixture)
 from zimage_core.encoders import load_encoders
 from zimage_core.testing import tiny_model

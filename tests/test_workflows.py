@@ -10,8 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from comfy_host import (ComfyServer, comfy_host, write_dataset, write_inpaint_image,  # noqa: E402,F401
-                        write_test_models, write_tiny_transformer)
+from comfy_fixtures import comfy_host, write_test_models, write_tiny_transformer  # noqa: E402,F401
+from comfy_host import ComfyServer, write_dataset, write_inpaint_image  # noqa: E402
 from frontend import chromium_path, open_workflow  # noqa: E402
 import workflows as wf  # noqa: E402
 

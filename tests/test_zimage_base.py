@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfy_host import comfy_host, comfy_models, t2i_prompt, train_prompt, write_tiny_transformer  # noqa: F401
+from comfy_fixtures import comfy_host, comfy_models, t2i_prompt, train_prompt, write_tiny_transformer  # noqa: F401
 from zimage_core.sampling import BASE, QUALITY, TURBO
 from zimage_core.training import TrainConfig
 from zimage_core.training.config import ConfigError
