@@ -21,7 +21,8 @@ sys.path.insert(0, sys.argv[1])
 from comfy_host import find_comfyui, in_process_host
 host = in_process_host()
 import comfy.model_management, comfyui_version, folder_paths, nodes
-print("PROBE " + json.dumps({"found": str(find_comfyui()), "comfy": comfy.model_management.__file__, "nodes": nodes.__file__,
+print("PROBE " + json.dumps({"found": str(find_comfyui()), "comfy": comfy.model_management.__file__,
+                             "nodes": nodes.__file__,
                              "folder_paths": folder_paths.__file__, "version": comfyui_version.__version__,
                              "pack": host.pack.__file__, "node": "ZImageTurboSampler" in nodes.NODE_CLASS_MAPPINGS}))
 """
