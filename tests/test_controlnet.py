@@ -105,19 +105,34 @@ def test_no_control_costs_nothing_and_zero_strength_is_the_base(model):
     assert (model(lat, 0.5, caps, residuals=control_residuals(model, [ctl])) - base).abs().max() < 1e-6
 
 
+def _hand_summed(*hooks):
+    """Reference for several controls: each control's own single-control hook on the same stream stage, their
+    residuals added by hand."""
+    def at(stage):
+        adds = [add for add in (hook(stage) for hook in hooks) if add is not None]
+
+        def residual(i):
+            parts = [r for r in (add(i) for add in adds) if r is not None]
+            return torch.stack(parts).sum(0) if parts else None
+        return residual if adds else None
+    return at
+
+
 def test_several_controls_add_their_residuals(model):
     lat, caps, control, mask, masked = _inputs(seed=5, batch=2)
     a = zc.ControlInput(_net("2.1"), control, strength=0.7)
     b = zc.ControlInput(_net("1.0", seed=2), control.flip(-1), strength=0.5)
     ra, rb, both = (_Recorder(control_residuals(model, c)) for c in ([a], [b], [a, b]))
     with torch.no_grad():
-        for r in (ra, rb, both):
-            model(lat, 0.5, caps, residuals=r)
-    for key, value in both.seen.items():
-        parts = [r.seen[key] for r in (ra, rb) if key in r.seen]
-        assert len(parts) >= 1
+        v_a, v_b, v_both = (model(lat, 0.5, caps, residuals=r) for r in (ra, rb, both))
+        summed = model(lat, 0.5, caps, residuals=_hand_summed(control_residuals(model, [a]),
+                                                             control_residuals(model, [b])))
+    # both controls act: the pair equals the hand-summed pair and differs from either control alone
+    assert (v_both - summed).abs().max() < 1e-5
+    assert (v_both - v_a).abs().max() > 1e-2 and (v_both - v_b).abs().max() > 1e-2
+    assert set(ra.seen) | set(rb.seen) == set(both.seen)  # every place of a and of b gets a residual
     # Each control sees the stream as it is: with both, the main-stage stream differs from each alone, but the
-    # refiner-stage hints of `a` (computed from the untouched image tokens) are the same.
+    # refiner-stage hints of `a` (computed from the untouched image tokens; 1.0 has none) are the same.
     assert torch.allclose(both.seen[("noise_refiner", 0)], ra.seen[("noise_refiner", 0)], atol=1e-6)
 
 
