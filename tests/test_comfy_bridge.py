@@ -12,7 +12,7 @@ from comfy_fixtures import comfy_host, comfy_models  # noqa: F401  (fixtures)
 from comfy_reference import apply_node, comfy_own, ksampler  # noqa: F401  (comfy_own: fixture)
 
 pytestmark = pytest.mark.comfy
-TOLERANCE = 5e-4  # measured 1.9e-5 to 3.5e-5 (README), re-measured in this file's output: ~10x
+TOLERANCE = 3e-4  # measured 2.0e-5 to 3.3e-5 (this file's printed gaps): ~10x
 
 
 def _graph(m, sampler="euler", scheduler="simple", steps=8, cfg=1.0, seed=5, loras=(), model_nodes=(),
