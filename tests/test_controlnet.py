@@ -97,7 +97,7 @@ def test_hints_and_velocity_equal_diffusers(model, ref, release, inpaint):
     assert ((ours[0] - unadapted).abs().max() > 1e-2) == (net.config.refiner != "plain")
 
 
-def test_no_control_costs_nothing_and_zero_strength_is_the_base(model):
+def test_no_control_is_the_plain_call_and_zero_strength_is_the_base(model):
     lat, caps, control, *_ = _inputs()
     base = model(lat, 0.5, caps)
     ctl = zc.ControlInput(_net("2.1"), control, strength=0.0)
@@ -202,9 +202,20 @@ def test_start_end_select_the_steps(model, start, end, expected):
 
 
 def test_cfg_batch_doubles_the_control(model):
+    """At cfg != 1 the control runs on the conditional and the unconditional half of the batch (its blocks see
+    2 x batch rows), at cfg 1 on the batch alone."""
     lat, caps, control, *_ = _inputs(batch=2)
-    ctl = zc.ControlInput(_net("2.1"), control[:1])
-    out = zc.sample(model, lat, caps, steps=2, cfg=2.0, control=[ctl])
+    net = _net("2.1")
+    rows = []
+    hook = net.control_layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        ctl = zc.ControlInput(net, control[:1])
+        out = zc.sample(model, lat, caps, steps=2, cfg=2.0, control=[ctl])
+        with_cfg, rows[:] = list(rows), []
+        zc.sample(model, lat, caps, steps=2, cfg=1.0, control=[ctl])
+    finally:
+        hook.remove()
+    assert with_cfg == [4, 4] and rows == [2, 2]
     assert out.shape == lat.shape and torch.isfinite(out).all()
 
 
