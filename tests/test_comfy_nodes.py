@@ -439,9 +439,21 @@ def test_error_missing_model_file_names_it(comfy_host, comfy_models):
 
 
 def test_error_missing_file_at_execution_names_it(comfy_host, comfy_models):
-    loader = comfy_host.pack_module("nodes.loader")
-    with pytest.raises(FileNotFoundError, match="vanished.safetensors"):
-        loader.load_base("vanished.safetensors")
+    """A model file deleted between queueing (the prompt validated) and execution: ComfyUI's executor reports the
+    loader's error naming the file."""
+    import shutil
+    import uuid
+
+    folder = comfy_host.models_dir / "diffusion_models"
+    shutil.copyfile(folder / comfy_models.transformer, folder / "vanished.safetensors")
+    prompt = t2i_prompt(comfy_models, transformer="vanished.safetensors", save=False)
+    ok, _error, outputs, node_errors = comfy_host.validate(prompt)
+    assert ok and not node_errors
+    (folder / "vanished.safetensors").unlink()
+    comfy_host.executor.execute(prompt, str(uuid.uuid4()), extra_data={}, execute_outputs=outputs)
+    errors = [d for e, d in comfy_host.executor.status_messages if e == "execution_error"]
+    assert not comfy_host.executor.success and errors and errors[0]["node_id"] == "1"
+    assert "vanished.safetensors" in errors[0]["exception_message"]
 
 
 def test_error_non_zimage_checkpoint_names_the_file(comfy_host, comfy_models):
