@@ -27,7 +27,6 @@ from safetensors.torch import load_file, save_file
 from comfy_host import find_comfyui, stub_dir
 from zimage_core.checkpoint import comfyui_state_dict
 from zimage_core.lora import LoraError, apply_loras, load_lora
-from zimage_core.lora.formats import resolve_module
 from zimage_core.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,11 +328,12 @@ def videox_fun_merged(model, path, strength):
     W += multiplier * (alpha / rank) * (up @ down) in fp32, rank = up.shape[1], no alpha -> 1."""
     sd = load_file(str(path))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
+    by_kohya_name = {kohya(n): n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}  # test's own
     for key in [k for k in sd if k.endswith(".lora_down.weight")]:
         stem = key[:-len(".lora_down.weight")]
         down, up = sd[key].float(), sd[f"{stem}.lora_up.weight"].float()
         alpha = sd[f"{stem}.alpha"].item() / up.shape[1] if f"{stem}.alpha" in sd else 1.0
-        path_ = resolve_module(stem.removeprefix("lora_unet__"))
+        path_ = by_kohya_name[stem.removeprefix("lora_unet__")]
         weights[f"{path_}.weight"] += strength * alpha * torch.mm(up, down)
     return weights
 
