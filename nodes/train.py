@@ -90,7 +90,8 @@ def dataset_path(folder: str) -> Path:
     if Path(name).is_absolute() or name.startswith("~") or name[1:3] in (":\\", ":/") or name.startswith("\\"):
         raise ValueError(f"dataset_folder '{folder}' is an absolute path, but the trainer node reads datasets only "
                          f"from ComfyUI's input folder ({where}): move, copy or symlink the dataset folder there and "
-                         f"give its name, e.g. 'my_dataset' (the headless trainer, zimage-train, takes any path)")
+                         f"give its name, e.g. 'my_dataset' (the headless `python -m zimage_core train` takes any "
+                         f"path)")
     for root in roots:
         path = Path(os.path.normpath(root / name))
         if path != root and not path.is_relative_to(root):
