@@ -134,13 +134,17 @@ def test_self_consistency_and_chord_targets(tiny):
         expected = (states[k + 1] - states[k]) / (float(student[k + 1]) - float(student[k]))
         assert torch.allclose(targets[k], expected, rtol=1e-5, atol=1e-6)
 
-    # batched (one forward, or chunks) == DiffSynth's per-step loop
-    weights = student_step_weights(student)
+    # batched (one forward, or chunks) == DiffSynth's per-step loop, restated without the implementation's helpers:
+    # its scheduler's training weights, the chord slope of each step, torch's mse_loss
+    weights = diffsynth_scheduler(8, training=True).linear_timesteps_weights
     with torch.no_grad():
         batched = trajectory_loss(tiny, states, student, caps)
         chunked = trajectory_loss(tiny, states, student, caps, chunk=3)
-        loop = sum(weights[k] * per_sample_mse(tiny(states[k], torch.full((2,), float(student[k])), caps),
-                                               targets[k]).mean() for k in range(8))
+        loop = 0.0
+        for k in range(8):
+            s_k, s_next = float(student[k]), float(student[k + 1])
+            chord = (states[k + 1] - states[k]) / (s_next - s_k)
+            loop = loop + weights[k] * torch.nn.functional.mse_loss(tiny(states[k], torch.full((2,), s_k), caps), chord)
     assert torch.allclose(batched, loop, rtol=1e-5) and torch.allclose(chunked, loop, rtol=1e-5)
 
 
