@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from comfy_fixtures import comfy_host, write_test_models, write_tiny_transformer  # noqa: E402,F401
 from comfy_host import ComfyServer, write_dataset, write_inpaint_image  # noqa: E402
+from tiny_encoders import tiny_encoders  # noqa: E402,F401  (fixture)
 from frontend import chromium_path, open_workflow  # noqa: E402
 import workflows as wf  # noqa: E402
 
@@ -161,3 +162,24 @@ def test_workflows_are_listed_in_the_template_browser(server):
     assert sorted(listing[PACK_NAME]) == NAMES
     status, thumbnail = server._request(f"/api/workflow_templates/{PACK_NAME}/zimage_turbo_t2i.jpg")
     assert status == 200 and thumbnail[:2] == b"\xff\xd8"  # a JPEG
+
+
+def test_t2i_workflow_runs_on_comfyuis_own_text_encoder(server, host, tiny_encoders):  # noqa: F811
+    """The shipped text-to-image workflow as shipped, CLIPLoader -> CLIPTextEncode included: ComfyUI's own Qwen3
+    code, tokenizer and chat template read a tiny Qwen3 of the tiny model's caption width (only clip_name points at
+    it), and its conditioning, attention_mask included, drives the pack's sampler."""
+    from comfy_reference import tiny_qwen3_as_zimage_encoder
+    from tiny_encoders import qwen3_config
+
+    shutil.copyfile(tiny_encoders.text_single, host.models_dir / "text_encoders" / "qwen_3_4b_tiny.safetensors")
+    prompt = _cheap(wf.to_api(_load("zimage_turbo_t2i"), server.object_info))
+    loaders = [node for node in prompt.values() if node["class_type"] == "CLIPLoader"]
+    assert loaders
+    for node in loaders:
+        node["inputs"]["clip_name"] = "qwen_3_4b_tiny.safetensors"
+    with tiny_qwen3_as_zimage_encoder(qwen3_config()):
+        result = host.run(prompt, fresh=True)
+    assert result.valid, result.validation_error
+    assert result.success, result.events[-1:]
+    encoded = [result.output(k, 0) for k, node in prompt.items() if node["class_type"] == "CLIPTextEncode"]
+    assert encoded and all("attention_mask" in c[0][1] for c in encoded)
