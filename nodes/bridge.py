@@ -10,7 +10,8 @@ What it does not carry, refused with an error naming the node's kind rather than
 * ComfyUI weight patches (LoraLoader / LoraLoaderModelOnly, model merging, weight hooks): LoRAs go in the pack's
   LoRA stack before the bridge;
 * ComfyUI ControlNets (`control`), attention overrides and RoPE options, and transformer block / attention patches
-  (ComfyUI's own Z-Image ignores the last ones too; here they are an error rather than a no-op);
+  (e.g. ComfyUI's own ZImageFunControlnet on newer ComfyUI): the pack's transformer does not run ComfyUI's patch
+  points, so they are an error rather than a silent no-op; Fun ControlNets go through the pack's Apply ControlNet;
 * saving the MODEL as a ComfyUI checkpoint (ModelSave / CheckpointSave).
 
 Loading goes through the base model's `ZImagePatcher` (one copy, one VRAM bookkeeping, block offload included); the
@@ -29,10 +30,15 @@ import comfy.patcher_extension
 import comfy.supported_models
 from comfy_api.latest import io
 
+from .metadata import search_aliases
 from .types import ZIMAGE_MODEL, LoadedBase, ZImageModel
 
 USE_THE_STACK = ("put LoRAs in a Z-Image Turbo LoRA Stack before Z-Image Turbo To MODEL, or load the model with "
                  "ComfyUI's UNETLoader for ComfyUI's own patches")
+
+
+USE_PACK_CONTROLNET = ("use Z-Image Turbo ControlNet Loader -> Z-Image Turbo Apply ControlNet -> Z-Image Turbo "
+                       "Sampler instead")
 
 
 def unet_config(config) -> dict:
@@ -81,15 +87,16 @@ class NextDiTInterface(torch.nn.Module):
 
 def refuse_unsupported(control, transformer_options: dict) -> None:
     if control is not None:
-        raise ValueError("a ComfyUI ControlNet is applied to the bridged Z-Image MODEL; ComfyUI's ControlNets do not "
-                         "drive Z-Image: use Z-Image Turbo Apply ControlNet with the Z-Image Turbo Sampler")
+        raise ValueError(f"the bridged Z-Image MODEL cannot carry a ComfyUI ControlNet (applied to the conditioning): "
+                         f"{USE_PACK_CONTROLNET}")
     unsupported = [k for k in ("rope_options", "optimized_attention_override") if transformer_options.get(k)]
     unsupported += [f"{kind} ({', '.join(map(str, patches))})" for kind in ("patches", "patches_replace")
                     if (patches := {k: v for k, v in transformer_options.get(kind, {}).items() if v})]
     if unsupported:
-        raise ValueError(f"the bridged Z-Image MODEL cannot apply {'; '.join(unsupported)} from a model-patch node "
-                         f"(block / attention patches have no effect on Z-Image, in ComfyUI's own model either): "
-                         f"remove that node")
+        raise ValueError(f"the bridged Z-Image MODEL cannot apply {'; '.join(unsupported)} from a model-patch node: "
+                         f"the pack's transformer does not run ComfyUI's block / attention patches. For a Z-Image "
+                         f"Fun ControlNet (ZImageFunControlnet) {USE_PACK_CONTROLNET}; for other patches remove that "
+                         f"node, or load the model with ComfyUI's UNETLoader instead of the bridge")
 
 
 class ZImageComfyModel(comfy.model_base.Lumina2):
@@ -186,6 +193,7 @@ class ZImageTurboToModel(io.ComfyNode):
             node_id="ZImageTurboToModel",
             display_name="Z-Image Turbo To MODEL",
             category="ZImageTurbo",
+            **search_aliases("to model", "bridge", "ksampler", "model wire"),
             description="Hands the loaded Z-Image model with its LoRA stack (and DistillPatch) to ComfyUI's MODEL "
                         "wire, without a second copy of the weights: KSampler / SamplerCustom with any sampler and "
                         "scheduler, native inpainting and sampler-level MODEL nodes (ModelSamplingAuraFlow, CFG "

@@ -21,6 +21,7 @@ from comfy_api.latest import io
 
 from ..zimage_core import ControlInput, load_controlnet
 from .loader import DTYPES
+from .metadata import search_aliases
 from .model_cache import KeepLastCache
 from .types import ZIMAGE_CONTROL, ZIMAGE_CONTROLNET, ControlSpec, LoadedControlNet
 
@@ -76,6 +77,7 @@ class ZImageTurboControlNetLoader(io.ComfyNode):
             node_id="ZImageTurboControlNetLoader",
             display_name="Z-Image Turbo ControlNet Loader",
             category="ZImageTurbo",
+            **search_aliases("controlnet loader", "fun controlnet", "union controlnet"),
             description="Loads alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union (1.0, 2.0, 2.1, 2.1 lite, Tile) from "
                         "models/model_patches or models/controlnet; the layout is detected from the file.",
             inputs=[
@@ -125,6 +127,7 @@ class ZImageTurboApplyControlNet(io.ComfyNode):
             node_id="ZImageTurboApplyControlNet",
             display_name="Z-Image Turbo Apply ControlNet",
             category="ZImageTurbo",
+            **search_aliases("apply controlnet", "controlnet", "inpaint", "canny", "depth", "pose"),
             description="Adds a Fun ControlNet control (a control image such as canny, depth or pose; with a mask "
                         "and inpaint image, the 2.x inpaint mode) for the Z-Image Turbo Sampler's control input. "
                         "Chain several. Images are encoded with the VAE at the sampler's latent size (resized if "

@@ -27,6 +27,7 @@ from comfy_api.latest import io
 
 from ..toyworld.vae import FACTOR, LATENT_CHANNELS, ToyVAE
 from ..toyworld.world import encode_text
+from .metadata import search_aliases
 from .types import ZIMAGE_MODEL
 
 
@@ -111,6 +112,7 @@ class ZImageTurboDemoTextEncoder(io.ComfyNode):
             node_id="ZImageTurboDemoTextEncoder",
             display_name="Z-Image Demo Text Encoder (toy world / tests only)",
             category="ZImageTurbo/demo",
+            **search_aliases("toy world", "demo", "text encoder"),
             description="DEMO / TEST ONLY: a stand-in text encoder for the CLIP socket (CLIPTextEncode, the "
                         "trainer) that turns each word into the toy world's fixed word vector: the captions the "
                         "toy world's model was trained on (connect its model), or stand-in features for tiny test "
@@ -134,6 +136,7 @@ class ZImageTurboDemoConditioning(io.ComfyNode):
             node_id="ZImageTurboDemoConditioning",
             display_name="Z-Image Demo Conditioning (toy world / tests only)",
             category="ZImageTurbo/demo",
+            **search_aliases("toy world", "demo", "conditioning"),
             description="DEMO / TEST ONLY: the toy world's word vectors as CONDITIONING, for the toy world's model "
                         "and the pack's tiny test models, where no real Qwen3-4B text encoder fits. It does not "
                         "understand language; for real images use CLIPLoader (qwen_3_4b, type lumina2) + "
@@ -164,6 +167,7 @@ class ZImageTurboDemoVAE(io.ComfyNode):
             node_id="ZImageTurboDemoVAE",
             display_name="Z-Image Demo VAE (toy world only)",
             category="ZImageTurbo/demo",
+            **search_aliases("toy world", "demo", "vae"),
             description="DEMO ONLY: the toy world's exact linear VAE (2x2 pixel blocks <-> 16 latent channels, so "
                         "a 16x16 latent is a 32x32 image) for VAEDecode, VAEEncode and the trainer, loaded from the "
                         "pack's toyworld/weights. Only the toy world's models draw in its latent space; for real "

@@ -15,6 +15,7 @@ from server import PromptServer
 
 from ..zimage_core import load_transformer
 from ..zimage_core.variants import LABELS, VARIANTS, detect_variant
+from .metadata import search_aliases
 from .model_cache import KeepLastCache
 from .types import OFFLOAD_MODES, ZIMAGE_MODEL, LoadedBase, ZImageModel, log
 
@@ -144,6 +145,7 @@ class ZImageTurboModelLoader(io.ComfyNode):
             node_id="ZImageTurboModelLoader",
             display_name="Z-Image Turbo Model Loader",
             category="ZImageTurbo",
+            **search_aliases("model loader", "load model", "unet loader", "diffusion model", "gguf", "fp8"),
             description="Loads a Z-Image / Z-Image-Turbo transformer from models/diffusion_models: a single "
                         ".safetensors in diffusers or ComfyUI (fused qkv) layout, with or without key prefixes, a "
                         "diffusers folder, or a GGUF file (Q8_0 ... Q2_K, also from models/unet; needs the gguf "

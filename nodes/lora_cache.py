@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from ..zimage_core import lora as lora_engine
-from .types import LoraSpec
+from .lora_spec import LoraSpec
 
 _MAX_CACHED = 6
 _NAMED_KEYS = 5  # text-encoder keys listed by name in the node's report

@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 from server import PromptServer
 
 from .lora_cache import load_cached, summarize
+from .metadata import search_aliases
 from .types import ROLE_DISTILLPATCH, ROLE_LORA, ZIMAGE_MODEL, LoraSpec, ZImageModel
 
 NONE = "None"
@@ -78,6 +79,7 @@ class ZImageTurboLoraStack(io.ComfyNode):
             node_id="ZImageTurboLoraStack",
             display_name="Z-Image Turbo LoRA Stack",
             category="ZImageTurbo",
+            **search_aliases("lora", "lora loader", "lora stack", "distillpatch", "distill patch"),
             description="Applies up to three LoRAs and a DistillPatch to a Z-Image model (chain nodes for more). "
                         "The node shows what each LoRA matched: detected format, modules patched, keys left. A LoRA "
                         "whose keys do not match this model is an error naming the file, never a silent no-op. "

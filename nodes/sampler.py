@@ -27,6 +27,7 @@ from ..zimage_core.sampling import BASE
 from ..zimage_core.samplers import SAMPLERS
 from ..zimage_core.scheduler import DEFAULT_SHIFT
 from .controlnet import control_inputs
+from .metadata import search_aliases
 from .types import ZIMAGE_CONTROL, ZIMAGE_MODEL, ZImageModel
 
 PRESETS = {"turbo": TURBO, "quality": QUALITY, "base": BASE, "custom": None}
@@ -108,6 +109,7 @@ class ZImageTurboSampler(io.ComfyNode):
             node_id="ZImageTurboSampler",
             display_name="Z-Image Turbo Sampler",
             category="ZImageTurbo",
+            **search_aliases("sampler", "ksampler", "8 steps", "inpaint", "img2img"),
             description="Samples a Z-Image model (with its LoRA stack): turbo = 8 steps at cfg 1 (what "
                         "Z-Image-Turbo is distilled for), quality = 30 steps at cfg 2 (an SFT LoRA without "
                         "DistillPatch), or custom; euler or res_multistep. Seeds give the same noise as KSampler; a "

@@ -29,6 +29,7 @@ from ..zimage_core.training import Encoders, TrainConfig, build_cache, train
 from ..zimage_core.training.config import DEFAULT_TARGETS, LR_SCHEDULES, TARGET_PRESETS
 from ..zimage_core.training.optimizers import OPTIMIZERS, require_optimizer
 from .lora_stack import NONE, check_lora_choices, lora_options, spec_for
+from .metadata import search_aliases
 from .types import ROLE_DISTILLPATCH, ROLE_TRAINED, ZIMAGE_MODEL, LoraSpec, ZImageModel, log
 
 SCHEMES = {"sft": "sft", "differential": "differential", "distill": "trajectory"}
@@ -66,12 +67,39 @@ def check_overwrite(path: Path) -> None:
                          f"another output_name")
 
 
+def dataset_roots() -> list[Path]:
+    """The folders the node reads datasets from: ComfyUI's input folder, and the `datasets` model folders where the
+    host registers them (newer ComfyUI)."""
+    roots = [Path(folder_paths.get_input_directory())]
+    if "datasets" in folder_paths.folder_names_and_paths:
+        roots += [Path(p) for p in folder_paths.get_folder_paths("datasets")]
+    return roots
+
+
 def dataset_path(folder: str) -> Path:
-    """An absolute dataset folder, or one relative to ComfyUI's input folder."""
-    path = Path(folder.strip()).expanduser()
-    if not path.is_absolute():
-        path = Path(folder_paths.get_input_directory()) / path
-    return path
+    """The dataset folder `folder` names, relative to ComfyUI's input folder (or a registered datasets folder). Like
+    ComfyUI's own dataset nodes, the node reads nothing else: anyone who can queue a prompt on a shared server could
+    otherwise read any folder of the machine. Absolute paths and '..' escapes are refused, naming where to put the
+    dataset; a folder (or symlink) the machine's owner placed there is fine. The headless CLI takes any path."""
+    roots = dataset_roots()
+    where = " or ".join(f"'{r}'" for r in roots)
+    name = (folder or "").strip()
+    if not name:
+        raise ValueError(f"dataset_folder is empty: put the images and captions in a folder inside ComfyUI's input "
+                         f"folder ({where}) and give that folder's name")
+    if Path(name).is_absolute() or name.startswith("~") or name[1:3] in (":\\", ":/") or name.startswith("\\"):
+        raise ValueError(f"dataset_folder '{folder}' is an absolute path, but the trainer node reads datasets only "
+                         f"from ComfyUI's input folder ({where}): move, copy or symlink the dataset folder there and "
+                         f"give its name, e.g. 'my_dataset' (the headless `python -m zimage_core train` takes any "
+                         f"path)")
+    for root in roots:
+        path = Path(os.path.normpath(root / name))
+        if path != root and not path.is_relative_to(root):
+            raise ValueError(f"dataset_folder '{folder}' leaves ComfyUI's input folder ({where}); give the name of a "
+                             f"folder inside it")
+        if path.is_dir():
+            return path
+    return Path(os.path.normpath(roots[0] / name))
 
 
 def _tensor_id(tensors) -> str:
@@ -134,6 +162,7 @@ class ZImageTurboTrainLora(io.ComfyNode):
             node_id="ZImageTurboTrainLora",
             display_name="Z-Image Turbo Train LoRA (experimental)",
             category="ZImageTurbo",
+            **search_aliases("lora trainer", "train lora", "training", "finetune", "distill"),
             is_experimental=True,
             description="EXPERIMENTAL. Trains a LoRA on the model (with its LoRA stack) from a folder of images with "
                         ".txt captions or metadata.csv, with a scheme that keeps the 8-step Turbo: sft (use the "
@@ -150,7 +179,8 @@ class ZImageTurboTrainLora(io.ComfyNode):
                                             "validation grid."),
                 io.String.Input("dataset_folder", default="",
                                 tooltip="Folder of images with same-name .txt captions (or a metadata.csv with "
-                                        "image,prompt columns); absolute, or relative to ComfyUI's input folder."),
+                                        "image,prompt columns), inside ComfyUI's input folder: give its name, e.g. "
+                                        "my_dataset (absolute paths and '..' are refused)."),
                 io.Combo.Input("scheme", options=list(SCHEMES), default="sft",
                                tooltip="sft: plain LoRA, use it with the DistillPatch at 8 steps. differential: "
                                        "train with the preset LoRA applied (frozen) and export without it. "
@@ -238,7 +268,10 @@ class ZImageTurboTrainLora(io.ComfyNode):
     @classmethod
     @override
     def fingerprint_inputs(cls, dataset_folder, **kwargs):
-        path = dataset_path(dataset_folder)  # re-run when the dataset changes
+        try:
+            path = dataset_path(dataset_folder)  # re-run when the dataset changes
+        except ValueError as e:  # refused by validate_inputs / execute, with this message
+            return str(e)
         if not path.is_dir():
             return str(path)
         stats = [(e.name, e.stat().st_mtime, e.stat().st_size) for e in sorted(os.scandir(path), key=lambda e: e.name)]
@@ -246,12 +279,14 @@ class ZImageTurboTrainLora(io.ComfyNode):
 
     @classmethod
     @override
-    def validate_inputs(cls, output_name, scheme, preset_lora, sft_lora):
+    def validate_inputs(cls, output_name, scheme, preset_lora, sft_lora, dataset_folder):
         # Every input named here skips ComfyUI's own checks; after 0.3.75 those check each combo value against its
         # options, which would refuse a saved workflow whose *unused* preset_lora / sft_lora names a deleted file.
         # So scheme and both LoRA choices are checked here, each LoRA only when the scheme uses it.
         try:
             safe_output_name(output_name)
+            if dataset_folder is not None:  # None: linked from another node, checked at run time
+                dataset_path(dataset_folder)
         except ValueError as e:
             return str(e)
         if scheme is None:  # linked from another node: its value is known only at run time
@@ -277,8 +312,9 @@ class ZImageTurboTrainLora(io.ComfyNode):
             raise ValueError("the trainer needs a text encoder (clip) and the Flux VAE (vae)")
         name = safe_output_name(output_name)
         data_dir = dataset_path(dataset_folder)
-        if not dataset_folder.strip() or not data_dir.is_dir():
-            raise ValueError(f"dataset folder '{dataset_folder}' not found (looked for {data_dir})")
+        if not data_dir.is_dir():
+            raise ValueError(f"dataset folder '{dataset_folder}' not found (looked for {data_dir}; datasets go in "
+                             f"ComfyUI's input folder)")
         core_scheme = SCHEMES[scheme]
         if scheme == "differential" and preset_lora == NONE:
             raise ValueError("scheme differential needs a preset_lora (the frozen training adapter)")

@@ -31,7 +31,6 @@ Two more sockets carry the Fun ControlNet (nodes/controlnet.py):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -45,6 +44,8 @@ from comfy_api.latest import io
 
 from ..zimage_core import ZImageTransformer
 from ..zimage_core.offload import OFFLOAD_MODES, disable_block_offload, enable_block_offload
+from .lora_cache import apply_stack
+from .lora_spec import ROLE_DISTILLPATCH, ROLE_LORA, ROLE_TRAINED, LoraSpec  # noqa: F401  (part of the wire type)
 
 log = logging.getLogger("ZImageTurbo")
 
@@ -53,24 +54,7 @@ ZIMAGE_MODEL = io.Custom("ZIMAGE_MODEL")
 ZIMAGE_CONTROLNET = io.Custom("ZIMAGE_CONTROLNET")
 ZIMAGE_CONTROL = io.Custom("ZIMAGE_CONTROL")
 
-ROLE_LORA, ROLE_DISTILLPATCH, ROLE_TRAINED = "lora", "distillpatch", "trained"
 BLOCKS_IN_FLIGHT = 2  # block offload keeps at most the running block and the prefetched next one on the GPU
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA in a stack: the file (absolute path and its mtime, so an edited file is reloaded), the name the
-    user picked in the loras folder (for messages), the strength and its role in the stack."""
-
-    path: str
-    name: str
-    strength: float
-    role: str = ROLE_LORA
-    mtime: float = 0.0
-
-    @classmethod
-    def from_file(cls, path: str, name: str, strength: float, role: str = ROLE_LORA) -> "LoraSpec":
-        return cls(os.path.abspath(path), name, float(strength), role, os.path.getmtime(path))
 
 
 class ZImageShell(torch.nn.Module):
@@ -92,8 +76,9 @@ class ZImageShell(torch.nn.Module):
 
     @property
     def memory_usage_factor(self) -> float:
-        """ComfyUI's own activation-memory factor for Z-Image, read when asked: it changes between releases (1.7 in
-        0.3.75, 2.8 later), and ComfyUI's estimate is what its other models are freed against."""
+        """The host's own activation-memory factor for Z-Image (`supported_models.ZImage.memory_usage_factor`), read
+        from the running ComfyUI when asked, never copied: it changes between releases (1.7 in 0.3.75, 2.0 in 0.8.0,
+        other values in others), and ComfyUI's estimate is what its other models are freed against."""
         return comfy.supported_models.ZImage.memory_usage_factor
 
     def memory_required(self, input_shape, cond_shapes={}) -> float:
@@ -218,7 +203,6 @@ class ZImageModel:
             return base.reports
         base.clear()
         if self.loras:
-            from .lora_cache import apply_stack  # late import: the LoRA engine is optional until a stack is used
             base.handle, base.reports = apply_stack(base.transformer, self.loras)
             base.active = self.loras
         return base.reports

@@ -1,4 +1,5 @@
-"""Shared test setup: repo root and tools/ on sys.path, deterministic small-thread torch, tiny-model fixtures."""
+"""Shared test setup: repo root and tools/ on sys.path, deterministic small-thread torch, tiny-model fixtures, and
+the ComfyUI host fixtures (`comfy_host`, `comfy_models`) for every module."""
 
 import os
 import sys
@@ -14,7 +15,18 @@ for path in (ROOT, ROOT / "tools"):  # tools/: the ComfyUI host harness, workflo
 
 torch.set_num_threads(int(os.environ.get("ZIMAGE_TEST_THREADS", "1")))
 
+from comfy_fixtures import comfy_host, comfy_models  # noqa: E402,F401  (fixtures; ComfyUI loads on first use)
 from zimage_core.testing import tiny_model  # noqa: E402
+
+
+def pytest_report_header(config):
+    """Which ComfyUI the host tests import ($COMFYUI_DIR or the pinned test host), and which Python runs them."""
+    from comfy_host import comfy_version, find_comfyui
+    try:
+        comfy_dir = find_comfyui()
+    except RuntimeError as e:
+        return f"ComfyUI host: none ({e})"
+    return f"ComfyUI host: {comfy_dir} (ComfyUI {comfy_version(comfy_dir)}), Python {sys.executable}"
 
 
 @pytest.fixture

@@ -81,7 +81,8 @@ def test_fp8_scaled_checkpoint_is_upcast_with_a_warning(tiny, tmp_path, caplog):
     assert "fp8" in caplog.text and "degrades" in caplog.text
     qkv = stored["layers.0.attention.qkv.weight"].float() * stored["layers.0.attention.qkv.scale_weight"]
     assert torch.equal(model.layers[0].attention.to_k.weight, qkv[96:192])
-    assert (_out(model) - _out(tiny)).abs().max() < 0.5  # fp8 rounding, but the same model
+    err = float((_out(model) - _out(tiny)).norm() / _out(tiny).norm())
+    assert 1e-3 < err < 0.08, err  # fp8 rounding (3 mantissa bits), but the same model (as test_fp8.py)
 
 
 def _sparse_checkpoint(path, shapes: dict[str, tuple], dtype="BF16"):

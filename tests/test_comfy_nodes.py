@@ -5,6 +5,7 @@ folder; prompts run through ComfyUI's own validation and PromptExecutor."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -13,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_host import NODE_IDS, comfy_host, comfy_models, t2i_prompt, train_prompt  # noqa: F401  (fixtures)
+from comfy_fixtures import NODE_IDS, comfy_host, comfy_models, t2i_prompt, train_prompt  # noqa: F401  (fixtures)
+from comfy_host import write_dataset
 
 pytestmark = pytest.mark.comfy
 
@@ -310,7 +312,7 @@ def test_chained_stacks_and_block_offload_give_the_same_image(comfy_host, comfy_
 
 
 def test_fp8_file_is_upcast_with_the_quality_warning_in_the_ui(comfy_host, comfy_models):
-    from comfy_host import write_tiny_transformer
+    from comfy_fixtures import write_tiny_transformer
 
     m = comfy_models
     write_tiny_transformer(comfy_host.models_dir / "diffusion_models" / "zimage_tiny_fp8.safetensors", seed=0,
@@ -439,9 +441,21 @@ def test_error_missing_model_file_names_it(comfy_host, comfy_models):
 
 
 def test_error_missing_file_at_execution_names_it(comfy_host, comfy_models):
-    loader = comfy_host.pack_module("nodes.loader")
-    with pytest.raises(FileNotFoundError, match="vanished.safetensors"):
-        loader.load_base("vanished.safetensors")
+    """A model file deleted between queueing (the prompt validated) and execution: ComfyUI's executor reports the
+    loader's error naming the file."""
+    import shutil
+    import uuid
+
+    folder = comfy_host.models_dir / "diffusion_models"
+    shutil.copyfile(folder / comfy_models.transformer, folder / "vanished.safetensors")
+    prompt = t2i_prompt(comfy_models, transformer="vanished.safetensors", save=False)
+    ok, _error, outputs, node_errors = comfy_host.validate(prompt)
+    assert ok and not node_errors
+    (folder / "vanished.safetensors").unlink()
+    comfy_host.executor.execute(prompt, str(uuid.uuid4()), extra_data={}, execute_outputs=outputs)
+    errors = [d for e, d in comfy_host.executor.status_messages if e == "execution_error"]
+    assert not comfy_host.executor.success and errors and errors[0]["node_id"] == "1"
+    assert "vanished.safetensors" in errors[0]["exception_message"]
 
 
 def test_error_non_zimage_checkpoint_names_the_file(comfy_host, comfy_models):
@@ -505,6 +519,45 @@ def test_error_empty_dataset_names_the_folder(comfy_host, comfy_models):
     assert m.empty_dataset in message
 
 
+@pytest.mark.parametrize("kind", ["absolute", "home", "escape", "escape_inside"])
+def test_trainer_reads_datasets_only_from_the_input_folder(comfy_host, comfy_models, tmp_path, kind):
+    """A dataset outside ComfyUI's input folder is refused when the prompt is queued (validation), by name, with
+    where to put it, though the folder exists and holds a valid dataset; nothing is encoded or trained."""
+    m = comfy_models
+    outside = write_dataset(tmp_path / "outside_dataset", n=2, size=32)
+    input_dir = comfy_host.base_dir / "input"
+    folder = {"absolute": str(outside), "home": "~/outside_dataset",
+              "escape": os.path.relpath(outside, input_dir),
+              "escape_inside": f"{m.dataset}/../../{os.path.relpath(outside, comfy_host.base_dir)}"}[kind]
+    result = comfy_host.run(train_prompt(m, dataset=folder, output_name=f"never_{kind}"))
+    assert not result.valid, "the prompt must be refused before it runs"
+    message = _error_message(result)
+    assert json.dumps(folder)[1:-1] in message and str(input_dir) in message
+    assert ("absolute path" if kind in ("absolute", "home") else "leaves ComfyUI's input folder") in message
+    assert not (comfy_host.base_dir / "output" / "zimage_training" / f"never_{kind}").exists()
+    assert not (comfy_host.models_dir / "loras" / f"never_{kind}.safetensors").exists()
+
+
+def test_trainer_finds_a_dataset_in_a_registered_datasets_folder(comfy_host, comfy_models, tmp_path):
+    """Where the host registers a `datasets` folder (newer ComfyUI), a dataset there is found by its name; a
+    subfolder of the input folder keeps working."""
+    import folder_paths
+
+    train = comfy_host.pack_module("nodes.train")
+    registered = "datasets" in folder_paths.folder_names_and_paths
+    saved = folder_paths.folder_names_and_paths.get("datasets")
+    try:
+        folder_paths.add_model_folder_path("datasets", str(tmp_path / "datasets"))
+        write_dataset(tmp_path / "datasets" / "faces", n=1, size=32)
+        assert train.dataset_path("faces") == tmp_path / "datasets" / "faces"
+        assert train.dataset_path(comfy_models.dataset) == comfy_host.base_dir / "input" / comfy_models.dataset
+    finally:
+        if registered:
+            folder_paths.folder_names_and_paths["datasets"] = saved
+        else:
+            folder_paths.folder_names_and_paths.pop("datasets", None)
+
+
 def test_error_trainer_never_overwrites_a_foreign_lora(comfy_host, comfy_models):
     m = comfy_models
     stem = m.user_lora.removesuffix(".safetensors")
@@ -520,3 +573,27 @@ def test_error_output_name_outside_loras_folder(comfy_host, comfy_models, name):
     assert name in message or json.dumps(name)[1:-1] in message
     assert not list(comfy_host.models_dir.glob("escape*"))
     assert not (comfy_host.base_dir / "escape.safetensors").exists()
+
+
+def test_every_node_has_a_description_and_search_aliases_where_the_host_has_them(comfy_host, monkeypatch):
+    """The node library's info panel shows each node's description (in /object_info); the search aliases go to
+    the host's V3 Schema only where it has the field (newer ComfyUI), and a host without it (0.3.75) still loads."""
+    from comfy_api.latest import io
+
+    nodes = comfy_host.pack_module("nodes").NODES
+    has_field = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}
+    for cls in nodes:
+        schema = cls.define_schema()
+        assert len(schema.description) > 60, schema.node_id
+        assert comfy_host.object_info(schema.node_id)["description"] == schema.description
+        assert ("zimage" in (getattr(schema, "search_aliases", None) or [])) == has_field, schema.node_id
+
+    @dataclasses.dataclass
+    class NewerSchema(io.Schema):  # the field as newer ComfyUI declares it
+        search_aliases: list[str] = None
+
+    monkeypatch.setattr(io, "Schema", NewerSchema)
+    aliases = {cls.define_schema().node_id: cls.define_schema().search_aliases for cls in nodes}
+    assert all({"zimage", "z-image", "turbo"} <= set(a) for a in aliases.values()), aliases
+    assert "lora trainer" in aliases["ZImageTurboTrainLora"]
+    assert "apply controlnet" in aliases["ZImageTurboApplyControlNet"]

@@ -1,4 +1,5 @@
-"""zimage_core equals ComfyUI's own Z-Image model (NextDiT from the ComfyUI 0.3.75 test host) on the same weights."""
+"""zimage_core equals ComfyUI's own Z-Image model (NextDiT from the ComfyUI test host that
+tools/comfy_host.find_comfyui picks) on the same weights."""
 
 import subprocess
 import sys
@@ -10,12 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from zimage_core import save_transformer
 
-VENV = Path(__file__).resolve().parents[1] / ".venv"
-COMFY, STUBS = VENV / "ComfyUI", VENV / "comfy-stubs"
+from comfy_host import find_comfyui, stub_dir
 
 
 @pytest.mark.comfy
-@pytest.mark.skipif(not (COMFY / "main.py").is_file(), reason="ComfyUI test host not set up (tools/setup_env.sh)")
 @pytest.mark.parametrize("h, w, caption_len, sigma", [(12, 10, 37, 0.6), (16, 16, 32, 0.954545)])
 def test_matches_comfyui_nextdit(tiny, tmp_path, h, w, caption_len, sigma):
     g = torch.Generator().manual_seed(9)
@@ -24,8 +23,10 @@ def test_matches_comfyui_nextdit(tiny, tmp_path, h, w, caption_len, sigma):
     save_transformer(tiny, tmp_path / "comfy.safetensors", layout="comfyui")
     save_file({"latents": latents, "sigmas": sigmas, "caption": caption}, str(tmp_path / "inputs.safetensors"))
     axes = ",".join(str(a) for a in tiny.config.axes_dims)
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("comfy_nextdit_worker.py")), str(COMFY),
-                           str(STUBS), str(tmp_path / "comfy.safetensors"), str(tmp_path / "inputs.safetensors"),
+    comfy = find_comfyui()  # raises when there is no host: a missing reference is a failure, not a skip
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("comfy_nextdit_worker.py")), str(comfy),
+                           str(stub_dir(comfy) or ""), str(tmp_path / "comfy.safetensors"),
+                           str(tmp_path / "inputs.safetensors"),
                            str(tmp_path / "out.safetensors"), axes], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = load_file(str(tmp_path / "out.safetensors"))["velocity"]

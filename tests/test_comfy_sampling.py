@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import comfy_host, comfy_models  # noqa: F401  (fixtures)
+from comfy_fixtures import comfy_host, comfy_models  # noqa: F401  (fixtures)
 from comfy_reference import comfy_own, ksampler  # noqa: F401  (comfy_own: fixture)
+from tiny_encoders import tiny_encoders  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.comfy
-TOLERANCE = 1e-3
+TOLERANCE = 5e-4  # measured 3.0e-5 to 6.0e-5 (t2i, img2img, inpainting, CLIPTextEncode conditioning): ~10x
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,75 @@ def test_sampler_without_the_sampler_input_is_euler(comfy_host, comfy_models, in
     old = comfy_host.run(prompt, fresh=True)
     assert old.success, old.error
     torch.testing.assert_close(old.output("5", 0)["samples"], euler.output("5", 0)["samples"], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- ComfyUI's own text encoding path
+TINY_QWEN3 = "qwen_3_4b_tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def clip_file(comfy_host, tiny_encoders):  # noqa: F811
+    """The tiny Qwen3 (48 wide, the tiny transformer's caption width) in the host's text_encoders folder."""
+    import shutil
+
+    shutil.copyfile(tiny_encoders.text_single, comfy_host.models_dir / "text_encoders" / TINY_QWEN3)
+    return TINY_QWEN3
+
+
+def _clip_graph(m, clip_name, texts=("a red door", "blurry, dark, low quality, deformed"), batch=2):
+    """CLIPLoader -> CLIPTextEncode (positive, negative) -> the Turbo sampler at cfg 2 on a batch of latents."""
+    prompt, _ = _graph(m, "unused.png", "t2i", "res_multistep", 8, 2.0, 1.0, seed=29)
+    for node in ("3", "30", "20", "21", "22", "23", "24", "25"):
+        prompt.pop(node)
+    prompt["4"]["inputs"]["batch_size"] = batch
+    prompt["40"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": clip_name, "type": "lumina2"}}
+    prompt["41"] = {"class_type": "CLIPTextEncode", "inputs": {"text": texts[0], "clip": ["40", 0]}}
+    prompt["42"] = {"class_type": "CLIPTextEncode", "inputs": {"text": texts[1], "clip": ["40", 0]}}
+    prompt["5"]["inputs"].update(positive=["41", 0], negative=["42", 0])
+    return prompt
+
+
+@pytest.mark.parametrize("batch, cfg", [(1, 1.0), (2, 2.0)])
+def test_sampler_on_cliptextencode_conditioning_equals_ksampler(comfy_host, comfy_models, comfy_own,  # noqa: F811
+                                                                clip_file, batch, cfg):
+    """ComfyUI's real CLIPLoader -> CLIPTextEncode conditioning (Qwen3 hidden states with their attention_mask;
+    at cfg 2 with a negative prompt of another length, on a batch of 2) drives the sampler as it drives KSampler on
+    ComfyUI's own Z-Image."""
+    from comfy_reference import tiny_qwen3_as_zimage_encoder
+    from tiny_encoders import qwen3_config
+
+    with tiny_qwen3_as_zimage_encoder(qwen3_config()):
+        prompt = _clip_graph(comfy_models, clip_file, batch=batch)
+        prompt["5"]["inputs"]["cfg"] = cfg
+        result = comfy_host.run(prompt, fresh=True)
+    assert result.success, result.error
+    positive, negative = result.output("41", 0), result.output("42", 0)
+    assert "attention_mask" in positive[0][1] and positive[0][0].shape[1] != negative[0][0].shape[1]
+    ours = result.output("5", 0)["samples"]
+    theirs = ksampler(comfy_own, result.output("4", 0), positive, negative, 29, 8, cfg, "res_multistep")
+    diff = (ours - theirs).abs().max().item()
+    print(f"CLIPTextEncode conditioning, cfg {cfg}, batch {batch}: max|node - KSampler| = {diff:.2e}")
+    assert ours.shape == theirs.shape == (batch, 16, 8, 8) and theirs.std() > 0.1
+    assert diff <= TOLERANCE
+
+
+def test_padded_conditioning_rows_keep_only_their_tokens(comfy_host, comfy_models, clip_file):  # noqa: F811
+    """A batch of two CLIPTextEncode prompts padded to one length (random values in the padding, attention_mask 0
+    there): the sampler reads each row as exactly its own prompt's encoding."""
+    import nodes
+    from comfy_reference import tiny_qwen3_as_zimage_encoder
+    from tiny_encoders import qwen3_config
+
+    sampler = comfy_host.pack_module("nodes.sampler")
+    base = comfy_host.pack_module("nodes.loader").load_base(comfy_models.transformer, "fp32", "none")
+    model = comfy_host.pack_module("nodes.types").ZImageModel(base)
+    with tiny_qwen3_as_zimage_encoder(qwen3_config()):
+        clip = nodes.CLIPLoader().load_clip(clip_file, "lumina2")[0]
+        short, long = (nodes.CLIPTextEncode().encode(clip, t)[0][0][0][0] for t in ("a door", "a red door at night"))
+    length = long.shape[0]
+    padded = torch.stack([torch.cat([short, torch.randn(length - short.shape[0], short.shape[1])]), long])
+    mask = torch.zeros(2, length)
+    mask[0, :short.shape[0]], mask[1] = 1, 1
+    rows = sampler.conditioning_features([[padded, {"attention_mask": mask}]], model, "positive")
+    assert [r.shape[0] for r in rows] == [short.shape[0], length]
+    assert torch.equal(rows[0], short) and torch.equal(rows[1], long)

@@ -1,15 +1,20 @@
 """The pack in ComfyUI's real HTTP server (main.py on 127.0.0.1, CPU): /object_info, POST /prompt, /history, /view,
-and a bad graph answered with ComfyUI's validation error. Uses the model files of the in-process host's base dir."""
+a bad graph answered with ComfyUI's validation error, progress texts over the websocket. Uses the model files of the
+in-process host's base dir."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import struct
+import uuid
 
 import pytest
 from PIL import Image
 
-from comfy_host import (NODE_IDS, PACK_NAME, ComfyServer, PromptRejected, comfy_host, comfy_models,  # noqa: F401
-                        t2i_prompt)
+from comfy_fixtures import NODE_IDS, comfy_host, comfy_models, t2i_prompt  # noqa: F401  (fixtures)
+from comfy_host import PACK_NAME, ComfyServer, PromptRejected
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
@@ -41,6 +46,40 @@ def test_prompt_history_view_roundtrip(server, comfy_models):
         assert im.size == (64, 64)
         lo, hi = im.convert("L").getextrema()
         assert hi > lo
+
+
+async def _run_over_websocket(server, prompt, timeout=300.0):
+    """Submit `prompt` as a client of ComfyUI's websocket and collect the progress texts the server sends it
+    (binary event 3: node id and text), until the prompt finishes."""
+    import aiohttp
+
+    client_id, texts, status = uuid.uuid4().hex, [], None
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
+            prompt_id = await asyncio.to_thread(server.submit, prompt, client_id)
+            async with asyncio.timeout(timeout):
+                async for message in ws:
+                    if message.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", message.data[:4])[0] == 3:
+                        size = struct.unpack(">I", message.data[4:8])[0]
+                        texts.append((message.data[8:8 + size].decode(), message.data[8 + size:].decode()))
+                    elif message.type == aiohttp.WSMsgType.TEXT:
+                        event = json.loads(message.data)
+                        if event["type"] in ("execution_success", "execution_error") \
+                                and event["data"].get("prompt_id") == prompt_id:
+                            status = event["type"]
+                            break
+    return status, texts
+
+
+def test_progress_text_reaches_the_websocket_client(server, comfy_models):
+    """The LoRA stack's report travels as ComfyUI's progress text over the real server's websocket (the in-process
+    host only records it)."""
+    m = comfy_models
+    prompt = t2i_prompt(m, loras=[(m.user_lora, 0.7)], distillpatch=m.distillpatch, save=False, seed=11)
+    status, texts = asyncio.run(_run_over_websocket(server, prompt))
+    assert status == "execution_success"
+    stack = [text for node, text in texts if node == "2"]
+    assert stack and m.user_lora in stack[-1] and "DistillPatch" in stack[-1], texts
 
 
 def test_bad_graph_gets_comfyui_validation_error(server, comfy_models):

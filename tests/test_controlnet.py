@@ -97,12 +97,25 @@ def test_hints_and_velocity_equal_diffusers(model, ref, release, inpaint):
     assert ((ours[0] - unadapted).abs().max() > 1e-2) == (net.config.refiner != "plain")
 
 
-def test_no_control_costs_nothing_and_zero_strength_is_the_base(model):
+def test_no_control_is_the_plain_call_and_zero_strength_is_the_base(model):
     lat, caps, control, *_ = _inputs()
     base = model(lat, 0.5, caps)
     ctl = zc.ControlInput(_net("2.1"), control, strength=0.0)
     assert torch.equal(model(lat, 0.5, caps, residuals=None), base)
     assert (model(lat, 0.5, caps, residuals=control_residuals(model, [ctl])) - base).abs().max() < 1e-6
+
+
+def _hand_summed(*hooks):
+    """Reference for several controls: each control's own single-control hook on the same stream stage, their
+    residuals added by hand."""
+    def at(stage):
+        adds = [add for add in (hook(stage) for hook in hooks) if add is not None]
+
+        def residual(i):
+            parts = [r for r in (add(i) for add in adds) if r is not None]
+            return torch.stack(parts).sum(0) if parts else None
+        return residual if adds else None
+    return at
 
 
 def test_several_controls_add_their_residuals(model):
@@ -111,13 +124,15 @@ def test_several_controls_add_their_residuals(model):
     b = zc.ControlInput(_net("1.0", seed=2), control.flip(-1), strength=0.5)
     ra, rb, both = (_Recorder(control_residuals(model, c)) for c in ([a], [b], [a, b]))
     with torch.no_grad():
-        for r in (ra, rb, both):
-            model(lat, 0.5, caps, residuals=r)
-    for key, value in both.seen.items():
-        parts = [r.seen[key] for r in (ra, rb) if key in r.seen]
-        assert len(parts) >= 1
+        v_a, v_b, v_both = (model(lat, 0.5, caps, residuals=r) for r in (ra, rb, both))
+        summed = model(lat, 0.5, caps, residuals=_hand_summed(control_residuals(model, [a]),
+                                                             control_residuals(model, [b])))
+    # both controls act: the pair equals the hand-summed pair and differs from either control alone
+    assert (v_both - summed).abs().max() < 1e-5
+    assert (v_both - v_a).abs().max() > 1e-2 and (v_both - v_b).abs().max() > 1e-2
+    assert set(ra.seen) | set(rb.seen) == set(both.seen)  # every place of a and of b gets a residual
     # Each control sees the stream as it is: with both, the main-stage stream differs from each alone, but the
-    # refiner-stage hints of `a` (computed from the untouched image tokens) are the same.
+    # refiner-stage hints of `a` (computed from the untouched image tokens; 1.0 has none) are the same.
     assert torch.allclose(both.seen[("noise_refiner", 0)], ra.seen[("noise_refiner", 0)], atol=1e-6)
 
 
@@ -187,9 +202,20 @@ def test_start_end_select_the_steps(model, start, end, expected):
 
 
 def test_cfg_batch_doubles_the_control(model):
+    """At cfg != 1 the control runs on the conditional and the unconditional half of the batch (its blocks see
+    2 x batch rows), at cfg 1 on the batch alone."""
     lat, caps, control, *_ = _inputs(batch=2)
-    ctl = zc.ControlInput(_net("2.1"), control[:1])
-    out = zc.sample(model, lat, caps, steps=2, cfg=2.0, control=[ctl])
+    net = _net("2.1")
+    rows = []
+    hook = net.control_layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        ctl = zc.ControlInput(net, control[:1])
+        out = zc.sample(model, lat, caps, steps=2, cfg=2.0, control=[ctl])
+        with_cfg, rows[:] = list(rows), []
+        zc.sample(model, lat, caps, steps=2, cfg=1.0, control=[ctl])
+    finally:
+        hook.remove()
+    assert with_cfg == [4, 4] and rows == [2, 2]
     assert out.shape == lat.shape and torch.isfinite(out).all()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import comfy_host  # noqa: F401
+from comfy_fixtures import comfy_host  # noqa: F401
 import demo
 import workflows as wf
 

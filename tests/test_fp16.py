@@ -57,15 +57,23 @@ def test_fp16_overflowing_activations_stay_finite_and_equal_fp32(monkeypatch):
     assert not torch.isfinite(_residual_peaks(fp16)[0]).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bf16_and_fp32_take_the_plain_path(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, scaled", [(torch.float32, False), (torch.bfloat16, False), (torch.float16, True)])
+def test_bf16_and_fp32_take_the_plain_path(dtype, scaled, monkeypatch):
+    """Only fp16 takes the scaled branch path: counted at the norm that undoes the scale (fp32 would give the same
+    numbers either way, power-of-two scale, so its numbers alone could not tell)."""
     from zimage_core import transformer
+    calls = []
+    unscaled = transformer.RMSNorm.unscaled_fp32
+    monkeypatch.setattr(transformer.RMSNorm, "unscaled_fp32",
+                        lambda self, x, scale: calls.append(scale) or unscaled(self, x, scale))
     model = tiny_model(seed=0).to(dtype)
     with torch.no_grad():
         before = model(LATENTS, SIGMA, [CAPTION])
-    monkeypatch.setattr(transformer, "FP16_BRANCH_SCALE", 0.5)  # would change the numbers if it were used
-    with torch.no_grad():
-        assert torch.equal(model(LATENTS, SIGMA, [CAPTION]), before)
+    assert bool(calls) == scaled and all(c == transformer.FP16_BRANCH_SCALE for c in calls)
+    if not scaled:  # and the scale constant is not read on the plain path
+        monkeypatch.setattr(transformer, "FP16_BRANCH_SCALE", 0.5)
+        with torch.no_grad():
+            assert torch.equal(model(LATENTS, SIGMA, [CAPTION]), before)
 
 
 def test_fp16_on_ordinary_weights_is_as_accurate_as_before():

@@ -3,18 +3,19 @@ caches train the same LoRA.
 
 The node path is the node's own `comfy_encoders` around ComfyUI's real objects: the text encoder loaded by
 ComfyUI's `load_clip` from the tiny `qwen_3_4b.safetensors` (ComfyUI's Qwen3 code, tokenizer and chat template; only
-the hard-coded Qwen3-4B sizes are shrunk to the file's), the VAE loaded by `comfy.sd.VAE` from `ae.safetensors`
-(ComfyUI fixes the Flux VAE's widths, so that one is full size and random) and the model's Flux latent format.
+the hard-coded Qwen3-4B sizes are shrunk to the file's, and the detection is told it is that encoder: see
+comfy_reference.tiny_qwen3_as_zimage_encoder), the VAE loaded by `comfy.sd.VAE` from `ae.safetensors` (ComfyUI fixes
+the Flux VAE's widths, so that one is full size and random) and the model's Flux latent format.
 The headless path reads the same two files, with the tokenizer folder ComfyUI itself uses."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from comfy_host import comfy_host, find_comfyui, write_random_flux_vae  # noqa: F401  (fixture)
+from comfy_fixtures import comfy_host, write_random_flux_vae  # noqa: F401  (fixture)
+from comfy_host import find_comfyui
+from comfy_reference import tiny_qwen3_as_zimage_encoder
 from tiny_encoders import comfy_tokenizer_dir, qwen3_config, tiny_encoders, write_images  # noqa: F401  (fixture)
 from zimage_core.encoders import load_encoders
 from zimage_core.testing import tiny_model
@@ -23,35 +24,20 @@ from zimage_core.training import TrainConfig, build_cache, train
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 
-def comfy_clip_from_file(path, monkeypatch):
-    """ComfyUI's CLIPLoader path (load_clip, type lumina2 -> detected as Qwen3-4B) for a tiny Qwen3 file."""
+def comfy_clip_from_file(path):
+    """ComfyUI's CLIPLoader path (load_clip, type lumina2, read as Z-Image's Qwen3 encoder) for a tiny Qwen3 file."""
     import comfy.sd
-    import comfy.text_encoders.llama as llama
 
-    tiny = qwen3_config()
-
-    @dataclasses.dataclass
-    class TinyQwen3Config(llama.Qwen3_4BConfig):
-        vocab_size: int = tiny.vocab_size
-        hidden_size: int = tiny.hidden_size
-        intermediate_size: int = tiny.intermediate_size
-        num_hidden_layers: int = tiny.num_hidden_layers
-        num_attention_heads: int = tiny.num_attention_heads
-        num_key_value_heads: int = tiny.num_key_value_heads
-        head_dim = tiny.head_dim
-
-    with monkeypatch.context() as patch:
-        patch.setattr(llama, "Qwen3_4BConfig", TinyQwen3Config)
+    with tiny_qwen3_as_zimage_encoder(qwen3_config()):
         return comfy.sd.load_clip(ckpt_paths=[str(path)], clip_type=comfy.sd.CLIPType.LUMINA2)
 
 
-def test_node_and_headless_caches_are_equal_and_train_the_same_lora(comfy_host, tiny_encoders, tmp_path,
-                                                                    monkeypatch):
+def test_node_and_headless_caches_are_equal_and_train_the_same_lora(comfy_host, tiny_encoders, tmp_path):
     import comfy.sd
     import comfy.utils
 
     vae_file = write_random_flux_vae(tmp_path / "ae.safetensors")
-    clip = comfy_clip_from_file(tiny_encoders.text_single, monkeypatch)
+    clip = comfy_clip_from_file(tiny_encoders.text_single)
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_file)))
     node = comfy_host.pack_module("nodes.train")
     latent_format = comfy_host.pack_module("nodes.types").ZImageShell(tiny_model(0), "none").latent_format

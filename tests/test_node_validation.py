@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfy_host import comfy_host, comfy_models, t2i_prompt, train_prompt  # noqa: F401  (fixtures)
+from comfy_fixtures import comfy_host, comfy_models, t2i_prompt, train_prompt  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.comfy
 DELETED = "deleted_adapter.safetensors"

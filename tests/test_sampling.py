@@ -43,8 +43,10 @@ def test_sample_equals_diffusers_pipeline(tiny, preset):
     with torch.no_grad():
         ours = sample(tiny, noise, pos, neg, steps=preset.steps, cfg=preset.cfg)
         theirs = diffusers_sample(ref, noise, pos, neg, preset.steps, preset.cfg)
+    diff = (ours - theirs).abs().max().item()
+    print(f"{preset.steps} steps cfg {preset.cfg}: max|sample - diffusers ZImagePipeline| = {diff:.2e}")
     assert ours.std() > 0.3
-    assert (ours - theirs).abs().max() <= 1e-3
+    assert diff <= 1e-4  # measured 6.1e-6 (turbo) and 9.5e-6 (30 steps, cfg 2): ~10x
 
 
 class CountingModel(torch.nn.Module):
@@ -193,7 +195,7 @@ def test_inpaint_equals_diffusers_inpaint_pipeline(tiny, steps, cfg, strength):
                       init_latent=image, mask=mask)
     diff = (ours - theirs).abs().max().item()
     print(f"max|inpaint - diffusers ZImageInpaintPipeline| = {diff:.2e}")
-    assert diff <= 1e-3
+    assert diff <= 3e-4  # measured 4.4e-6 (8 steps) and 3.2e-5 (6 steps, cfg 2, strength 0.6): ~10x
     kept = mask.expand_as(image) == 0
     assert (ours - image)[kept].abs().max() < 1e-5  # the unmasked region is the input latent
     assert (ours - image)[~kept].abs().mean() > 0.3  # the masked region is repainted

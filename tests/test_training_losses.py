@@ -18,14 +18,45 @@ def test_bell_weights_on_the_training_grid():
     assert abs(float(w[-1]) - 0.0166) < 1e-3
 
 
-@pytest.mark.parametrize("steps, expected", [
+def diffsynth_scheduler(steps: int, **kwargs):
+    """DiffSynth-Studio's own `FlowMatchScheduler("Z-Image")` (diffsynth/diffusion/flow_match.py, torch and numpy
+    only), loaded from the installed package without its heavy package __init__; a missing package fails."""
+    import importlib.util
+    from pathlib import Path
+
+    found = importlib.util.find_spec("diffsynth")
+    assert found is not None, "diffsynth is a pinned test requirement (tools/requirements-nodeps.txt)"
+    path = Path(found.submodule_search_locations[0]) / "diffusion" / "flow_match.py"
+    spec = importlib.util.spec_from_file_location("diffsynth_flow_match", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scheduler = module.FlowMatchScheduler("Z-Image")
+    scheduler.set_timesteps(steps, **kwargs)
+    return scheduler
+
+
+@pytest.mark.parametrize("steps, rounded", [
     (8, [0.257, 0.515, 0.818, 1.167, 1.55, 1.913, 2.1, 1.74]),
     (4, [0.606, 1.213, 2.005, 2.601]),
     (2, [2.0, 4.0]),
 ])
-def test_student_step_weights_match_diffsynth(steps, expected):
+def test_student_step_weights_match_diffsynth(steps, rounded):
     student, _, _ = trajectory_grids(50, steps)
-    assert torch.allclose(student_step_weights(student), torch.tensor(expected), atol=1.5e-3)
+    theirs = diffsynth_scheduler(steps, training=True)
+    assert torch.equal(student[:-1], theirs.sigmas)
+    assert torch.allclose(student_step_weights(student), theirs.linear_timesteps_weights, rtol=0, atol=1e-6)
+    assert torch.allclose(theirs.linear_timesteps_weights, torch.tensor(rounded), atol=1.5e-3)  # the note's table
+
+
+@pytest.mark.parametrize("steps", [8, 4, 2])
+def test_teacher_grid_is_diffsynths_with_the_student_timesteps(steps):
+    """DiffSynth's trajectory imitation: the teacher's 50-step schedule with each student timestep put in place of
+    its nearest teacher timestep (set_timesteps(target_timesteps=...))."""
+    student, teacher, indices = trajectory_grids(50, steps)
+    student_ts = diffsynth_scheduler(steps).timesteps
+    theirs = diffsynth_scheduler(50, target_timesteps=student_ts)
+    assert torch.allclose(teacher[:-1], theirs.sigmas, rtol=0, atol=1e-6)
+    assert indices == [int(torch.argmin((theirs.timesteps - t).abs())) for t in student_ts]
 
 
 def test_teacher_grid_holds_the_student_sigmas():
@@ -103,13 +134,17 @@ def test_self_consistency_and_chord_targets(tiny):
         expected = (states[k + 1] - states[k]) / (float(student[k + 1]) - float(student[k]))
         assert torch.allclose(targets[k], expected, rtol=1e-5, atol=1e-6)
 
-    # batched (one forward, or chunks) == DiffSynth's per-step loop
-    weights = student_step_weights(student)
+    # batched (one forward, or chunks) == DiffSynth's per-step loop, restated without the implementation's helpers:
+    # its scheduler's training weights, the chord slope of each step, torch's mse_loss
+    weights = diffsynth_scheduler(8, training=True).linear_timesteps_weights
     with torch.no_grad():
         batched = trajectory_loss(tiny, states, student, caps)
         chunked = trajectory_loss(tiny, states, student, caps, chunk=3)
-        loop = sum(weights[k] * per_sample_mse(tiny(states[k], torch.full((2,), float(student[k])), caps),
-                                               targets[k]).mean() for k in range(8))
+        loop = 0.0
+        for k in range(8):
+            s_k, s_next = float(student[k]), float(student[k + 1])
+            chord = (states[k + 1] - states[k]) / (s_next - s_k)
+            loop = loop + weights[k] * torch.nn.functional.mse_loss(tiny(states[k], torch.full((2,), s_k), caps), chord)
     assert torch.allclose(batched, loop, rtol=1e-5) and torch.allclose(chunked, loop, rtol=1e-5)
 
 

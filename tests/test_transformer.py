@@ -106,8 +106,22 @@ def test_config_checks_name_the_numbers():
         ZImageConfig.tiny(n_heads=5)
 
 
+# transformer/config.json of Tongyi-MAI/Z-Image-Turbo (the released model's diffusers config)
+RELEASED_CONFIG = {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+                   "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+                   "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+                   "axes_lens": [1536, 512, 512]}
+
+
 def test_turbo_preset_has_the_released_parameter_count():
+    """The turbo preset holds exactly the tensors, shapes and parameter count of diffusers' model built from the
+    released config (both on the meta device)."""
+    from diffusers import ZImageTransformer2DModel
+
     with torch.device("meta"):
         model = ZImageTransformer(ZImageConfig.turbo())
-    assert model.num_parameters() == 6_154_908_736
-    assert len(model.state_dict()) == 521
+        released = ZImageTransformer2DModel(**RELEASED_CONFIG)
+    theirs = {k: tuple(v.shape) for k, v in released.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == theirs
+    assert model.num_parameters() == sum(p.numel() for p in released.parameters()) == 6_154_908_736
+    assert len(theirs) == 521

@@ -1,0 +1,25 @@
+"""One LoRA of a stack as the `ZIMAGE_MODEL` wire carries it (nodes/types.py): its own module, so that the wire type
+and the LoRA file cache (nodes/lora_cache.py) both use it without importing each other."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ROLE_LORA, ROLE_DISTILLPATCH, ROLE_TRAINED = "lora", "distillpatch", "trained"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA in a stack: the file (absolute path and its mtime, so an edited file is reloaded), the name the
+    user picked in the loras folder (for messages), the strength and its role in the stack."""
+
+    path: str
+    name: str
+    strength: float
+    role: str = ROLE_LORA
+    mtime: float = 0.0
+
+    @classmethod
+    def from_file(cls, path: str, name: str, strength: float, role: str = ROLE_LORA) -> "LoraSpec":
+        return cls(os.path.abspath(path), name, float(strength), role, os.path.getmtime(path))
