@@ -10,7 +10,7 @@ import json
 
 import torch
 
-ck = __import__("pytest").importorskip("comfy_kitchen")
+import comfy_kitchen as ck  # a pinned test requirement: missing is a failure, not a skip
 from comfy_kitchen.backends.eager import quantization as eager  # noqa: E402
 from comfy_kitchen.tensor import QuantizedTensor  # noqa: E402
 

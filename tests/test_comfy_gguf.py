@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("gguf")
+import gguf  # noqa: E402,F401  (pinned test requirement: missing fails)
 
-from comfy_host import comfy_host, comfy_models, t2i_prompt  # noqa: E402,F401  (fixtures)
+from comfy_fixtures import t2i_prompt  # noqa: E402  (comfy_host / comfy_models fixtures come from conftest)
 from gguf_fixtures import dequantized_reference, write_gguf  # noqa: E402
 from test_comfy_nodes import _core_reference, _sampler_latent  # noqa: E402
 

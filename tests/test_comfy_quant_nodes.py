@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("comfy_kitchen")  # builds the comfy_quant fixture
+import comfy_kitchen  # noqa: E402,F401  (builds the comfy_quant fixture; pinned test requirement)
 
 import comfy_quant_fixtures  # noqa: E402
 import svdquant_fixtures  # noqa: E402
-from comfy_host import comfy_host, comfy_models, t2i_prompt  # noqa: E402,F401  (fixtures)
+from comfy_fixtures import t2i_prompt  # noqa: E402  (comfy_host / comfy_models fixtures come from conftest)
 from test_comfy_nodes import _core_reference, _sampler_latent  # noqa: E402
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (pinned test requirement: missing fails)
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from gguf_fixtures import (F16_FIELDS, HAS_QUANTIZER, dequantized_reference, random_blocks, sdcpp_type,  # noqa: E402

@@ -5,7 +5,7 @@ weights held in fp32, and gradients flow to the input only."""
 import pytest
 import torch
 
-pytest.importorskip("gguf")
+import gguf  # noqa: E402,F401  (pinned test requirement: missing fails)
 
 import zimage_core as zc  # noqa: E402
 from gguf_fixtures import dequantized_reference, tiny_256, write_gguf  # noqa: E402
