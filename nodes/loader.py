@@ -14,6 +14,8 @@ from comfy_api.latest import io, ui
 from server import PromptServer
 
 from ..zimage_core import load_transformer
+from ..zimage_core.attention import ATTENTION_BACKENDS, set_attention_backend
+from ..zimage_core.compile import COMPILE_MODES, CompileSettings, disable_compile, enable_compile
 from ..zimage_core.variants import LABELS, VARIANTS, detect_variant
 from .model_cache import KeepLastCache
 from .types import OFFLOAD_MODES, ZIMAGE_MODEL, LoadedBase, ZImageModel, log
@@ -25,6 +27,7 @@ FOLDER = "diffusion_models"
 AUTO = "auto"
 
 _cache: KeepLastCache[LoadedBase] = KeepLastCache()  # (path, mtime, dtype, storage, offload) -> LoadedBase
+COMPILE_SETTINGS = CompileSettings()  # what compile "blocks" uses (inductor; the host tests trace with "eager")
 
 
 def _diffusers_folders() -> dict[str, str]:
@@ -109,6 +112,18 @@ def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> L
     return _cache.get_or_load(key, load)
 
 
+def set_speed_options(base: LoadedBase, compile: str, attention: str) -> str:
+    """Apply the loader's compile / attention choice to the (shared, cached) transformer; returns the attention
+    backend in use. Both act on the loaded model in place, so the last loader run on a file sets them."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+    if compile == "blocks":
+        enable_compile(base.transformer, COMPILE_SETTINGS)
+    else:
+        disable_compile(base.transformer)
+    return set_attention_backend(base.transformer, attention)
+
+
 class ZImageTurboModelLoader(io.ComfyNode):
     @classmethod
     @override
@@ -142,6 +157,16 @@ class ZImageTurboModelLoader(io.ComfyNode):
                                tooltip="Which Z-Image this is (both have the same weights layout): auto = from the "
                                        "file name (z_image_bf16 / Z-Image = base, anything with 'turbo' = Turbo, "
                                        "other names = Turbo). The trainer's turbo check and validation grid use it."),
+                io.Combo.Input("compile", options=list(COMPILE_MODES), default="none", optional=True,
+                               tooltip="none: eager PyTorch. blocks: torch.compile each transformer block (the first "
+                                       "run compiles, about 30 s+; later runs, resolutions and caption lengths reuse "
+                                       "it). Exact with the pack's LoRA stack, DistillPatch, fp8 and block offload; "
+                                       "use this instead of ComfyUI's TorchCompileModel. See docs/speed-options.md."),
+                io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="sdpa", optional=True,
+                               tooltip="sdpa: PyTorch attention (default, exact). sage / flash / kitchen_int8: "
+                                       "opt-in kernels when installed and the GPU supports them (fp16/bf16, no "
+                                       "mask), else SDPA with a log line. sage quantises to int8 and has broken "
+                                       "Z-Image images in a ComfyUI report. See docs/speed-options.md."),
             ],
             outputs=[ZIMAGE_MODEL.Output("zimage_model", display_name="model",
                                          tooltip="The Z-Image transformer, for the LoRA stack, sampler or trainer.")],
@@ -150,11 +175,11 @@ class ZImageTurboModelLoader(io.ComfyNode):
 
     @classmethod
     @override
-    def fingerprint_inputs(cls, model_name, weight_dtype, offload, variant=AUTO):
+    def fingerprint_inputs(cls, model_name, weight_dtype, offload, variant=AUTO, compile="none", attention="sdpa"):
         try:  # re-run (and reload) when the file changes on disk
-            return (model_name, weight_dtype, offload, variant, _mtime(resolve(model_name)))
+            return (model_name, weight_dtype, offload, variant, compile, attention, _mtime(resolve(model_name)))
         except (OSError, FileNotFoundError):
-            return (model_name, weight_dtype, offload, variant, None)
+            return (model_name, weight_dtype, offload, variant, compile, attention, None)
 
     @classmethod
     @override
@@ -168,10 +193,13 @@ class ZImageTurboModelLoader(io.ComfyNode):
 
     @classmethod
     @override
-    def execute(cls, model_name, weight_dtype, offload, variant=AUTO) -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, offload, variant=AUTO, compile="none",
+                attention="sdpa") -> io.NodeOutput:
         with core_warnings() as warnings:
             chosen = detect_variant(model_name) if variant == AUTO else variant
-            model = ZImageModel(load_base(model_name, weight_dtype, offload), variant=chosen)
+            base = load_base(model_name, weight_dtype, offload)
+            set_speed_options(base, compile, attention)
+            model = ZImageModel(base, variant=chosen)
         notes = [f"WARNING: {w}" for w in warnings]
         if chosen == "base":
             notes.append(f"{LABELS['base']} ({'from the file name' if variant == AUTO else 'chosen'}): not "

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import attention
 from .config import FREQ_EMBED_DIM, SEQ_MULTIPLE, T_EMBED_MID, ZImageConfig
 from .offload import wants_checkpoint
 
@@ -107,6 +108,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, qk_norm_eps: float):
         super().__init__()
         self.n_heads = n_heads
+        self.attention_backend = "sdpa"  # zimage_core.attention.set_attention_backend
         head_dim = dim // n_heads
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
@@ -121,8 +123,7 @@ class Attention(nn.Module):
         k = self.norm_k(self.to_k(x).unflatten(-1, (self.n_heads, -1)))
         v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2)
+        out = attention(q, k, v, mask, self.attention_backend).flatten(2)
         return self.to_out[0](out if out_scale is None else out * out_scale)
 
 
