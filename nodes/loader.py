@@ -16,6 +16,7 @@ from server import PromptServer
 from ..zimage_core import load_transformer
 from ..zimage_core.attention import ATTENTION_BACKENDS, set_attention_backend
 from ..zimage_core.compile import COMPILE_MODES, CompileSettings, disable_compile, enable_compile
+from ..zimage_core.quant_compute import COMPUTE_MODES, set_quantized_compute
 from ..zimage_core.variants import LABELS, VARIANTS, detect_variant
 from .model_cache import KeepLastCache
 from .types import OFFLOAD_MODES, ZIMAGE_MODEL, LoadedBase, ZImageModel, log
@@ -112,8 +113,8 @@ def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> L
     return _cache.get_or_load(key, load)
 
 
-def set_speed_options(base: LoadedBase, compile: str, attention: str) -> str:
-    """Apply the loader's compile / attention choice to the (shared, cached) transformer; returns the attention
+def set_speed_options(base: LoadedBase, compile: str, attention: str, quantized_compute: str = "auto") -> str:
+    """Apply the loader's compile / attention / quantized-compute choice to the (shared, cached) transformer; returns the attention
     backend in use. Both act on the loaded model in place, so the last loader run on a file sets them."""
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
@@ -121,6 +122,10 @@ def set_speed_options(base: LoadedBase, compile: str, attention: str) -> str:
         enable_compile(base.transformer, COMPILE_SETTINGS)
     else:
         disable_compile(base.transformer)
+    try:
+        set_quantized_compute(base.transformer, quantized_compute, device=base.patcher.load_device)
+    except ValueError as e:
+        raise ValueError(f"quantized_compute: {e}") from None
     return set_attention_backend(base.transformer, attention)
 
 
@@ -167,6 +172,12 @@ class ZImageTurboModelLoader(io.ComfyNode):
                                        "opt-in kernels when installed and the GPU supports them (fp16/bf16, no "
                                        "mask), else SDPA with a log line. sage quantises to int8 and has broken "
                                        "Z-Image images in a ComfyUI report. See docs/speed-options.md."),
+                io.Combo.Input("quantized_compute", options=list(COMPUTE_MODES), default="auto", optional=True,
+                               tooltip="How fp8-stored weights are multiplied while sampling. auto: an fp8 GEMM "
+                                       "(activations quantized per token) on GPUs with fp8 tensor cores (NVIDIA "
+                                       "RTX 40xx / H100 and newer), else dequant. dequant: cast the weight to bf16 "
+                                       "(no activation rounding). fp8_gemm: force it (an error elsewhere). "
+                                       "Training always dequantizes. See docs/speed-options.md."),
             ],
             outputs=[ZIMAGE_MODEL.Output("zimage_model", display_name="model",
                                          tooltip="The Z-Image transformer, for the LoRA stack, sampler or trainer.")],
@@ -175,11 +186,13 @@ class ZImageTurboModelLoader(io.ComfyNode):
 
     @classmethod
     @override
-    def fingerprint_inputs(cls, model_name, weight_dtype, offload, variant=AUTO, compile="none", attention="sdpa"):
+    def fingerprint_inputs(cls, model_name, weight_dtype, offload, variant=AUTO, compile="none", attention="sdpa",
+                           quantized_compute="auto"):
+        options = (model_name, weight_dtype, offload, variant, compile, attention, quantized_compute)
         try:  # re-run (and reload) when the file changes on disk
-            return (model_name, weight_dtype, offload, variant, compile, attention, _mtime(resolve(model_name)))
+            return (*options, _mtime(resolve(model_name)))
         except (OSError, FileNotFoundError):
-            return (model_name, weight_dtype, offload, variant, compile, attention, None)
+            return (*options, None)
 
     @classmethod
     @override
@@ -193,12 +206,12 @@ class ZImageTurboModelLoader(io.ComfyNode):
 
     @classmethod
     @override
-    def execute(cls, model_name, weight_dtype, offload, variant=AUTO, compile="none",
-                attention="sdpa") -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, offload, variant=AUTO, compile="none", attention="sdpa",
+                quantized_compute="auto") -> io.NodeOutput:
         with core_warnings() as warnings:
             chosen = detect_variant(model_name) if variant == AUTO else variant
             base = load_base(model_name, weight_dtype, offload)
-            set_speed_options(base, compile, attention)
+            set_speed_options(base, compile, attention, quantized_compute)
             model = ZImageModel(base, variant=chosen)
         notes = [f"WARNING: {w}" for w in warnings]
         if chosen == "base":

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.comfy
 INPUT_SNAPSHOT = {
     "ZImageTurboModelLoader": {
         "required": [("model_name", "COMBO"), ("weight_dtype", "COMBO"), ("offload", "COMBO")],
-        "optional": [("variant", "COMBO"), ("compile", "COMBO"), ("attention", "COMBO")],
+        "optional": [("variant", "COMBO"), ("compile", "COMBO"), ("attention", "COMBO"),
+                     ("quantized_compute", "COMBO")],
     },
     "ZImageTurboLoraStack": {
         "required": [("model", "ZIMAGE_MODEL"), ("lora_1", "COMBO"), ("strength_1", "FLOAT"), ("lora_2", "COMBO"),
@@ -327,6 +328,14 @@ def test_compiled_blocks_follow_lora_strength_changes_between_queued_runs(comfy_
         return _sampler_latent(result)
 
     compiled = [latent(0.8, "blocks"), latent(0.3, "blocks")]
+    # quantized_compute auto on a CPU host: the dequant path; forcing the fp8 GEMM is refused by name
+    assert {mod.compute for mod in loader.load_base(m.transformer, "fp8_e4m3fn", "none").transformer.modules()
+            if hasattr(mod, "compute")} == {"dequant"}
+    prompt = t2i_prompt(m, weight_dtype="fp8_e4m3fn", size=32, steps=1, save=False)
+    prompt["1"]["inputs"]["quantized_compute"] = "fp8_gemm"
+    refused = comfy_host.run(prompt)
+    assert not refused.success and "quantized_compute: fp8_gemm needs fp8 tensor cores" in \
+        refused.error["exception_message"]
     eager = [latent(0.8, "none"), latent(0.3, "none")]
     assert (eager[0] - eager[1]).abs().max() > 1e-3  # the strength matters
     for c, e in zip(compiled, eager):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .quant_compute import GEMMS
+
 WEIGHT_STORAGE = ("same", "fp8_e4m3fn")
 FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn}
 STORABLE_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # variants an Fp8Linear can hold as loaded from a file
@@ -55,7 +57,10 @@ class Fp8Linear(nn.Linear):
     """A frozen nn.Linear whose weight is stored in float8 with a float32 scale per output channel ([out, 1]).
 
     A subclass of nn.Linear so that everything that addresses Linears (LoRA branches, `new_lora`, offload) treats it
-    as one; its weight is never written to (LoRAs run beside it, see zimage_core.lora.apply)."""
+    as one; its weight is never written to (LoRAs run beside it, see zimage_core.lora.apply). `compute`: "dequant"
+    (default), or a low-precision GEMM of zimage_core.quant_compute used when no autograd is recording."""
+
+    compute = "dequant"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, fp8_dtype=torch.float8_e4m3fn,
                  compute_dtype: torch.dtype = torch.bfloat16, device=None):
@@ -69,7 +74,10 @@ class Fp8Linear(nn.Linear):
                                  requires_grad=False) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        out = _Fp8Matmul.apply(x, self.weight, self.weight_scale)
+        if self.compute != "dequant" and not torch.is_grad_enabled():
+            out = GEMMS[self.compute](x, self.weight, self.weight_scale)
+        else:
+            out = _Fp8Matmul.apply(x, self.weight, self.weight_scale)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
