@@ -119,7 +119,10 @@ def set_speed_options(base: LoadedBase, compile: str, attention: str, quantized_
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
     if compile == "blocks":
-        enable_compile(base.transformer, COMPILE_SETTINGS)
+        try:
+            enable_compile(base.transformer, COMPILE_SETTINGS, device=base.patcher.load_device)
+        except ValueError as e:
+            raise ValueError(f"loader input {e}") from None
     else:
         disable_compile(base.transformer)
     try:

@@ -187,3 +187,22 @@ def test_inductor_output_equals_eager():
     data = inputs()
     assert rel(run(compiled, data), run(eager, data)) <= TOL
     torch._dynamo.reset()
+
+
+def test_inductor_without_its_code_generator_is_refused_at_setup(monkeypatch):
+    """No triton on a CUDA machine (or no C++ compiler on CPU): a clear error when compile is enabled, naming the
+    option, instead of a failure at the first compiled call in the middle of sampling."""
+    import torch.utils._triton
+
+    from zimage_core.compile import check_compile_support
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    with pytest.raises(ValueError, match="compile: inductor needs triton on CUDA"):
+        check_compile_support("inductor", "cuda")
+    import torch._inductor.cpp_builder as builder
+
+    monkeypatch.setattr(builder, "get_cpp_compiler", lambda: (_ for _ in ()).throw(RuntimeError("no g++")))
+    model = tiny_model(seed=0)
+    with pytest.raises(ValueError, match=r"compile: inductor needs a C\+\+ compiler on CPU \(RuntimeError: no g\+\+\)"):
+        enable_compile(model, device="cpu")
+    assert not is_compiled(model)

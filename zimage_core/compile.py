@@ -83,20 +83,40 @@ class _CompileState:
     eager_calls: int = 0
 
 
-def check_compile_support(backend: str = "inductor") -> None:
-    """Raise ValueError naming the `compile` option when this torch cannot compile with `backend` here (no dynamo,
-    unknown backend, inductor without a C++ compiler / triton): refused when the model is set up, never mid-sampling."""
+def check_compile_support(backend: str | Callable = "inductor", device: str | torch.device | None = None) -> None:
+    """Raise ValueError naming the `compile` option when this torch cannot compile with `backend` (no dynamo, unknown
+    backend) or, given the device the model will run on, when inductor lacks its code generator there (triton on
+    CUDA, a C++ compiler on CPU): refused when the model is set up, never in the middle of sampling."""
     if not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported():
         raise ValueError(f"compile: torch.compile is not supported by this torch build ({torch.__version__}) / Python;"
                          f" use compile 'none'")
     if isinstance(backend, str) and backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ValueError(f"compile: unknown torch.compile backend {backend!r}; available: "
                          f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}")
+    if backend != "inductor" or device is None:
+        return
+    kind = torch.device(device).type
+    if kind == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError("compile: inductor needs triton on CUDA and it is not installed (pip install triton, "
+                             "or triton-windows on Windows); use compile 'none'")
+    elif kind == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as err:
+            raise ValueError(f"compile: inductor needs a C++ compiler on CPU ({type(err).__name__}: {err}); use "
+                             f"compile 'none'") from None
 
 
-def enable_compile(model: nn.Module, settings: CompileSettings | None = None, **overrides) -> nn.Module:
+def enable_compile(model: nn.Module, settings: CompileSettings | None = None, device=None,
+                   **overrides) -> nn.Module:
     """Compile every block's forward of `model` (a ZImageTransformer or anything with `.blocks()`); idempotent.
-    Keyword overrides set CompileSettings fields (e.g. backend="aot_eager")."""
+    device: where the model will run (checked: see check_compile_support). Keyword overrides set CompileSettings
+    fields (e.g. backend="aot_eager")."""
     settings = settings or CompileSettings()
     if overrides:
         settings = CompileSettings(**{**settings.__dict__, **overrides})
@@ -105,7 +125,7 @@ def enable_compile(model: nn.Module, settings: CompileSettings | None = None, **
         if current.settings == settings:
             return model
         disable_compile(model)
-    check_compile_support(settings.backend)
+    check_compile_support(settings.backend, device)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, settings.recompile_limit)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * settings.recompile_limit)
