@@ -33,7 +33,7 @@ def test_missing_package_keeps_sdpa_with_one_log_line(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, "zimage_core"):
         assert attn.set_attention_backend(model, "flash") == "sdpa"
         assert attn.set_attention_backend(model, "flash") == "sdpa"
-    assert [r.getMessage() for r in caplog.records if "flash_attn" in r.getMessage()].__len__() == 1
+    assert len([r for r in caplog.records if "flash_attn" in r.getMessage()]) == 1
     assert {m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")} == {"sdpa"}
 
 
