@@ -116,7 +116,7 @@ def test_turbo_preset_has_the_released_parameter_count():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_in_real_arithmetic_equals_the_complex_product(dtype):
     """apply_rope is written without complex ops (inductor cannot compile them); the complex product diffusers uses
-    (pairs as complex numbers times e^{i angle}) is the reference: within 1e-6 in fp32, one rounding in bf16."""
+    (pairs as complex numbers times e^{i angle}) is the reference: equal in eager (so within 1e-6 in fp32)."""
     from zimage_core.config import ZImageConfig
     from zimage_core.transformer import apply_rope, rope_cos_sin
 
@@ -129,8 +129,7 @@ def test_rope_in_real_arithmetic_equals_the_complex_product(dtype):
     expected = torch.view_as_real(pairs * torch.complex(cos, sin)[:, :, None]).flatten(-2)
     ours = apply_rope(x, cos, sin)
     assert ours.dtype == dtype and ours.shape == x.shape
-    if dtype == torch.float32:
-        assert (ours - expected).abs().max() <= 1e-6 * expected.abs().max()
-    else:
-        assert (ours.float() - expected).abs().max() <= 2 ** -8 * expected.abs().max()  # one bf16 rounding
+    # eager: the very bits of the complex product (a rounding elsewhere, e.g. a fused multiply-add, flips bf16 ulps
+    # that grow over an 8-step sample: tests/test_gpu_check.py compares with diffusers' sample)
+    assert torch.equal(ours, expected.to(dtype))
     assert (ours.float() - x.float()).abs().max() > 0.1  # it rotated something

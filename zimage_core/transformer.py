@@ -94,13 +94,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x [B, S, H, D] by the angles of cos/sin [B, S, D/2], in fp32.
 
     Real arithmetic (the pairs read as complex numbers, as diffusers does, but written out): inductor generates no
-    code for complex ops, so a complex product would fall back to aten inside a compiled block. The products are
-    accumulated in place (addcmul_) so that eager keeps only two half-size fp32 temporaries besides the fp32 copy
-    of x and the result; it equals the complex product within 1e-6 (tests/test_transformer.py)."""
+    code for complex ops, so a complex product would fall back to aten inside a compiled block. Each part is a
+    product then an in-place subtract / add (no fused multiply-add, whose single rounding would differ), so eager
+    gives the complex product's bits exactly (tests/test_transformer.py) with one half-size temporary at a time."""
     even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, S, H, D/2] each
     cos, sin = cos[:, :, None], sin[:, :, None]  # [B, S, 1, D/2]
-    real = (even * cos).addcmul_(odd, sin, value=-1.0)
-    imag = (even * sin).addcmul_(odd, cos)
+    real = even * cos
+    real -= odd * sin
+    imag = even * sin
+    imag += odd * cos
     return torch.stack((real, imag), dim=-1).flatten(-2).to(x.dtype)
 
 
