@@ -69,7 +69,7 @@ def compile_rows(repeats: int, threads: int, backend: str = "inductor") -> None:
     import time
 
     from zimage_core.compile import enable_compile
-    from zimage_core.quantization import to_fp8_storage
+    from zimage_core.quant.fp8 import to_fp8_storage
 
     data = inputs()
     print(f"config: dim {CONFIG.dim}, {CONFIG.n_layers} layers, 64x64 latent, 77-token caption, CPU, {threads} "

@@ -78,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DiffusersVelocity  # noqa: E402
 from zimage_core import ZImageConfig, ZImageTransformer, apply_loras, new_lora, sample  # noqa: E402
 from zimage_core.offload import enable_block_offload  # noqa: E402
-from zimage_core.quantization import check_fp8_support, to_fp8_storage  # noqa: E402
+from zimage_core.quant.fp8 import check_fp8_support, to_fp8_storage  # noqa: E402
 from zimage_core.sampling import TURBO  # noqa: E402
 from zimage_core.testing import init_random_  # noqa: E402
 from zimage_core.training.config import TrainConfig  # noqa: E402
@@ -88,9 +88,10 @@ from zimage_core.training.optimizers import build_optimizer  # noqa: E402
 MODES = ("bf16", "fp8", "bf16+offload", "fp8+offload")
 PARTS = ("parity", "sample", "train", "speed")
 # speed options (docs/speed-options.md), each an 8-step sample timed after a warm-up call at the same shapes (the
-# warm-up compiles); error vs the eager bf16 sample. int8 needs an int8 weight format (quant-core), not yet in main.
+# warm-up compiles); error vs the eager bf16 sample. int8 / nvfp4: the block Linears quantized in memory to ComfyUI's
+# int8_tensorwise / nvfp4 formats (as those files store them), then their GEMMs.
 SPEED_VARIANTS = ("eager bf16", "compile", "fp8 storage", "fp8 storage + compile", "fp8 GEMM", "fp8 GEMM + compile",
-                  "int8 GEMM", "sage", "diffusers compile_repeated_blocks")
+                  "int8 GEMM", "nvfp4 GEMM", "sage", "diffusers compile_repeated_blocks")
 DTYPE = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 SEED = 0
@@ -330,25 +331,50 @@ def speed_model(setup: Setup, variant: str, backend: str):
     """The velocity function of one speed variant (ours, or diffusers for its compile_repeated_blocks)."""
     from zimage_core.attention import set_attention_backend
     from zimage_core.compile import enable_compile
-    from zimage_core.quant_compute import set_quantized_compute
+    from zimage_core.quant.gemm import set_quantized_compute
 
     if variant.startswith("diffusers"):
         ref = build_diffusers(setup)
         ref.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend)
         return DiffusersVelocity(ref, DTYPE)
-    if variant == "int8 GEMM":
-        raise RuntimeError("no int8 weight format in this build (quant-core's int8 files); int8_rowwise_linear is "
-                           "ready for them")
     model = build_ours(setup)
     if "fp8" in variant:
         to_fp8_storage(model)
-    if "GEMM" in variant:  # on CPU (--tiny) forced: torch's CPU _scaled_mm computes the same product
-        set_quantized_compute(model, "fp8_gemm", device=setup.device, force=not setup.cuda)
+    if variant in ("int8 GEMM", "nvfp4 GEMM"):
+        to_comfy_format(model, variant.split()[0])
+    if "GEMM" in variant:  # on CPU (--tiny) forced: torch's CPU _scaled_mm / _int_mm compute the same products
+        gemm = variant.split()[0] + "_gemm"
+        set_quantized_compute(model, gemm, device=setup.device, force=not setup.cuda)
     if variant == "sage" and set_attention_backend(model, "sage") != "sage":
         raise RuntimeError("sageattention is not installed")
     if "compile" in variant:
         enable_compile(model, backend=backend)
     return model
+
+
+@torch.no_grad()
+def to_comfy_format(model: ZImageTransformer, kind: str) -> None:
+    """Quantize the block Linears (those fp8 storage covers) in memory to ComfyUI's int8_tensorwise (per-channel
+    scale) or nvfp4 (comfy-kitchen's quantizer) format, one layer at a time."""
+    from zimage_core.quant import FORMATS, QuantizedLinear
+    from zimage_core.quant.fp8 import quantized_paths
+    from zimage_core.quant.linear import replace_module
+
+    for path in quantized_paths(model):
+        old = model.get_submodule(path)
+        w = old.weight.float()
+        if kind == "int8":
+            scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            stored = {"weight": torch.round(w / scale).to(torch.int8), "weight_scale": scale}
+        else:
+            import comfy_kitchen
+
+            tensor_scale = w.abs().amax() / (448 * 6)
+            q, blocks = comfy_kitchen.quantize_nvfp4(old.weight, tensor_scale)
+            stored = {"weight": q, "weight_scale": blocks, "weight_scale_2": tensor_scale}
+        replace_module(model, path, QuantizedLinear(old.in_features, old.out_features,
+                                                    FORMATS[f"comfy:{kind}_tensorwise" if kind == "int8"
+                                                            else "comfy:nvfp4"], stored, old.bias))
 
 
 def run_speed(setup: Setup, inputs: dict, variants, backend: str, skip_diffusers: bool) -> dict:

@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounter
 from zimage_core import apply_loras, new_lora
 from zimage_core.compile import compile_state, disable_compile, enable_compile, is_compiled
 from zimage_core.offload import enable_block_offload
-from zimage_core.quantization import to_fp8_storage
+from zimage_core.quant.fp8 import to_fp8_storage
 from zimage_core.testing import tiny_model
 
 TOL = 1e-5
@@ -142,13 +142,14 @@ def test_recompile_limit_fallback_is_logged_once_and_stays_correct(pair, caplog)
 
 
 @pytest.mark.slow  # dynamo traces the blocks: 6-60 s on the shared 2-core machine
-def test_training_gradients_equal_eager():
+@pytest.mark.parametrize("storage", ["fp32", "fp8"])
+def test_training_gradients_equal_eager(storage):
     """The trainer's path: runtime LoRA with fp32 tensors that require grad, gradient checkpointing, backward
-    through AOT autograd's graphs (aot_eager)."""
+    through AOT autograd's graphs (aot_eager); on a plain and on an fp8-stored (quantized) base."""
     from zimage_core.training.losses import sft_loss
 
     torch._dynamo.reset()
-    eager = tiny_model(seed=0)
+    eager = tiny_model(seed=0) if storage == "fp32" else to_fp8_storage(tiny_model(seed=0))
     compiled = enable_compile(copy.deepcopy(eager), backend="aot_eager")
     latents, sigma, captions = inputs(batch=2)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))

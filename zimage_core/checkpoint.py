@@ -5,7 +5,7 @@ folders, and ComfyUI's single file (fused `attention.qkv`, `attention.out`, `q_n
 or without a `model.diffusion_model.` / `diffusion_model.` prefix; bf16/fp16/fp32 storage and fp8 (e4m3fn or e5m2,
 plain, with ComfyUI's per-tensor `scale_weight` or with this pack's per-channel `weight_scale`). fp8 tensors are
 up-cast to the compute dtype, or, with `weight_storage="fp8_e4m3fn"`, kept as they are in fp8 storage
-(zimage_core.quantization), where a bf16 file is quantised on the way in. The config is read from `config.json` when
+(zimage_core.quant.fp8), where a bf16 file is quantised on the way in. The config is read from `config.json` when
 there is one, else inferred from the tensor shapes. Tensors stream from disk into the parameters one at a time.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .config import ZImageConfig
-from .quantization import FP8_DTYPES, SCALE_NAME, STORABLE_FP8, WEIGHT_STORAGE, Fp8Linear, check_fp8_support, \
+from .quant import FAMILIES, READERS, QuantizedFile, QuantizedLinear, detect_family, install_quantized
+from .quant.fp8 import FP8_DTYPES, SCALE_NAME, STORABLE_FP8, WEIGHT_STORAGE, Fp8Linear, check_fp8_support, \
     quantize_fp8, use_fp8_structure
 from .safetensors_io import SafetensorsFile, describe_lookalike
 from .transformer import ZImageTransformer
@@ -178,7 +180,7 @@ def map_sources(files: list[SafetensorsFile], label: str, required=_REQUIRED, wh
         raise ValueError(
             f"{label} is not {what}: missing {missing}{describe_lookalike(keys, lookalikes)} "
             f"(first keys: {sorted(keys)[:4]})")
-    comfy = any(n.endswith("attention.qkv.weight") or n.startswith("x_embedder.") for n in stripped)
+    comfy = is_comfy_layout(stripped)
     sources: dict[str, _Source] = {}
     shapes: dict[str, tuple] = {}
     for file, key in entries:
@@ -186,18 +188,24 @@ def map_sources(files: list[SafetensorsFile], label: str, required=_REQUIRED, wh
         if _IGNORED.match(name) or name.endswith(_SCALE_SUFFIXES):
             continue
         scale = _scale_key(file, key, label)
-        shape = file.tensors[key].shape
-        if name.endswith("attention.qkv.weight"):
-            dim = shape[0] // 3
-            for i, proj in enumerate(("to_q", "to_k", "to_v")):
-                target = name.replace("attention.qkv.weight", f"attention.{proj}.weight")
-                sources[target] = _Source(file, key, slice(i * dim, (i + 1) * dim), scale)
-                shapes[target] = (dim, *shape[1:])
-            continue
-        target = _to_diffusers_name(name) if comfy else name
-        sources[target] = _Source(file, key, None, scale)
-        shapes[target] = shape
+        for target, rows, shape in model_targets(name, file.tensors[key].shape, comfy):
+            sources[target] = _Source(file, key, rows, scale)
+            shapes[target] = shape
     return sources, shapes, ("comfyui" if comfy else "diffusers") + (f" (prefix {prefix!r})" if prefix else "")
+
+
+def is_comfy_layout(names) -> bool:
+    return any(n.endswith("attention.qkv.weight") or n.startswith("x_embedder.") for n in names)
+
+
+def model_targets(name: str, shape: tuple, comfy: bool) -> list[tuple[str, slice | None, tuple]]:
+    """The model parameter(s) one stored tensor (prefix stripped) provides: (diffusers name, rows of the stored
+    tensor or None for all, shape). A fused qkv weight gives to_q / to_k / to_v, a third of its rows each."""
+    if name.endswith("attention.qkv.weight"):
+        dim = shape[0] // 3
+        return [(name.replace("attention.qkv.weight", f"attention.{proj}.weight"), slice(i * dim, (i + 1) * dim),
+                 (dim, *shape[1:])) for i, proj in enumerate(("to_q", "to_k", "to_v"))]
+    return [(_to_diffusers_name(name) if comfy else name, None, tuple(shape))]
 
 
 def _scale_key(file: SafetensorsFile, key: str, label: str) -> str | None:
@@ -267,6 +275,10 @@ def _check_against_model(model: ZImageTransformer, shapes: dict[str, tuple], lab
 def inspect_checkpoint(path: str | os.PathLike) -> tuple[ZImageConfig, str]:
     """(config, layout description) of a checkpoint, reading only headers."""
     files, config_json = checkpoint_files(Path(path))
+    family = detect_family(path)
+    if family != "safetensors":
+        qfile = _read_quantized_file(Path(path), family)
+        return config_from_shapes(_quantized_shapes(qfile)), qfile.layout
     _, shapes, layout = map_sources([SafetensorsFile(f) for f in files], str(path))
     config = ZImageConfig.from_diffusers(config_json) if config_json else config_from_shapes(shapes)
     return config, layout
@@ -295,10 +307,12 @@ def fill_from_source(model: torch.nn.Module, source: WeightSource, dtype: torch.
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                      device: str | torch.device = "cpu", weight_storage: str = "same") -> ZImageTransformer:
-    """Load a Z-Image transformer from a `.safetensors` file or a diffusers folder, computing in `dtype` on `device`.
+    """Load a Z-Image transformer from a `.safetensors` file, a diffusers folder or a quantized file (GGUF: told
+    from the file itself, see zimage_core.quant), computing in `dtype` on `device`. A quantized file's block Linears
+    keep the file's bytes (QuantizedLinear) and are dequantized one layer at a time when they run.
 
     weight_storage "same" holds every weight in `dtype` (fp8 files are up-cast); "fp8_e4m3fn" holds the blocks'
-    attention and SwiGLU Linears in fp8 (zimage_core.quantization): fp8 e4m3fn tensors load as stored with their
+    attention and SwiGLU Linears in fp8 (zimage_core.quant.fp8): fp8 e4m3fn tensors load as stored with their
     scales, anything else is quantised per output channel as it is read. The model is built on the meta device and
     every parameter is filled straight from disk, so peak memory stays near one copy of the weights as stored.
     Raises FileNotFoundError / ValueError naming the file (or option) and the culprit, before allocating anything.
@@ -313,6 +327,9 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
         check_fp8_support(device, fp8_dtype, option=f"weight_storage={weight_storage!r}")
     path = Path(path)
     files, config_json = checkpoint_files(path)
+    family = detect_family(path)
+    if family != "safetensors":
+        return _load_quantized_file(path, family, dtype, device, weight_storage)
     st_files = [SafetensorsFile(f) for f in files]
     sources, shapes, layout = map_sources(st_files, str(path))
     config = ZImageConfig.from_diffusers(config_json) if config_json else config_from_shapes(shapes)
@@ -332,6 +349,55 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     return model.eval().requires_grad_(False)
 
 
+def _read_quantized_file(path: Path, family: str) -> QuantizedFile:
+    reader = READERS.get(family)
+    if reader is None:
+        raise ValueError(f"{path} is {FAMILIES[family]}, which this version of the pack cannot load")
+    return reader(path)
+
+
+def _quantized_shapes(qfile: QuantizedFile) -> dict[str, tuple]:
+    return {**{f"{p}.weight": tuple(w.shape) for p, w in qfile.quantized.items()},
+            **{name: tuple(shape) for name, (shape, _) in qfile.plain.items()}}
+
+
+def _fit_unit_dims(qfile: QuantizedFile, model: torch.nn.Module) -> None:
+    """Give plain tensors that differ from the model's only by dimensions of size 1 the model's shape: ggml drops
+    trailing unit dimensions, so stable-diffusion.cpp's GGUFs store the [1, dim] pad tokens as [dim]."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, (shape, read) in list(qfile.plain.items()):
+        want = expected.get(name)
+        if want is not None and want != shape and [d for d in want if d != 1] == [d for d in shape if d != 1]:
+            qfile.plain[name] = (want, lambda read=read, want=want: read().reshape(want))
+
+
+def _load_quantized_file(path: Path, family: str, dtype: torch.dtype, device, weight_storage: str):
+    """A quantized file (GGUF, ...): its quantized Linears become QuantizedLinears holding the file's tensors as
+    stored, everything else is read in `dtype`. The family's reader checks the whole file before this builds
+    anything, and the shapes are checked against the model before any tensor is read."""
+    if weight_storage != "same":
+        raise ValueError(f"weight_storage={weight_storage!r} re-quantizes bf16/fp16/fp32 files; {path} is "
+                         f"{FAMILIES[family]} and already quantized: load it with weight_storage 'same'")
+    qfile = _read_quantized_file(path, family)
+    config = config_from_shapes(_quantized_shapes(qfile))
+    with torch.device("meta"):
+        model = ZImageTransformer(config)
+    _fit_unit_dims(qfile, model)
+    shapes = _quantized_shapes(qfile)
+    _check_against_model(model, shapes, str(path))
+    model = model.to(dtype=dtype)
+    paths = set(install_quantized(model, qfile.quantized, device))
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            path_, _, leaf = name.rpartition(".")
+            if path_ not in paths or leaf not in model.get_submodule(path_).stored_names:  # biases are plain
+                tensor.data.copy_(qfile.plain[name][1]())
+    formats = sorted({w.format.name for w in qfile.quantized.values()})
+    log.info("loaded %s (%s, %s parameters, %d quantized Linears: %s; the rest in %s)", path, qfile.layout,
+             parameter_count(sum(math.prod(shape) for shape in shapes.values())), len(paths), ", ".join(formats), dtype)
+    return model.eval().requires_grad_(False)
+
+
 def parameter_count(n: int) -> str:
     """A parameter count for logs, with three significant digits: 6.15 B, 1.94 M, 12.3 K, 950."""
     rounded = float(f"{n:.3g}")  # first, so that 999 999 reads "1 M", not "1e+03 K"
@@ -342,14 +408,18 @@ def parameter_count(n: int) -> str:
 
 
 def _storage_state_dict(model: ZImageTransformer, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """model.state_dict(), with fp8 weights (and their scales) as stored, or dequantised when `dtype` is given."""
+    """model.state_dict(), with fp8 weights (and their scales) as stored, or every quantized weight dequantised when
+    `dtype` is given."""
     state = model.state_dict()
-    if dtype is None:
-        return state
     for path, module in model.named_modules():
-        if isinstance(module, Fp8Linear):
-            state[f"{path}.weight"] = module.dequantized(torch.float32)
-            del state[f"{path}.{SCALE_NAME}"]
+        if not isinstance(module, QuantizedLinear) or (dtype is None and isinstance(module, Fp8Linear)):
+            continue
+        if dtype is None:  # only fp8 storage has a safetensors form this loader reads back
+            raise ValueError(f"{path} holds a {module.fmt} weight, which cannot be saved as stored: pass a dtype "
+                             f"to save the model dequantized")
+        for name in module.stored_names:
+            del state[f"{path}.{name}"]
+        state[f"{path}.weight"] = module.dequantized(torch.float32)
     return state
 
 
