@@ -15,7 +15,8 @@ from server import PromptServer
 
 from ..zimage_core import load_transformer
 from ..zimage_core.attention import ATTENTION_BACKENDS, set_attention_backend
-from ..zimage_core.compile import COMPILE_MODES, CompileSettings, disable_compile, enable_compile
+from ..zimage_core.compile import COMPILE_MODES, CompileSettings, check_compile_support, disable_compile, \
+    enable_compile
 from ..zimage_core.quant.gemm import COMPUTE_MODES, set_quantized_compute
 from ..zimage_core.variants import LABELS, VARIANTS, detect_variant
 from .model_cache import KeepLastCache
@@ -141,22 +142,24 @@ def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> L
 
 
 def set_speed_options(base: LoadedBase, compile: str, attention: str, quantized_compute: str = "auto") -> str:
-    """Apply the loader's compile / attention / quantized-compute choice to the (shared, cached) transformer; returns the attention
-    backend in use. Both act on the loaded model in place, so the last loader run on a file sets them."""
+    """Apply the loader's compile / attention / quantized-compute choices to the (shared, cached) transformer;
+    returns the attention backend in use. They act on the loaded model in place: the last loader run on a file sets
+    them. The errors name the input (an unsupported device or choice is refused here, never mid-sampling)."""
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
-    if compile == "blocks":
+    device = base.patcher.load_device
+    if compile == "blocks":  # checked first: nothing is set when a choice is refused
         try:
-            enable_compile(base.transformer, COMPILE_SETTINGS, device=base.patcher.load_device)
+            check_compile_support(COMPILE_SETTINGS.backend, device)
         except ValueError as e:
-            raise ValueError(f"loader input {e}") from None
+            raise ValueError(f"loader input {e}") from None  # e.g. "loader input compile: inductor needs triton"
+    set_quantized_compute(base.transformer, quantized_compute, device=device)  # checks, then sets
+    backend = set_attention_backend(base.transformer, attention)  # checks, then sets
+    if compile == "blocks":
+        enable_compile(base.transformer, COMPILE_SETTINGS, device=device)
     else:
         disable_compile(base.transformer)
-    try:
-        set_quantized_compute(base.transformer, quantized_compute, device=base.patcher.load_device)
-    except ValueError as e:
-        raise ValueError(f"quantized_compute: {e}") from None
-    return set_attention_backend(base.transformer, attention)
+    return backend
 
 
 class ZImageTurboModelLoader(io.ComfyNode):

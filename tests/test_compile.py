@@ -56,7 +56,7 @@ def pair():
     torch._dynamo.reset()
 
 
-@pytest.mark.slow  # dynamo traces the blocks: 6-60 s on the shared 2-core machine
+@pytest.mark.slow  # dynamo traces the blocks (and backward): 15-60 s on the shared 2-core machine
 def test_lora_add_strength_change_remove_and_distillpatch_stay_exact(pair):
     compiled, eager, counter = pair
     data = inputs()
@@ -88,7 +88,6 @@ def test_lora_add_strength_change_remove_and_distillpatch_stay_exact(pair):
     assert graphs <= 2 and err <= TOL and torch.equal(out5, base)
 
 
-@pytest.mark.slow  # dynamo traces the blocks: 6-60 s on the shared 2-core machine
 def test_no_recompile_across_resolutions_and_caption_lengths(pair):
     compiled, eager, counter = pair
     run(compiled, inputs(8, 8, 20))
@@ -101,7 +100,6 @@ def test_no_recompile_across_resolutions_and_caption_lengths(pair):
     assert compile_state(compiled).eager_calls == 0
 
 
-@pytest.mark.slow  # dynamo traces the blocks: 6-60 s on the shared 2-core machine
 def test_merged_lora_and_bf16_weights():
     """A LoRA merged into the (non-fp8) weights in place is seen by the compiled blocks: weights are graph inputs."""
     torch._dynamo.reset()
@@ -115,7 +113,6 @@ def test_merged_lora_and_bf16_weights():
     assert rel(run(compiled, data), run(eager, data)) <= TOL
 
 
-@pytest.mark.slow  # dynamo traces the blocks: 6-60 s on the shared 2-core machine
 def test_block_offload_hooks_run_outside_the_compiled_region(pair):
     compiled, eager, counter = pair
     enable_block_offload(compiled, "cpu")
@@ -129,7 +126,6 @@ def test_block_offload_hooks_run_outside_the_compiled_region(pair):
     assert not state.active
 
 
-@pytest.mark.slow  # dynamo traces the blocks: 6-60 s on the shared 2-core machine
 def test_recompile_limit_fallback_is_logged_once_and_stays_correct(pair, caplog):
     compiled, eager, counter = pair
     with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level(logging.WARNING, "zimage_core"):
@@ -141,7 +137,7 @@ def test_recompile_limit_fallback_is_logged_once_and_stays_correct(pair, caplog)
     assert compile_state(compiled).eager_calls > 0
 
 
-@pytest.mark.slow  # dynamo traces the blocks: 6-60 s on the shared 2-core machine
+@pytest.mark.slow  # dynamo traces the blocks (and backward): 15-60 s on the shared 2-core machine
 @pytest.mark.parametrize("storage", ["fp32", "fp8"])
 def test_training_gradients_equal_eager(storage):
     """The trainer's path: runtime LoRA with fp32 tensors that require grad, gradient checkpointing, backward
