@@ -48,7 +48,9 @@ pinned host memory, a few seconds each).
 4. speed options (SPEED_VARIANTS): eager bf16, per-block compile (inductor), fp8 storage with and without compile,
    the fp8 GEMM (`quantized_compute` fp8_gemm, sm >= 8.9), int8 (n/a until an int8 format lands), sage attention
    (when installed), and diffusers' `compile_repeated_blocks` for comparison: 8-step sample time and the latent's
-   error vs eager bf16. A variant that cannot run here reads "n/a: <reason>" (not an error of ours).
+   error vs eager bf16. A variant that cannot run here reads "n/a: <reason>" (not an error of ours). Not in the
+   default parts: run it as its own command (`--parts speed`; four cold inductor compiles of the real model, an
+   estimate of 1-2 min each, not yet measured).
 
     PYTHONPATH=. .venv/bin/python benchmarks/gpu_check.py [--out results.json] [--parts parity,sample,train,speed]
         [--skip-diffusers] [--device cuda]
@@ -87,6 +89,7 @@ from zimage_core.training.optimizers import build_optimizer  # noqa: E402
 
 MODES = ("bf16", "fp8", "bf16+offload", "fp8+offload")
 PARTS = ("parity", "sample", "train", "speed")
+DEFAULT_PARTS = ("parity", "sample", "train")  # speed: its own command (4 cold inductor compiles of the real model)
 # speed options (docs/speed-options.md), each an 8-step sample timed after a warm-up call at the same shapes (the
 # warm-up compiles); error vs the eager bf16 sample. int8 / nvfp4: the block Linears quantized in memory to ComfyUI's
 # int8_tensorwise / nvfp4 formats (as those files store them), then their GEMMs.
@@ -589,7 +592,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny config, small latent, CPU, 1 thread")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)})")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)

@@ -24,7 +24,8 @@ MODES = ("bf16", "fp8", "bf16+offload", "fp8+offload")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "r.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--parts", "parity,sample,train,speed",
+                           "--out", str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| fp8+offload |" in proc.stdout and "ComfyUI host not present" in proc.stdout
