@@ -11,7 +11,9 @@ glibc mmap threshold (MALLOC_MMAP_THRESHOLD_=131072) so that RSS follows live me
 Ours is timed through the real `train()` loop (data read from the safetensors cache, sigma/noise draws, NaN checks);
 its memory peak is taken at the last step's progress callback, before the final checkpoint write (the reference
 writes none). The reference gets its inputs prebuilt in memory.
-Usage: .venv/bin/python benchmarks/bench_training.py [--configs tiny,mid] [--steps 12] [--threads 2]
+The "compiled" row trains the same model after zimage_core.compile.enable_compile (inductor): its first step includes
+the compile, later steps are the steady state.
+Usage: .venv/bin/python benchmarks/bench_training.py [--configs tiny,mid] [--steps 12] [--threads 2] [--only-compiled]
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def worker_ours(config_name: str, steps: int, scheme: str) -> dict:
     tmp = Path(tempfile.mkdtemp())
     cache = dataset(config_name, tmp)
     extra = {"ema": dict(ema_decay=0.99), "prodigy": dict(optimizer="prodigy", lr=1.0)}.get(scheme, {})
+    if scheme == "compiled":  # zimage_core.compile's per-block compile (inductor) of the model the trainer trains
+        from zimage_core.compile import enable_compile
+        enable_compile(model)
     if scheme.startswith("ti"):
         save_lora(new_lora(model, rank=RANK, seed=1), tmp / "sft.safetensors")
         extra = dict(scheme="trajectory", init_lora=str(tmp / "sft.safetensors"),
@@ -155,10 +160,13 @@ def main():
     parser.add_argument("--ti-steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", nargs="?")
+    parser.add_argument("--only-compiled", action="store_true", help="only the compiled-step row (and its eager twin)")
     args, rest = parser.parse_known_args()
     if args.worker:
         return worker(args.worker, rest[0], int(rest[1]), int(rest[2]))
     script = Path(__file__)
+    if args.only_compiled:
+        return compiled_rows(script, args)
     # A fixed glibc mmap threshold in both workers: freed activations go back to the OS, so RSS follows live memory
     # instead of the allocator's history (with the default dynamic threshold the same step measured 10-40 MiB apart).
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
@@ -194,6 +202,18 @@ def main():
                   f"{cached['step_s'] * 1e3:.0f} ms/step with {cached['teacher_forwards_per_step']:.1f} teacher "
                   f"forwards/step amortised (first step {cached['first_step_s'] * 1e3:.0f} ms): "
                   f"{fresh['step_s'] / cached['step_s']:.1f}x faster")
+
+
+def compiled_rows(script: Path, args) -> None:
+    """SFT step of a compiled model vs the same step eager (fresh processes, ABBA)."""
+    for name in args.configs.split(","):
+        runs = {w: [] for w in ("zimage_core", "compiled")}
+        for which in ("zimage_core", "compiled", "compiled", "zimage_core"):
+            runs[which].append(run_worker(script, which, name, str(args.steps), str(args.threads)))
+        eager, comp = (median([r["step_s"] for r in runs[w]]) for w in ("zimage_core", "compiled"))
+        first = median([r["first_step_s"] for r in runs["compiled"]])
+        print(f"[{name}] SFT step eager {eager * 1e3:8.1f} ms   compiled (inductor, per block) {comp * 1e3:8.1f} ms   "
+              f"speed-up {eager / comp:.3f}x   compiled first step (incl. compile) {first:.1f} s")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,14 @@ Sized for under 8 minutes on an H200 (an estimate, not yet measured): a real-siz
 13 model builds draw their weights on the GPU in well under a second each (the offload modes then move them to
 pinned host memory, a few seconds each).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/gpu_check.py [--out results.json] [--parts parity,sample,train]
+4. speed options (SPEED_VARIANTS): eager bf16, per-block compile (inductor), fp8 storage with and without compile,
+   the fp8 GEMM (`quantized_compute` fp8_gemm, sm >= 8.9), int8 (n/a until an int8 format lands), sage attention
+   (when installed), and diffusers' `compile_repeated_blocks` for comparison: 8-step sample time and the latent's
+   error vs eager bf16. A variant that cannot run here reads "n/a: <reason>" (not an error of ours). Not in the
+   default parts: run it as its own command (`--parts speed`; four cold inductor compiles of the real model, an
+   estimate of 1-2 min each, not yet measured).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/gpu_check.py [--out results.json] [--parts parity,sample,train,speed]
         [--skip-diffusers] [--device cuda]
     PYTHONPATH=. .venv/bin/python benchmarks/gpu_check.py --tiny     # the same code path on CPU, tiny model
 
@@ -81,7 +88,13 @@ from zimage_core.training.losses import SigmaSampler, sft_loss  # noqa: E402
 from zimage_core.training.optimizers import build_optimizer  # noqa: E402
 
 MODES = ("bf16", "fp8", "bf16+offload", "fp8+offload")
-PARTS = ("parity", "sample", "train")
+PARTS = ("parity", "sample", "train", "speed")
+DEFAULT_PARTS = ("parity", "sample", "train")  # speed: its own command (4 cold inductor compiles of the real model)
+# speed options (docs/speed-options.md), each an 8-step sample timed after a warm-up call at the same shapes (the
+# warm-up compiles); error vs the eager bf16 sample. int8 / nvfp4: the block Linears quantized in memory to ComfyUI's
+# int8_tensorwise / nvfp4 formats (as those files store them), then their GEMMs.
+SPEED_VARIANTS = ("eager bf16", "compile", "fp8 storage", "fp8 storage + compile", "fp8 GEMM", "fp8 GEMM + compile",
+                  "int8 GEMM", "nvfp4 GEMM", "sage", "diffusers compile_repeated_blocks")
 DTYPE = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 SEED = 0
@@ -317,6 +330,92 @@ def train_diffusers(setup: Setup, mode: str, inputs: dict) -> dict:
     return measure_train(setup, loss_fn, lora_params(ref), inputs)
 
 
+def speed_model(setup: Setup, variant: str, backend: str):
+    """The velocity function of one speed variant (ours, or diffusers for its compile_repeated_blocks)."""
+    from zimage_core.attention import set_attention_backend
+    from zimage_core.compile import enable_compile
+    from zimage_core.quant.gemm import set_quantized_compute
+
+    if variant.startswith("diffusers"):
+        ref = build_diffusers(setup)
+        ref.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend)
+        return DiffusersVelocity(ref, DTYPE)
+    model = build_ours(setup)
+    if "fp8" in variant:
+        to_fp8_storage(model)
+    if variant in ("int8 GEMM", "nvfp4 GEMM"):
+        to_comfy_format(model, variant.split()[0])
+    if "GEMM" in variant:  # on CPU (--tiny) forced: torch's CPU _scaled_mm / _int_mm compute the same products
+        gemm = variant.split()[0] + "_gemm"
+        set_quantized_compute(model, gemm, device=setup.device, force=not setup.cuda)
+    if variant == "sage" and set_attention_backend(model, "sage") != "sage":
+        raise RuntimeError("sageattention is not installed")
+    if "compile" in variant:
+        enable_compile(model, backend=backend)
+    return model
+
+
+@torch.no_grad()
+def to_comfy_format(model: ZImageTransformer, kind: str) -> None:
+    """Quantize the block Linears (those fp8 storage covers) in memory to ComfyUI's int8_tensorwise (per-channel
+    scale) or nvfp4 (comfy-kitchen's quantizer) format, one layer at a time."""
+    from zimage_core.quant import FORMATS, QuantizedLinear
+    from zimage_core.quant.fp8 import quantized_paths
+    from zimage_core.quant.linear import replace_module
+
+    for path in quantized_paths(model):
+        old = model.get_submodule(path)
+        w = old.weight.float()
+        if kind == "int8":
+            scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            stored = {"weight": torch.round(w / scale).to(torch.int8), "weight_scale": scale}
+        else:
+            import comfy_kitchen
+
+            tensor_scale = w.abs().amax() / (448 * 6)
+            q, blocks = comfy_kitchen.quantize_nvfp4(old.weight, tensor_scale)
+            stored = {"weight": q, "weight_scale": blocks, "weight_scale_2": tensor_scale}
+        replace_module(model, path, QuantizedLinear(old.in_features, old.out_features,
+                                                    FORMATS[f"comfy:{kind}_tensorwise" if kind == "int8"
+                                                            else "comfy:nvfp4"], stored, old.bias))
+
+
+def run_speed(setup: Setup, inputs: dict, variants, backend: str, skip_diffusers: bool) -> dict:
+    results, base = {"backend": backend}, None
+    for variant in variants:
+        if variant.startswith("diffusers") and skip_diffusers:
+            results[variant] = f"{NA}: --skip-diffusers"
+            continue
+        entry = attempt(results, variant, f"speed {variant}",
+                        lambda: measure_sample(setup, speed_model(setup, variant, backend), inputs))
+        if isinstance(entry, dict):
+            latent = entry.pop("latent")
+            base = latent if variant == "eager bf16" else base
+            entry["rel_rms_vs_eager_bf16"] = rel_rms(latent, base) if base is not None else NA
+            entry["max_abs_vs_eager_bf16"] = float((latent - base).abs().max()) if base is not None else NA
+            entry["finite"] = bool(torch.isfinite(latent).all())
+        free_memory(setup)
+        if hasattr(torch, "_dynamo"):
+            torch._dynamo.reset()
+    return results
+
+
+def speed_table(speed: dict) -> list[str]:
+    eager = speed.get("eager bf16")
+    lines = [f"### speed options, {TURBO.steps}-step sampling (compile backend {speed['backend']})", "",
+             "| variant | time s | speed-up vs eager bf16 | latent rel RMS vs eager bf16 | max abs diff |",
+             "|---|---|---|---|---|"]
+    for variant in SPEED_VARIANTS:
+        e = speed.get(variant)
+        if not isinstance(e, dict):
+            lines.append(f"| {variant} | {e or 'not run'} | | | |")
+            continue
+        up = f"{eager['seconds'] / e['seconds']:.2f}x" if isinstance(eager, dict) else NA
+        lines.append(f"| {variant} | {e['seconds']:.3f} | {up} | {_cell(e['rel_rms_vs_eager_bf16'], '{:.2e}')} | "
+                     f"{_cell(e['max_abs_vs_eager_bf16'], '{:.2e}')} |")
+    return lines + [""]
+
+
 def attempt(results: dict, key: str, label: str, fn, errors: list | None = None) -> dict | None:
     """Run one measurement; a failure is recorded as 'n/a: reason' (and, for ours, in `errors`)."""
     log(f"{label} ...")
@@ -481,6 +580,8 @@ def report(results: dict) -> str:
         lines += table(f"LoRA rank {LORA_RANK} SFT step, gradient checkpointing", t,
                        ("warm-up step loss (ours / diffusers)",
                         lambda mode: _both_sides(t, mode, lambda e: f"{e['first_loss']:.4f}")))
+    if "speed" in results:
+        lines += speed_table(results["speed"])
     lines.append(f"comfy: {results['comfy']}")
     return "\n".join(lines)
 
@@ -491,7 +592,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny config, small latent, CPU, 1 thread")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)})")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -551,6 +653,10 @@ def main(argv=None) -> int:
                     if part in parts:
                         results[part]["diffusers"][mode] = f"{NA}: --skip-diffusers"
 
+    if "speed" in parts:  # --tiny: dynamo traces but generates no code ("eager"), so the CPU test stays fast
+        results["speed"] = run_speed(setup, inputs, SPEED_VARIANTS, "eager" if args.tiny else "inductor",
+                                     args.skip_diffusers)
+        free_memory(setup)
     add_comparisons(results)
     results["errors"] = errors
     results["total_seconds"] = time.perf_counter() - START

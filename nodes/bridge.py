@@ -12,7 +12,10 @@ What it does not carry, refused with an error naming the node's kind rather than
 * ComfyUI ControlNets (`control`), attention overrides and RoPE options, and transformer block / attention patches
   (e.g. ComfyUI's own ZImageFunControlnet on newer ComfyUI): the pack's transformer does not run ComfyUI's patch
   points, so they are an error rather than a silent no-op; Fun ControlNets go through the pack's Apply ControlNet;
-* saving the MODEL as a ComfyUI checkpoint (ModelSave / CheckpointSave).
+* saving the MODEL as a ComfyUI checkpoint (ModelSave / CheckpointSave);
+* ComfyUI's torch.compile wrapper (TorchCompileModel and nodes built on `set_torch_compile_wrapper`): it compiles the
+  whole `diffusion_model`, which bypasses block offload's hooks and ignores runtime LoRA branches changed after
+  the first call; the loader's `compile` input compiles each block in a way that stays exact with both.
 
 Loading goes through the base model's `ZImagePatcher` (one copy, one VRAM bookkeeping, block offload included); the
 wire's LoRA stack is merged when ComfyUI loads the MODEL for sampling (`ZImageModel.activate`).
@@ -33,6 +36,10 @@ from comfy_api.latest import io
 from .metadata import search_aliases
 from .types import ZIMAGE_MODEL, LoadedBase, ZImageModel
 
+COMPILE_KEY = "torch.compile"  # the wrapper key of comfy_api.torch_helpers.set_torch_compile_wrapper
+USE_THE_LOADER_COMPILE = ("torch.compile of the bridged Z-Image MODEL (TorchCompileModel) is refused: it compiles the "
+                          "whole model, which skips block offload and keeps stale LoRA branches. Set compile = blocks "
+                          "on the Z-Image Turbo Model Loader instead (per-block compile, exact with the LoRA stack)")
 USE_THE_STACK = ("put LoRAs in a Z-Image Turbo LoRA Stack before Z-Image Turbo To MODEL, or load the model with "
                  "ComfyUI's UNETLoader for ComfyUI's own patches")
 
@@ -171,6 +178,11 @@ class ZImageBridgePatcher(comfy.model_patcher.ModelPatcher):
     def add_hook_patches(self, hook, patches, strength_patch=1.0, strength_model=1.0):
         raise ValueError(f"ComfyUI weight hooks (hooked LoRAs) cannot be applied to the bridged Z-Image MODEL: "
                          f"{USE_THE_STACK}")
+
+    def add_wrapper_with_key(self, wrapper_type, key, wrapper):
+        if key == COMPILE_KEY:
+            raise ValueError(USE_THE_LOADER_COMPILE)
+        return super().add_wrapper_with_key(wrapper_type, key, wrapper)
 
     def add_weight_wrapper(self, name, function):
         raise ValueError(f"weight wrappers cannot be applied to the bridged Z-Image MODEL: {USE_THE_STACK}")

@@ -14,6 +14,10 @@ from comfy_api.latest import io, ui
 from server import PromptServer
 
 from ..zimage_core import load_transformer
+from ..zimage_core.attention import ATTENTION_BACKENDS, set_attention_backend
+from ..zimage_core.compile import COMPILE_MODES, CompileSettings, check_compile_support, disable_compile, \
+    enable_compile
+from ..zimage_core.quant.gemm import COMPUTE_MODES, set_quantized_compute
 from ..zimage_core.variants import LABELS, VARIANTS, detect_variant
 from .metadata import search_aliases
 from .model_cache import KeepLastCache
@@ -27,6 +31,7 @@ GGUF_FOLDERS = ("diffusion_models", "unet", "unet_gguf")  # unet_gguf: registere
 AUTO = "auto"
 
 _cache: KeepLastCache[LoadedBase] = KeepLastCache()  # (path, mtime, dtype, storage, offload) -> LoadedBase
+COMPILE_SETTINGS = CompileSettings()  # what compile "blocks" uses (inductor; the host tests trace with "eager")
 
 
 def _diffusers_folders() -> dict[str, str]:
@@ -137,6 +142,27 @@ def load_base(name: str, weight_dtype: str = "bf16", offload: str = "none") -> L
     return _cache.get_or_load(key, load)
 
 
+def set_speed_options(base: LoadedBase, compile: str, attention: str, quantized_compute: str = "auto") -> str:
+    """Apply the loader's compile / attention / quantized-compute choices to the (shared, cached) transformer;
+    returns the attention backend in use. They act on the loaded model in place: the last loader run on a file sets
+    them. The errors name the input (an unsupported device or choice is refused here, never mid-sampling)."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+    device = base.patcher.load_device
+    if compile == "blocks":  # checked first: nothing is set when a choice is refused
+        try:
+            check_compile_support(COMPILE_SETTINGS.backend, device)
+        except ValueError as e:
+            raise ValueError(f"loader input {e}") from None  # e.g. "loader input compile: inductor needs triton"
+    set_quantized_compute(base.transformer, quantized_compute, device=device)  # checks, then sets
+    backend = set_attention_backend(base.transformer, attention)  # checks, then sets
+    if compile == "blocks":
+        enable_compile(base.transformer, COMPILE_SETTINGS, device=device)
+    else:
+        disable_compile(base.transformer)
+    return backend
+
+
 class ZImageTurboModelLoader(io.ComfyNode):
     @classmethod
     @override
@@ -174,6 +200,24 @@ class ZImageTurboModelLoader(io.ComfyNode):
                                tooltip="Which Z-Image this is (both have the same weights layout): auto = from the "
                                        "file name (z_image_bf16 / Z-Image = base, anything with 'turbo' = Turbo, "
                                        "other names = Turbo). The trainer's turbo check and validation grid use it."),
+                io.Combo.Input("compile", options=list(COMPILE_MODES), default="none", optional=True,
+                               tooltip="none: eager PyTorch. blocks: torch.compile each transformer block (the first "
+                                       "run compiles, about 30 s+; later runs, resolutions and caption lengths reuse "
+                                       "it). Exact with the pack's LoRA stack, DistillPatch, fp8 and block offload; "
+                                       "use this instead of ComfyUI's TorchCompileModel. See docs/speed-options.md."),
+                io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="sdpa", optional=True,
+                               tooltip="sdpa: PyTorch attention (default, exact). sage / flash / kitchen_int8: "
+                                       "opt-in kernels when installed and the GPU supports them (fp16/bf16, no "
+                                       "mask), else SDPA with a log line. sage quantises to int8 and has broken "
+                                       "Z-Image images in a ComfyUI report. See docs/speed-options.md."),
+                io.Combo.Input("quantized_compute", options=list(COMPUTE_MODES), default="auto", optional=True,
+                               tooltip="How quantized weights (fp8, int8, nvfp4 files) are multiplied while "
+                                       "sampling. auto: a low-precision GEMM where the GPU has it (fp8: RTX 40xx / "
+                                       "H100 and newer; int8: RTX 30xx / A100 and newer; nvfp4: RTX 50xx / B200 "
+                                       "with comfy-kitchen), activations quantized per token; else dequant. "
+                                       "dequant: cast the weights to bf16 (no activation rounding, exact as before). "
+                                       "A named GEMM forces it (an error where it cannot run). Training always "
+                                       "dequantizes. Errors per option: docs/speed-options.md."),
             ],
             outputs=[ZIMAGE_MODEL.Output("zimage_model", display_name="model",
                                          tooltip="The Z-Image transformer, for the LoRA stack, sampler or trainer.")],
@@ -182,11 +226,13 @@ class ZImageTurboModelLoader(io.ComfyNode):
 
     @classmethod
     @override
-    def fingerprint_inputs(cls, model_name, weight_dtype, offload, variant=AUTO):
+    def fingerprint_inputs(cls, model_name, weight_dtype, offload, variant=AUTO, compile="none", attention="sdpa",
+                           quantized_compute="auto"):
+        options = (model_name, weight_dtype, offload, variant, compile, attention, quantized_compute)
         try:  # re-run (and reload) when the file changes on disk
-            return (model_name, weight_dtype, offload, variant, _mtime(resolve(model_name)))
+            return (*options, _mtime(resolve(model_name)))
         except (OSError, FileNotFoundError):
-            return (model_name, weight_dtype, offload, variant, None)
+            return (*options, None)
 
     @classmethod
     @override
@@ -200,10 +246,13 @@ class ZImageTurboModelLoader(io.ComfyNode):
 
     @classmethod
     @override
-    def execute(cls, model_name, weight_dtype, offload, variant=AUTO) -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, offload, variant=AUTO, compile="none", attention="sdpa",
+                quantized_compute="auto") -> io.NodeOutput:
         with core_warnings() as warnings:
             chosen = detect_variant(model_name) if variant == AUTO else variant
-            model = ZImageModel(load_base(model_name, weight_dtype, offload), variant=chosen)
+            base = load_base(model_name, weight_dtype, offload)
+            set_speed_options(base, compile, attention, quantized_compute)
+            model = ZImageModel(base, variant=chosen)
         notes = [f"WARNING: {w}" for w in warnings]
         if chosen == "base":
             notes.append(f"{LABELS['base']} ({'from the file name' if variant == AUTO else 'chosen'}): not "

@@ -152,6 +152,8 @@ def test_bridge_shares_the_weights_with_the_pack_sampler(comfy_host, comfy_model
     ("LoraLoaderModelOnly", {"lora_name": "user_style.safetensors", "strength_model": 1.0}, "60",
      "ComfyUI weight patches (LoraLoader, model merging) cannot be applied to the bridged Z-Image MODEL"),
     ("ModelSave", {"filename_prefix": "bridged"}, "60", "cannot be saved as a ComfyUI checkpoint"),
+    # whole-model compile would skip block offload and keep stale runtime LoRA branches: refused on the node itself
+    ("TorchCompileModel", {"backend": "inductor"}, "60", "Set compile = blocks on the Z-Image Turbo Model Loader"),
     # an attention patch: the bridge names it and refuses it instead of running without it
     ("PerturbedAttentionGuidance", {"scale": 3.0}, "5", "cannot apply patches_replace (attn1)"),
 ])

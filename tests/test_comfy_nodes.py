@@ -24,7 +24,8 @@ pytestmark = pytest.mark.comfy
 INPUT_SNAPSHOT = {
     "ZImageTurboModelLoader": {
         "required": [("model_name", "COMBO"), ("weight_dtype", "COMBO"), ("offload", "COMBO")],
-        "optional": [("variant", "COMBO")],
+        "optional": [("variant", "COMBO"), ("compile", "COMBO"), ("attention", "COMBO"),
+                     ("quantized_compute", "COMBO")],
     },
     "ZImageTurboLoraStack": {
         "required": [("model", "ZIMAGE_MODEL"), ("lora_1", "COMBO"), ("strength_1", "FLOAT"), ("lora_2", "COMBO"),
@@ -309,6 +310,40 @@ def test_chained_stacks_and_block_offload_give_the_same_image(comfy_host, comfy_
     prompt["2"]["inputs"]["distillpatch"] = m.distillpatch
     twice = comfy_host.run(prompt)
     assert not twice.success and "already has a DistillPatch" in twice.error["exception_message"]
+
+
+def test_compiled_blocks_follow_lora_strength_changes_between_queued_runs(comfy_host, comfy_models, monkeypatch):
+    """Loader compile = blocks on an fp8-stored model (its LoRAs are runtime branches, which a compiled graph used
+    to ignore): two queued runs with the LoRA at 0.8 then 0.3 each equal the uncompiled run. dynamo traces with the
+    "eager" backend here (inductor would take minutes on the test machine; tests/test_compile.py has one)."""
+    from zimage_core.compile import CompileSettings, is_compiled
+
+    m = comfy_models
+    loader = loader_module(comfy_host)
+    monkeypatch.setattr(loader, "COMPILE_SETTINGS", CompileSettings(backend="eager"))
+
+    def latent(strength, compile):
+        prompt = t2i_prompt(m, loras=[(m.user_lora, strength)], weight_dtype="fp8_e4m3fn", seed=3, size=32,
+                            steps=2, save=False)
+        prompt["1"]["inputs"]["compile"] = compile
+        result = comfy_host.run(prompt)
+        assert result.success, result.error
+        assert is_compiled(result.output("1", 0).transformer) == (compile == "blocks")
+        return _sampler_latent(result)
+
+    compiled = [latent(0.8, "blocks"), latent(0.3, "blocks")]
+    # quantized_compute auto on a CPU host: the dequant path; forcing the fp8 GEMM is refused by name
+    assert {mod.compute for mod in loader.load_base(m.transformer, "fp8_e4m3fn", "none").transformer.modules()
+            if hasattr(mod, "compute")} == {"dequant"}
+    prompt = t2i_prompt(m, weight_dtype="fp8_e4m3fn", size=32, steps=1, save=False)
+    prompt["1"]["inputs"]["quantized_compute"] = "fp8_gemm"
+    refused = comfy_host.run(prompt)
+    assert not refused.success and "quantized_compute: fp8_gemm is not available on cpu" in \
+        refused.error["exception_message"]
+    eager = [latent(0.8, "none"), latent(0.3, "none")]
+    assert (eager[0] - eager[1]).abs().max() > 1e-3  # the strength matters
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
 
 
 def test_fp8_file_is_upcast_with_the_quality_warning_in_the_ui(comfy_host, comfy_models):

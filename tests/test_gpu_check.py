@@ -24,7 +24,8 @@ MODES = ("bf16", "fp8", "bf16+offload", "fp8+offload")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "r.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--parts", "parity,sample,train,speed",
+                           "--out", str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| fp8+offload |" in proc.stdout and "ComfyUI host not present" in proc.stdout
@@ -119,3 +120,20 @@ def test_device_init_follows_init_random_rules():
     assert not differ
     other = dict(gpu_check.init_on_device_(build(), seed=4).named_parameters())
     assert not torch.equal(other["layers.0.feed_forward.w1.weight"], drawn["layers.0.feed_forward.w1.weight"])
+
+
+def test_speed_rows(results):
+    """The speed part ran its variants (compile traced with the "eager" backend on CPU): compile and the fp8 GEMM
+    change the sample little, diffusers' compile_repeated_blocks ran, what cannot run here says why."""
+    speed = results["speed"]
+    assert speed["backend"] == "eager"
+    assert speed["eager bf16"]["rel_rms_vs_eager_bf16"] == 0.0
+    assert speed["compile"]["rel_rms_vs_eager_bf16"] < 1e-2  # bf16: the same ops, traced
+    assert speed["fp8 storage + compile"]["rel_rms_vs_eager_bf16"] == pytest.approx(
+        speed["fp8 storage"]["rel_rms_vs_eager_bf16"], rel=0.1, abs=1e-3)
+    assert 0 < speed["fp8 GEMM"]["rel_rms_vs_eager_bf16"] < 0.1
+    assert isinstance(speed["diffusers compile_repeated_blocks"], dict)
+    assert 0 < speed["int8 GEMM"]["rel_rms_vs_eager_bf16"] < 0.1
+    # comfy-kitchen's nvfp4 kernel has no CPU build (torch's CPU scaled_mm takes no swizzled scales): n/a, why
+    assert speed["nvfp4 GEMM"].startswith("n/a") and "swizzle" in speed["nvfp4 GEMM"]
+    assert speed["sage"].startswith("n/a: RuntimeError: sageattention")

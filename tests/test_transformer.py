@@ -125,3 +125,25 @@ def test_turbo_preset_has_the_released_parameter_count():
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == theirs
     assert model.num_parameters() == sum(p.numel() for p in released.parameters()) == 6_154_908_736
     assert len(theirs) == 521
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_real_arithmetic_equals_the_complex_product(dtype):
+    """apply_rope is written without complex ops (inductor cannot compile them); the complex product diffusers uses
+    (pairs as complex numbers times e^{i angle}) is the reference: equal in eager (so within 1e-6 in fp32)."""
+    from zimage_core.config import ZImageConfig
+    from zimage_core.transformer import apply_rope, rope_cos_sin
+
+    cfg = ZImageConfig.tiny()
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 40, 3, sum(cfg.axes_dims), generator=g) * 4).to(dtype)
+    positions = torch.randint(0, 300, (2, 40, 3), generator=g)
+    cos, sin = rope_cos_sin(positions, cfg.axes_dims, cfg.rope_theta)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    expected = torch.view_as_real(pairs * torch.complex(cos, sin)[:, :, None]).flatten(-2)
+    ours = apply_rope(x, cos, sin)
+    assert ours.dtype == dtype and ours.shape == x.shape
+    # eager: the very bits of the complex product (a rounding elsewhere, e.g. a fused multiply-add, flips bf16 ulps
+    # that grow over an 8-step sample: tests/test_gpu_check.py compares with diffusers' sample)
+    assert torch.equal(ours, expected.to(dtype))
+    assert (ours.float() - x.float()).abs().max() > 0.1  # it rotated something

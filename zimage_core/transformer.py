@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import attention
 from .config import FREQ_EMBED_DIM, SEQ_MULTIPLE, T_EMBED_MID, ZImageConfig
 from .offload import wants_checkpoint
 
@@ -92,18 +93,24 @@ def rope_cos_sin(positions: Tensor, axes_dims: Sequence[int], theta: float) -> t
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x [B, S, H, D] by the angles of cos/sin [B, S, D/2], in fp32.
 
-    As one complex product (the pairs read as complex numbers, as diffusers does): besides the fp32 copy of x it
-    allocates only its result, where the real-arithmetic form keeps four more half-size fp32 temporaries alive,
-    the largest allocation of a bf16 forward."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2]
-    rotation = torch.complex(cos, sin)[:, :, None]  # [B, S, 1, D/2]
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    Real arithmetic (the pairs read as complex numbers, as diffusers does, but written out): inductor generates no
+    code for complex ops, so a complex product would fall back to aten inside a compiled block. Each part is a
+    product then an in-place subtract / add (no fused multiply-add, whose single rounding would differ), so eager
+    gives the complex product's bits exactly (tests/test_transformer.py) with one half-size temporary at a time."""
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, S, H, D/2] each
+    cos, sin = cos[:, :, None], sin[:, :, None]  # [B, S, 1, D/2]
+    real = even * cos
+    real -= odd * sin
+    imag = even * sin
+    imag += odd * cos
+    return torch.stack((real, imag), dim=-1).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, qk_norm_eps: float):
         super().__init__()
         self.n_heads = n_heads
+        self.attention_backend = "sdpa"  # zimage_core.attention.set_attention_backend
         head_dim = dim // n_heads
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
@@ -118,8 +125,7 @@ class Attention(nn.Module):
         k = self.norm_k(self.to_k(x).unflatten(-1, (self.n_heads, -1)))
         v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2)
+        out = attention(q, k, v, mask, self.attention_backend).flatten(2)
         return self.to_out[0](out if out_scale is None else out * out_scale)
 
 

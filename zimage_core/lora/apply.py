@@ -5,9 +5,13 @@ operations as diffusers + peft, so fp32 results match them bit for bit. Restorin
 the model's memory-mapped checkpoint (`model.weight_source`, set by `load_transformer`), so no second copy of the
 weights is held; a model built in memory instead gets CPU backups of just the tensors a LoRA touches.
 
-runtime: a forward hook on each targeted nn.Linear adds strength * scale * (x @ down.T) @ up.T, computed from the
-LoraWeights tensors themselves (cast to x's dtype and device at call time), so gradients reach them: this is what
-training uses. Full-size deltas (ComfyUI .diff/.diff_b, LoKr, LoHa) have no cheap side branch and are merged in both
+runtime: each targeted nn.Linear adds strength * scale * (x @ down.T) @ up.T, computed from the LoraWeights tensors
+themselves (cast to x's dtype and device at call time), so gradients reach them: this is what training uses. The
+branches live in the Linear's `lora_branches` tuple, read by one forward hook (`run_branches`) the Linear keeps while
+it has branches; the factor is a 0-d tensor, not a Python number. So a compiled block (zimage_core.compile) sees
+them: dynamo guards the tuple (a new or removed LoRA recompiles once per block variant) and takes the tensors as
+graph inputs (another strength or LoRA of the same shape recompiles nothing). `pin_branch_hooks` keeps the hook on
+for good, which a compiled model needs (dynamo does not guard the hook dicts). Full-size deltas (ComfyUI .diff/.diff_b, LoKr, LoHa) have no cheap side branch and are merged in both
 modes; the handle restores them the same way.
 
 Quantized weights (zimage_core.quant: fp8 storage, GGUF, ...): a QuantizedLinear is never merged into, whatever the
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +134,7 @@ class LoraHandle:
         self.mode = mode
         self.reports = reports
         self._patches: list[_Patch] = []
-        self._hooks = []
+        self._linears: list[nn.Linear] = []  # Linears carrying branches of this handle
         self._removed = False
 
     def _merge(self, patches: list[_Patch]) -> None:
@@ -147,15 +151,16 @@ class LoraHandle:
 
     def _add_branches(self, branches: dict[nn.Linear, list]) -> None:
         for linear, items in branches.items():
-            self._hooks.append(linear.register_forward_hook(_branch_hook(items)))
+            add_branches(linear, [replace(b, owner=self) for b in items])
+            self._linears.append(linear)
 
     def remove(self) -> None:
         if self._removed:
             return
         self._removed = True
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        for linear in self._linears:
+            drop_branches(linear, self)
+        self._linears.clear()
         state = _merge_state(self.model)
         if state is None or self not in state.handles:
             return
@@ -190,26 +195,75 @@ def _by_param(patches: list[_Patch]) -> dict[str, list[_Patch]]:
     return groups
 
 
-def _low_rank_branch(down: Tensor, up: Tensor, factor: float):
-    def branch(x: Tensor) -> Tensor:
-        h = F.linear(x, down.to(device=x.device, dtype=x.dtype))
-        return factor * F.linear(h, up.to(device=x.device, dtype=x.dtype))
-    return branch
+BRANCHES = "lora_branches"  # attribute of a Linear: the tuple of its runtime branches, in application order
+_HOOK = "_lora_branch_hook"  # attribute of a Linear: the handle of its `run_branches` hook
+_PINNED = "_lora_branch_hook_pinned"
 
 
-def _full_delta_branch(module: LoraModule, strength: float):
-    def branch(x: Tensor) -> Tensor:
-        return F.linear(x, module.weight_delta(strength, x.device).to(x.dtype))
-    return branch
+@dataclass(frozen=True, eq=False)
+class Branch:
+    """One runtime side branch on a Linear: low rank (down, up) times `factor`, or a full-size delta rebuilt at
+    call time (`full`: LoKr / LoHa / diff on an fp8 base) times `factor`. factor: 0-d fp32 tensor (strength *
+    alpha / rank for low rank, strength for full deltas), so a compiled graph takes it as an input."""
+
+    factor: Tensor
+    down: Tensor | None = None
+    up: Tensor | None = None
+    full: LoraModule | None = None
+    owner: object = None  # the LoraHandle that added it
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.full is not None:
+            return F.linear(x, self.full.weight_delta(1.0, x.device).to(x.dtype)) * self.factor.to(x.device)
+        h = F.linear(x, self.down.to(device=x.device, dtype=x.dtype))
+        return self.factor.to(x.device) * F.linear(h, self.up.to(device=x.device, dtype=x.dtype))
 
 
-def _branch_hook(branches: list):
-    def hook(module, args, output):
-        x = args[0]
-        for branch in branches:
-            output = output + branch(x)
-        return output
-    return hook
+def run_branches(module: nn.Module, args, output: Tensor) -> Tensor:
+    """The forward hook of a Linear with runtime branches: output + each branch of `module.lora_branches`."""
+    x = args[0]
+    for branch in getattr(module, BRANCHES):
+        output = output + branch(x)
+    return output
+
+
+def _ensure_hook(linear: nn.Linear) -> None:
+    if _HOOK not in linear.__dict__:
+        linear.__dict__.setdefault(BRANCHES, ())
+        linear.__dict__[_HOOK] = linear.register_forward_hook(run_branches)
+
+
+def add_branches(linear: nn.Linear, branches: list[Branch]) -> None:
+    _ensure_hook(linear)
+    linear.__dict__[BRANCHES] = linear.__dict__[BRANCHES] + tuple(branches)
+
+
+def drop_branches(linear: nn.Linear, owner) -> None:
+    """Remove `owner`'s branches; a Linear left with none loses its hook unless pinned (its output is then exactly
+    the base Linear's again)."""
+    left = tuple(b for b in linear.__dict__.get(BRANCHES, ()) if b.owner is not owner)
+    linear.__dict__[BRANCHES] = left
+    if not left and not linear.__dict__.get(_PINNED) and _HOOK in linear.__dict__:
+        linear.__dict__.pop(_HOOK).remove()
+        del linear.__dict__[BRANCHES]
+
+
+def pin_branch_hooks(modules: Iterable[nn.Module]) -> None:
+    """Give every Linear among `modules` (and their children) the branch hook for good, with or without branches,
+    so adding a LoRA later changes only the guarded `lora_branches` tuple, never the hooks (zimage_core.compile)."""
+    for module in modules:
+        for linear in module.modules():
+            if isinstance(linear, nn.Linear):
+                _ensure_hook(linear)
+                linear.__dict__[_PINNED] = True
+
+
+def _low_rank_branch(down: Tensor, up: Tensor, factor: float) -> Branch:
+    return Branch(torch.tensor(factor, dtype=torch.float32), down=down, up=up)
+
+
+def _full_delta_branch(module: LoraModule, strength: float) -> Branch:
+    return Branch(torch.tensor(strength, dtype=torch.float32), full=module)
 
 
 def _as_lora(item) -> LoraWeights:

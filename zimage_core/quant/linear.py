@@ -38,7 +38,7 @@ class _DequantMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, fmt: Format, shape: tuple[int, int], *stored: Tensor) -> Tensor:
-        ctx.fmt, ctx.shape = fmt, shape
+        ctx.fmt, ctx.weight_shape = fmt, shape  # not `ctx.shape`: dynamo cannot trace that setattr (graph break)
         ctx.save_for_backward(*stored)
         return F.linear(x, fmt.dequantize(dict(zip(fmt.stored_names, stored)), shape, x.dtype))
 
@@ -47,11 +47,13 @@ class _DequantMatmul(torch.autograd.Function):
         stored = ctx.saved_tensors  # unpacked once: gradient checkpointing allows no second unpack
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.fmt.dequantize(dict(zip(ctx.fmt.stored_names, stored)), ctx.shape, grad.dtype)
+            grad_x = grad @ ctx.fmt.dequantize(dict(zip(ctx.fmt.stored_names, stored)), ctx.weight_shape, grad.dtype)
         return (grad_x, None, None, *([None] * len(stored)))
 
 
 def _dequant_forward(module: "QuantizedLinear", x: Tensor) -> Tensor:
+    if not torch.is_grad_enabled():  # sampling: the same product without the autograd Function, which dynamo traces
+        return F.linear(x, module.dequantized(x.dtype))  # into a graph break inside a compiled block
     return _DequantMatmul.apply(x, module.format, module.shape, *module.stored_tensors())
 
 
