@@ -1,0 +1,211 @@
+"""LoRA stack combine modes and the sampler's seed variety, measured on the toy world (8 steps, cfg 1).
+
+    PYTHONPATH=. python -m toyworld.stacking [--out toyworld/stacking.json] [--grids docs/]
+
+Stacking: the colour LoRA ("purple") + the shape LoRA ("cross") + the DistillPatch, each at 1.0, on turbo, through
+`apply_loras(..., combine=mode, keep_apart={DistillPatch})`, for the plain sum and every mode of
+`zimage_core.lora.combine`. Per mode: the share of "purple cross" samples drawn as prompted (and its colour / shape
+parts), each LoRA's own concept kept (purple on the base shapes, cross in the base colours), the base prompts kept,
+and sharpness. Seed variety: turbo on the 12 base prompts, 16 seeds each, without and with
+`zimage_core.sampling.SeedVariety` at a few strengths / step counts: the mean pairwise pixel RMSE between the 16
+samples of a prompt, the number of distinct (position, size) layouts among them, and prompted fidelity.
+
+Only toyworld's public names are used (weights by file name, `evaluate.generate` / `decode` / `lora_path`, the
+metrics), so re-running on rebuilt toy weights is this one command."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from zimage_core import apply_loras, load_lora, sample
+from zimage_core.lora.combine import COMBINE_MODES
+from zimage_core.sampling import SeedVariety
+
+from . import WEIGHTS, world
+from .evaluate import decode, fixed_noise, load_model, lora_path
+from .metrics import FOREGROUND, classify, edge_sharpness, fidelity, sharpness
+
+STEPS, CFG = 8, 1.0
+COMBINATION = f"{world.NEW_COLOUR} {world.NEW_SHAPE}"  # "purple cross"
+STACK_FILES = ("lora_sft_purple", "lora_sft", "distill_patch")  # colour LoRA, shape LoRA, DistillPatch (own slot)
+VARIETY_SETTINGS = ((0.0, 0), (0.5, 1), (1.0, 1), (2.0, 1), (1.0, 2), (2.0, 2))  # (strength, steps); first = off
+SEEDS_PER_PROMPT = 16
+
+
+@torch.no_grad()
+def generate(model, prompts: list[str], seed: int, variety: SeedVariety | None = None, batch: int = 64) -> Tensor:
+    """Decoded 8-step / cfg-1 images from fixed noises (the seed), optionally with seed variety (its seed offset by
+    the batch start, so every row gets its own caption noise)."""
+    noise = fixed_noise(len(prompts), seed)
+    out = []
+    for i in range(0, len(prompts), batch):
+        caps = [world.encode_text(p) for p in prompts[i:i + batch]]
+        vary = None if variety is None else SeedVariety(variety.strength, variety.steps, variety.seed + i)
+        out.append(sample(model, noise[i:i + batch], caps, steps=STEPS, cfg=CFG, variety=vary))
+    return decode(torch.cat(out))
+
+
+def share(images: Tensor, prompts: list[str]) -> dict:
+    """Fidelity (colour and shape as prompted) and each half alone."""
+    preds = classify(images)
+    want = [world.parse(p) for p in prompts]
+    n = len(prompts)
+    return {"fid": fidelity(images, prompts),
+            "colour": sum(p[0] == w[0] for p, w in zip(preds, want)) / n,
+            "shape": sum(p[1] == w[1] for p, w in zip(preds, want)) / n}
+
+
+def repeat(prompts: list[str], total: int) -> list[str]:
+    return [prompts[i % len(prompts)] for i in range(total)]
+
+
+# ---------------------------------------------------------------------------------------------- stacking
+def measure_stack(model, stack, mode: str, n: int) -> dict:
+    combo = [COMBINATION] * n
+    colour_set = repeat(world.concept_prompts(world.NEW_COLOUR), n)
+    shape_set = repeat(world.concept_prompts(world.NEW_SHAPE), n)
+    base = repeat(world.base_prompts(), n)
+    with apply_loras(model, stack, combine=mode, keep_apart={len(stack) - 1}) as handle:
+        images = generate(model, combo, seed=7)
+        row = share(images, combo)
+        row.update(sharp=sharpness(images, combo), edge=edge_sharpness(images, combo))
+        row["colour_lora_kept"] = fidelity(generate(model, colour_set, seed=9), colour_set)
+        row["shape_lora_kept"] = fidelity(generate(model, shape_set, seed=10), shape_set)
+        base_images = generate(model, base, seed=8)
+        row["base_fid"] = fidelity(base_images, base)
+        row["base_sharp"] = sharpness(base_images, base)
+        row["notes"] = [note for r in handle.reports for note in r.notes]
+    row["images"] = images[:16]
+    return row
+
+
+def run_stacking(n: int = 48, log=print) -> dict:
+    model = load_model("turbo")
+    loras = [load_lora(lora_path(name)) for name in STACK_FILES]
+    stack = [(lora, 1.0) for lora in loras]
+    rows = {}
+    reference = {"turbo alone": [], "colour LoRA + DistillPatch": [stack[0], stack[2]],
+                 "shape LoRA + DistillPatch": [stack[1], stack[2]]}
+    for label, sub in reference.items():
+        t = time.time()
+        with apply_loras(model, sub):
+            combo = [COMBINATION] * n
+            images = generate(model, combo, seed=7)
+            base = repeat(world.base_prompts(), n)
+            rows[label] = {**share(images, combo), "sharp": sharpness(images, combo),
+                           "base_fid": fidelity(generate(model, base, seed=8), base)}
+        log(f"{label}: {_line(rows[label])} ({time.time() - t:.0f} s)")
+    for mode in COMBINE_MODES:
+        t = time.time()
+        rows[mode] = measure_stack(model, stack, mode, n)
+        log(f"stack, combine={mode}: {_line(rows[mode])} ({time.time() - t:.0f} s)")
+    return rows
+
+
+def _line(row: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float))
+
+
+# ---------------------------------------------------------------------------------------------- seed variety
+def layout(images: Tensor) -> list[tuple[int, int, int]]:
+    """(column cell, row cell, size bin) of each sample's foreground: its centroid on a 4-px grid, the square root of
+    its area in 2-px bins (the same foreground threshold as the metrics)."""
+    strength = (images.clamp(0, 1) - world.BACKGROUND).norm(dim=1)
+    fg = (strength > FOREGROUND).float()
+    area = fg.sum((1, 2)).clamp_min(1.0)
+    ys, xs = torch.meshgrid(torch.arange(world.IMG).float(), torch.arange(world.IMG).float(), indexing="ij")
+    cx, cy = (fg * xs).sum((1, 2)) / area, (fg * ys).sum((1, 2)) / area
+    return [(int(x // 4), int(y // 4), int(a.sqrt() // 2)) for x, y, a in zip(cx, cy, area)]
+
+
+def variety(images: Tensor, prompts: list[str]) -> dict:
+    """Mean pairwise pixel RMSE between the samples of each prompt, and the mean number of distinct layouts."""
+    distances, layouts = [], []
+    for prompt in sorted(set(prompts)):
+        idx = [i for i, p in enumerate(prompts) if p == prompt]
+        x = images[idx].flatten(1)
+        for a, b in itertools.combinations(range(len(idx)), 2):
+            distances.append(float((x[a] - x[b]).pow(2).mean().sqrt()))
+        layouts.append(len(set(layout(images[idx]))))
+    return {"pairwise": sum(distances) / len(distances), "layouts": sum(layouts) / len(layouts)}
+
+
+def run_variety(log=print) -> dict:
+    model = load_model("turbo")
+    prompts = [p for p in world.base_prompts() for _ in range(SEEDS_PER_PROMPT)]
+    rows = {}
+    for strength, steps in VARIETY_SETTINGS:
+        t = time.time()
+        option = SeedVariety(strength, steps, seed=11) if strength else None
+        images = generate(model, prompts, seed=12, variety=option)
+        label = "off" if option is None else f"strength {strength:g}, {steps} step{'s' * (steps > 1)}"
+        rows[label] = {**variety(images, prompts), "fid": fidelity(images, prompts),
+                       "sharp": sharpness(images, prompts),
+                       "images": images[:SEEDS_PER_PROMPT]}  # the first prompt's 16 seeds, for the grid
+        log(f"variety {label}: {_line(rows[label])} ({time.time() - t:.0f} s)")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+def tables(stacking: dict, varieties: dict) -> str:
+    lines = [f"Stack: colour LoRA + shape LoRA + DistillPatch at 1.0 each, prompt '{COMBINATION}', {STEPS} steps, "
+             f"cfg {CFG:g}:", "",
+             "| stack / combine | as prompted | colour | shape | sharp | purple kept | cross kept | base kept |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, r in stacking.items():
+        lines.append(f"| {label} | {r['fid']:.2f} | {r['colour']:.2f} | {r['shape']:.2f} | {r['sharp']:.2f} | "
+                     f"{r.get('colour_lora_kept', float('nan')):.2f} | {r.get('shape_lora_kept', float('nan')):.2f} "
+                     f"| {r['base_fid']:.2f} |")
+    off = varieties.get("off")
+    if off is None:
+        return "\n".join(lines)
+    lines += ["", f"Seed variety: turbo, 12 base prompts x {SEEDS_PER_PROMPT} seeds, {STEPS} steps, cfg {CFG:g}:", "",
+              "| seed variety | pairwise RMSE | x off | layouts (of 16) | x off | fid | sharp |",
+              "|---|---|---|---|---|---|---|"]
+    for label, r in varieties.items():
+        lines.append(f"| {label} | {r['pairwise']:.3f} | {r['pairwise'] / off['pairwise']:.2f} | {r['layouts']:.1f} | "
+                     f"{r['layouts'] / off['layouts']:.2f} | {r['fid']:.2f} | {r['sharp']:.2f} |")
+    return "\n".join(lines)
+
+
+def save_grid(rows: list[Tensor], path: Path, scale: int = 3) -> None:
+    """One row of images per entry, 16 per row, nearest-upscaled."""
+    from PIL import Image
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # [3, H*rows, W*16]
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(WEIGHTS.parent / "stacking.json"))
+    p.add_argument("--grids", default=None, help="folder for the PNG grids (e.g. docs/)")
+    p.add_argument("--samples", type=int, default=48, help="samples per prompt set in the stacking part")
+    p.add_argument("--skip-variety", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    stacking = run_stacking(args.samples)
+    varieties = {} if args.skip_variety else run_variety()
+    md = tables(stacking, varieties)
+    if args.grids:
+        out = Path(args.grids)
+        save_grid([stacking[m]["images"] for m in COMBINE_MODES], out / "lora_stacking_grid.png")
+        if varieties:
+            save_grid([r["images"] for r in varieties.values()], out / "seed_variety_grid.png")
+    strip = lambda rows: {k: {n: v for n, v in r.items() if n != "images"} for k, r in rows.items()}  # noqa: E731
+    Path(args.out).write_text(json.dumps({"stacking": strip(stacking), "variety": strip(varieties),
+                                          "setup": {"samples": args.samples, "seeds_per_prompt": SEEDS_PER_PROMPT,
+                                                    "stack": STACK_FILES}}, indent=1))
+    Path(args.out).with_suffix(".md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
