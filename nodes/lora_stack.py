@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 from server import PromptServer
 
+from ..zimage_core.lora.combine import COMBINE_MODES
 from .lora_cache import load_cached, summarize
 from .types import ROLE_DISTILLPATCH, ROLE_LORA, ZIMAGE_MODEL, LoraSpec, ZImageModel
 
@@ -73,6 +74,15 @@ class ZImageTurboLoraStack(io.ComfyNode):
                                      "transformer part and list the text-encoder keys in the report (apply those "
                                      "with ComfyUI's LoraLoader on the CLIP). Keys that fit no part of Z-Image are "
                                      "refused either way."),
+            io.Combo.Input("combine", options=list(COMBINE_MODES), default="sum", optional=True,
+                           tooltip="How the LoRAs of the stack (this node's and the incoming ones) combine; the "
+                                   "DistillPatch is never combined. sum: plain sum (classic). orthogonal: where "
+                                   "LoRAs patch the same layer, each one's output directions are made orthogonal "
+                                   "to the others', so they stop writing over each other (still low rank). "
+                                   "orthogonal_in: the same on the input side. ties: TIES merge (trim, sign "
+                                   "election) of the full deltas; uses a full-size delta per shared layer. The "
+                                   "last LoRA stack node of a chain decides. A LoKr / LoHa LoRA is added as a plain "
+                                   "sum under the orthogonal modes, and the report says so."),
         ]
         return io.Schema(
             node_id="ZImageTurboLoraStack",
@@ -97,7 +107,7 @@ class ZImageTurboLoraStack(io.ComfyNode):
     @override
     def execute(cls, model: ZImageModel, lora_1, strength_1, lora_2, strength_2, lora_3, strength_3,
                 distillpatch, distillpatch_strength, loras_from: ZImageModel | None = None,
-                strict=False) -> io.NodeOutput:
+                strict=False, combine="sum") -> io.NodeOutput:
         # LoRAs of another wire (not its DistillPatch, nor what this wire already carries)
         specs = [s for s in loras_from.loras if s.role != ROLE_DISTILLPATCH and s not in model.loras] \
             if loras_from is not None else []
@@ -116,9 +126,11 @@ class ZImageTurboLoraStack(io.ComfyNode):
                     raise ValueError(f"LoRA '{spec.name}' also trains the text encoder ({len(te_keys)} keys, first: "
                                      f"{te_keys[:3]}), which this node cannot apply; strict is on, so it is refused. "
                                      f"Turn strict off to apply its transformer part alone")
-        out = model.with_loras(*specs)
+        out = model.with_loras(*specs, combine=combine)
         reports = out.activate()
         lines = [summarize(spec, report) for spec, report in zip(out.loras, reports)] or ["no LoRA applied"]
+        if combine != "sum" and out.loras:
+            lines.insert(0, f"combine: {combine} (DistillPatch kept apart)")
         text = "\n".join(lines)
         if cls.hidden.unique_id is not None and PromptServer.instance is not None:
             PromptServer.instance.send_progress_text(text, cls.hidden.unique_id)

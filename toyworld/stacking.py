@@ -188,15 +188,16 @@ def main(argv=None):
     p.add_argument("--out", default=str(WEIGHTS.parent / "stacking.json"))
     p.add_argument("--grids", default=None, help="folder for the PNG grids (e.g. docs/)")
     p.add_argument("--samples", type=int, default=48, help="samples per prompt set in the stacking part")
-    p.add_argument("--skip-variety", action="store_true")
+    p.add_argument("--part", choices=("both", "stacking", "variety"), default="both")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    stacking = run_stacking(args.samples)
-    varieties = {} if args.skip_variety else run_variety()
+    stacking = run_stacking(args.samples) if args.part != "variety" else {}
+    varieties = run_variety() if args.part != "stacking" else {}
     md = tables(stacking, varieties)
     if args.grids:
         out = Path(args.grids)
-        save_grid([stacking[m]["images"] for m in COMBINE_MODES], out / "lora_stacking_grid.png")
+        if stacking:
+            save_grid([stacking[m]["images"] for m in COMBINE_MODES], out / "lora_stacking_grid.png")
         if varieties:
             save_grid([r["images"] for r in varieties.values()], out / "seed_variety_grid.png")
     strip = lambda rows: {k: {n: v for n, v in r.items() if n != "images"} for k, r in rows.items()}  # noqa: E731
