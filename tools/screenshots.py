@@ -22,7 +22,7 @@ from comfy_host import ComfyServer, make_base_dir, write_inpaint_image  # noqa: 
 from frontend import open_workflow  # noqa: E402
 
 PLACEHOLDERS = {"diffusion_models": [wf.MODEL_FILE, wf.BASE_MODEL_FILE], "text_encoders": [wf.TEXT_ENCODER_FILE], "vae": [wf.VAE_FILE],
-                "loras": [wf.DISTILLPATCH_FILE, wf.SFT_LORA_FILE, wf.ADAPTER_FILE],
+                "loras": [wf.DISTILLPATCH_FILE, wf.SFT_LORA_FILE, wf.ADAPTER_FILE, *wf.STACK_LORA_FILES],
                 "model_patches": [wf.CONTROLNET_FILE]}
 
 
