@@ -1,7 +1,7 @@
 """Refresh the pictures of the shipped workflows: docs/screenshots/NAME.png (the README's node reference) and
 example_workflows/NAME.jpg (the thumbnail ComfyUI's template browser shows), taken in the real frontend in headless Chromium.
 
-    .venv/bin/python tools/screenshots.py
+    .venv/bin/python tools/screenshots.py [NAME ...]   # only these workflows (default: all)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ PLACEHOLDERS = {"diffusion_models": [wf.MODEL_FILE, wf.BASE_MODEL_FILE], "text_e
                 "model_patches": [wf.CONTROLNET_FILE]}
 
 
-def main():
+def main(only=()):
     base = make_base_dir(tempfile.mkdtemp(prefix="zimage-shots-"))
     for folder, names in PLACEHOLDERS.items():  # the combos list the standard files, as on a user's machine
         for name in names:
@@ -38,6 +38,8 @@ def main():
     shots.mkdir(parents=True, exist_ok=True)
     with ComfyServer(base) as server:
         for path in sorted((ROOT / "example_workflows").glob("*.json")):
+            if only and path.stem not in only:
+                continue
             result = open_workflow(server.url, json.loads(path.read_text()))
             problems = result.unknown_types + result.widget_mismatches + result.alerts
             if problems:
@@ -50,4 +52,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -35,7 +35,7 @@ from .metrics import FOREGROUND, classify, edge_sharpness, fidelity, sharpness
 STEPS, CFG = 8, 1.0
 COMBINATION = f"{world.NEW_COLOUR} {world.NEW_SHAPE}"  # "purple cross"
 STACK_FILES = ("lora_sft_purple", "lora_sft", "distill_patch")  # colour LoRA, shape LoRA, DistillPatch (own slot)
-VARIETY_SETTINGS = ((0.0, 0), (0.5, 1), (1.0, 1), (2.0, 1), (1.0, 2), (2.0, 2))  # (strength, steps); first = off
+VARIETY_SETTINGS = ((0.0, 0), (1.0, 1), (2.0, 1), (1.0, 2), (2.0, 2), (4.0, 2), (2.0, 4))  # (strength, steps)
 SEEDS_PER_PROMPT = 16
 
 
@@ -140,7 +140,9 @@ def variety(images: Tensor, prompts: list[str]) -> dict:
 def run_variety(log=print) -> dict:
     model = load_model("turbo")
     prompts = [p for p in world.base_prompts() for _ in range(SEEDS_PER_PROMPT)]
-    rows = {}
+    real = world.prompt_batch(prompts, generator=torch.Generator().manual_seed(12))
+    rows = {"real data (reference)": {**variety(real, prompts), "fid": fidelity(real, prompts),
+                                      "sharp": sharpness(real, prompts), "images": real[:SEEDS_PER_PROMPT]}}
     for strength, steps in VARIETY_SETTINGS:
         t = time.time()
         option = SeedVariety(strength, steps, seed=11) if strength else None
@@ -163,7 +165,7 @@ def tables(stacking: dict, varieties: dict) -> str:
         lines.append(f"| {label} | {r['fid']:.2f} | {r['colour']:.2f} | {r['shape']:.2f} | {r['sharp']:.2f} | "
                      f"{r.get('colour_lora_kept', float('nan')):.2f} | {r.get('shape_lora_kept', float('nan')):.2f} "
                      f"| {r['base_fid']:.2f} |")
-    off = varieties.get("off")
+    off = varieties.get("off")  # the ratios are against the sampler without the option
     if off is None:
         return "\n".join(lines)
     lines += ["", f"Seed variety: turbo, 12 base prompts x {SEEDS_PER_PROMPT} seeds, {STEPS} steps, cfg {CFG:g}:", "",
