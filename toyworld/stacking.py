@@ -35,7 +35,7 @@ from .metrics import FOREGROUND, classify, edge_sharpness, fidelity, sharpness
 STEPS, CFG = 8, 1.0
 COMBINATION = f"{world.NEW_COLOUR} {world.NEW_SHAPE}"  # "purple cross"
 STACK_FILES = ("lora_sft_purple", "lora_sft", "distill_patch")  # colour LoRA, shape LoRA, DistillPatch (own slot)
-VARIETY_SETTINGS = ((0.0, 0), (1.0, 1), (2.0, 1), (1.0, 2), (2.0, 2), (4.0, 2), (2.0, 4))  # (strength, steps)
+VARIETY_SETTINGS = ((0.0, 0), (1.0, 1), (2.0, 2), (4.0, 2), (2.0, 4))  # (strength, steps); the first is off
 SEEDS_PER_PROMPT = 16
 
 
@@ -137,22 +137,33 @@ def variety(images: Tensor, prompts: list[str]) -> dict:
     return {"pairwise": sum(distances) / len(distances), "layouts": sum(layouts) / len(layouts)}
 
 
+VARIETY_CASES = {  # label -> (LoRA files, prompts): plain turbo, and a LoRA trained on 8 images (fewer layouts)
+    "turbo, base prompts": ((), world.base_prompts()),
+    "turbo + cross LoRA + DistillPatch, cross prompts": (("lora_sft", "distill_patch"), world.concept_prompts("cross")),
+}
+
+
 def run_variety(log=print) -> dict:
+    """Per case: real data of the same prompts (the variety the world has), then every VARIETY_SETTINGS row."""
     model = load_model("turbo")
-    prompts = [p for p in world.base_prompts() for _ in range(SEEDS_PER_PROMPT)]
-    real = world.prompt_batch(prompts, generator=torch.Generator().manual_seed(12))
-    rows = {"real data (reference)": {**variety(real, prompts), "fid": fidelity(real, prompts),
-                                      "sharp": sharpness(real, prompts), "images": real[:SEEDS_PER_PROMPT]}}
-    for strength, steps in VARIETY_SETTINGS:
-        t = time.time()
-        option = SeedVariety(strength, steps, seed=11) if strength else None
-        images = generate(model, prompts, seed=12, variety=option)
-        label = "off" if option is None else f"strength {strength:g}, {steps} step{'s' * (steps > 1)}"
-        rows[label] = {**variety(images, prompts), "fid": fidelity(images, prompts),
-                       "sharp": sharpness(images, prompts),
-                       "images": images[:SEEDS_PER_PROMPT]}  # the first prompt's 16 seeds, for the grid
-        log(f"variety {label}: {_line(rows[label])} ({time.time() - t:.0f} s)")
-    return rows
+    results = {}
+    for case, (files, base_prompts) in VARIETY_CASES.items():
+        prompts = [p for p in base_prompts for _ in range(SEEDS_PER_PROMPT)]
+        real = world.prompt_batch(prompts, generator=torch.Generator().manual_seed(12))
+        rows = {"real data (reference)": {**variety(real, prompts), "fid": fidelity(real, prompts),
+                                          "sharp": sharpness(real, prompts), "images": real[:SEEDS_PER_PROMPT]}}
+        with apply_loras(model, [(load_lora(lora_path(name)), 1.0) for name in files]):
+            for strength, steps in VARIETY_SETTINGS:
+                t = time.time()
+                option = SeedVariety(strength, steps, seed=11) if strength else None
+                images = generate(model, prompts, seed=12, variety=option)
+                label = "off" if option is None else f"strength {strength:g}, {steps} step{'s' * (steps > 1)}"
+                rows[label] = {**variety(images, prompts), "fid": fidelity(images, prompts),
+                               "sharp": sharpness(images, prompts),
+                               "images": images[:SEEDS_PER_PROMPT]}  # the first prompt's 16 seeds, for the grid
+                log(f"variety, {case}, {label}: {_line(rows[label])} ({time.time() - t:.0f} s)")
+        results[case] = rows
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -165,15 +176,14 @@ def tables(stacking: dict, varieties: dict) -> str:
         lines.append(f"| {label} | {r['fid']:.2f} | {r['colour']:.2f} | {r['shape']:.2f} | {r['sharp']:.2f} | "
                      f"{r.get('colour_lora_kept', float('nan')):.2f} | {r.get('shape_lora_kept', float('nan')):.2f} "
                      f"| {r['base_fid']:.2f} |")
-    off = varieties.get("off")  # the ratios are against the sampler without the option
-    if off is None:
-        return "\n".join(lines)
-    lines += ["", f"Seed variety: turbo, 12 base prompts x {SEEDS_PER_PROMPT} seeds, {STEPS} steps, cfg {CFG:g}:", "",
-              "| seed variety | pairwise RMSE | x off | layouts (of 16) | x off | fid | sharp |",
-              "|---|---|---|---|---|---|---|"]
-    for label, r in varieties.items():
-        lines.append(f"| {label} | {r['pairwise']:.3f} | {r['pairwise'] / off['pairwise']:.2f} | {r['layouts']:.1f} | "
-                     f"{r['layouts'] / off['layouts']:.2f} | {r['fid']:.2f} | {r['sharp']:.2f} |")
+    for case, rows in varieties.items():
+        off = rows["off"]  # the ratios are against the sampler without the option
+        lines += ["", f"Seed variety, {case}: {SEEDS_PER_PROMPT} seeds per prompt, {STEPS} steps, cfg {CFG:g}:", "",
+                  "| seed variety | pairwise RMSE | x off | layouts (of 16) | x off | fid | sharp |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, r in rows.items():
+            lines.append(f"| {label} | {r['pairwise']:.3f} | {r['pairwise'] / off['pairwise']:.2f} | "
+                         f"{r['layouts']:.1f} | {r['layouts'] / off['layouts']:.2f} | {r['fid']:.2f} | {r['sharp']:.2f} |")
     return "\n".join(lines)
 
 
@@ -200,10 +210,11 @@ def main(argv=None):
         out = Path(args.grids)
         if stacking:
             save_grid([stacking[m]["images"] for m in COMBINE_MODES], out / "lora_stacking_grid.png")
-        if varieties:
-            save_grid([r["images"] for r in varieties.values()], out / "seed_variety_grid.png")
+        for i, rows in enumerate(varieties.values()):
+            save_grid([r["images"] for r in rows.values()], out / f"seed_variety_grid_{i + 1}.png")
     strip = lambda rows: {k: {n: v for n, v in r.items() if n != "images"} for k, r in rows.items()}  # noqa: E731
-    Path(args.out).write_text(json.dumps({"stacking": strip(stacking), "variety": strip(varieties),
+    Path(args.out).write_text(json.dumps({"stacking": strip(stacking),
+                                          "variety": {case: strip(rows) for case, rows in varieties.items()},
                                           "setup": {"samples": args.samples, "seeds_per_prompt": SEEDS_PER_PROMPT,
                                                     "stack": STACK_FILES}}, indent=1))
     Path(args.out).with_suffix(".md").write_text(md + "\n")
