@@ -76,13 +76,14 @@ class ZImageTurboLoraStack(io.ComfyNode):
                                      "refused either way."),
             io.Combo.Input("combine", options=list(COMBINE_MODES), default="sum", optional=True,
                            tooltip="How the LoRAs of the stack (this node's and the incoming ones) combine; the "
-                                   "DistillPatch is never combined. sum: plain sum (classic). orthogonal: where "
-                                   "LoRAs patch the same layer, each one's output directions are made orthogonal "
-                                   "to the others', so they stop writing over each other (still low rank). "
-                                   "orthogonal_in: the same on the input side. ties: TIES merge (trim, sign "
-                                   "election) of the full deltas; uses a full-size delta per shared layer. The "
-                                   "last LoRA stack node of a chain decides. A LoKr / LoHa LoRA is added as a plain "
-                                   "sum under the orthogonal modes, and the report says so."),
+                                   "DistillPatch is never combined. sum: plain sum (classic). shared_once: what "
+                                   "several LoRAs change in common (e.g. the blur every SFT LoRA brings) counts "
+                                   "once instead of once per LoRA. orthogonal: each LoRA's output directions are "
+                                   "made orthogonal to the others' where they patch the same layer. orthogonal_in: "
+                                   "the same on the input side. ties: TIES merge (trim, sign election) of the full "
+                                   "deltas, a full-size delta per shared layer. The last LoRA stack node of a "
+                                   "chain decides. Under the low-rank modes a LoKr / LoHa LoRA is added as a plain "
+                                   "sum, and the report says so."),
         ]
         return io.Schema(
             node_id="ZImageTurboLoraStack",

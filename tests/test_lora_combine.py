@@ -80,6 +80,25 @@ def test_orthogonal_modes_stay_low_rank_and_separate_the_loras(stack):
         assert a_in.up is orig.up and (a_in.down @ b_in.down.T).abs().max() < 1e-5
 
 
+def test_shared_once_counts_identical_loras_once_and_orthogonal_ones_fully():
+    model = tiny_model(seed=0)
+    lora = random_lora(model, 4)
+    with apply_loras(model, [(lora, 1.0)]):
+        once = snapshot(model)
+    for n in (2, 3):
+        with apply_loras(model, [(lora, 1.0)] * n, combine="shared_once"):
+            for name, value in model.state_dict().items():
+                torch.testing.assert_close(value, once[name], rtol=0, atol=1e-6)
+    # LoRAs writing orthogonal output directions (disjoint rows of `up`) are untouched: the plain sum
+    a, b = random_lora(model, 5), random_lora(model, 6)
+    for ma, mb in zip(a.modules.values(), b.modules.values()):
+        half = ma.up.shape[0] // 2
+        ma.up[half:], mb.up[:half] = 0, 0
+    combined = combine_stack([(a, 1.0), (b, 1.0)], "shared_once").stack
+    for path, m in combined[0][0].modules.items():
+        torch.testing.assert_close(m.up, a.modules[path].up, rtol=0, atol=1e-6)
+
+
 def test_orthogonal_on_an_fp8_base_is_side_branches_equal_to_the_merge(stack):
     model = to_fp8_storage(tiny_model(seed=0))
     fp8 = {p: m for p, m in model.named_modules() if isinstance(m, Fp8Linear)}

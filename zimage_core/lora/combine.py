@@ -8,6 +8,11 @@ Modes (measured on the toy world, docs/lora-stacking.md):
 
 * "sum": today's behaviour, the stack is returned untouched (the same objects), so the result is bit-for-bit the
   plain sum.
+* "shared_once": what several LoRAs write in common is counted once instead of once per LoRA: each of n LoRAs
+  sharing a module has its `up` lose (n - 1) / n of its component in the span of the others' `up` columns (half,
+  for two). n identical LoRAs give that LoRA once;
+  two LoRAs writing orthogonal directions give the plain sum. (Two SFT LoRAs on Turbo share at least their
+  de-distillation, which the sum doubles.) Low rank, like "orthogonal".
 * "orthogonal": where two or more LoRAs of the combined set patch the same module, each LoRA's output directions
   (the columns of its `up`) are projected off the span of the other LoRAs' `up` columns, so no LoRA writes into the
   directions another one writes. Stays low rank (only `up` changes, same rank, same dtype): exact side branches on fp8
@@ -34,7 +39,7 @@ from torch import Tensor
 
 from .weights import LoraModule, LoraWeights
 
-COMBINE_MODES = ("sum", "orthogonal", "orthogonal_in", "ties")
+COMBINE_MODES = ("sum", "shared_once", "orthogonal", "orthogonal_in", "ties")
 TIES_DENSITY = 0.2  # share of each delta's entries kept by TIES' trim step (the paper's default k = 20 %)
 
 
@@ -103,9 +108,9 @@ def _shared_paths(stack, members: list[int]) -> list[str]:
     return [path for path, n in counts.items() if n > 1]
 
 
-def _project_off(t: Tensor, others: list[Tensor], dim: int) -> Tensor:
-    """`t` with its columns (dim=1) or rows (dim=0) projected off the span of the others' columns / rows, in fp32,
-    returned in t's dtype."""
+def _project_off(t: Tensor, others: list[Tensor], dim: int, share: float = 1.0) -> Tensor:
+    """`t` minus `share` times its projection on the span of the others' columns (dim=1) or rows (dim=0), in fp32,
+    returned in t's dtype (share 1: projected off that span)."""
     basis = torch.cat([o.detach().float() for o in others], dim=dim)
     if dim == 0:
         basis = basis.T
@@ -113,13 +118,17 @@ def _project_off(t: Tensor, others: list[Tensor], dim: int) -> Tensor:
     rank = int((r.diagonal().abs() > 1e-6 * r.diagonal().abs().max().clamp_min(1e-30)).sum())
     q = q[:, :rank]  # drop directions that are numerically dependent (e.g. two identical LoRAs)
     x = t.detach().float()
-    x = x - q @ (q.T @ x) if dim == 1 else x - (x @ q) @ q.T
+    x = x - share * (q @ (q.T @ x)) if dim == 1 else x - share * ((x @ q) @ q.T)
     return x.to(t.dtype)
 
 
-def _orthogonal_out(modules: list[LoraModule], strengths: list[float]) -> list[LoraModule]:
-    return [replace(m, up=_project_off(m.up, [o.up for j, o in enumerate(modules) if j != i], dim=1))
+def _orthogonal_out(modules: list[LoraModule], strengths: list[float], share: float = 1.0) -> list[LoraModule]:
+    return [replace(m, up=_project_off(m.up, [o.up for j, o in enumerate(modules) if j != i], dim=1, share=share))
             for i, m in enumerate(modules)]
+
+
+def _shared_once(modules: list[LoraModule], strengths: list[float]) -> list[LoraModule]:
+    return _orthogonal_out(modules, strengths, share=1.0 - 1.0 / len(modules))
 
 
 def _orthogonal_in(modules: list[LoraModule], strengths: list[float]) -> list[LoraModule]:
@@ -150,4 +159,4 @@ def _ties(modules: list[LoraModule], strengths: list[float]) -> list[LoraModule]
     return out
 
 
-_TRANSFORMS = {"orthogonal": _orthogonal_out, "orthogonal_in": _orthogonal_in, "ties": _ties}
+_TRANSFORMS = {"shared_once": _shared_once, "orthogonal": _orthogonal_out, "orthogonal_in": _orthogonal_in, "ties": _ties}
