@@ -187,12 +187,19 @@ def tables(stacking: dict, varieties: dict) -> str:
     return "\n".join(lines)
 
 
-def save_grid(rows: list[Tensor], path: Path, scale: int = 3) -> None:
-    """One row of images per entry, 16 per row, nearest-upscaled."""
-    from PIL import Image
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # [3, H*rows, W*16]
+def save_grid(rows: dict[str, Tensor], path: Path, scale: int = 3, label_width: int = 200) -> None:
+    """One labelled row of 16 images per entry, nearest-upscaled."""
+    from PIL import Image, ImageDraw
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows.values()], dim=1)  # [3, H*rows, W*16]
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
-    Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    pixels = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy())
+    canvas = Image.new("RGB", (pixels.width + label_width, pixels.height), "white")
+    canvas.paste(pixels, (label_width, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = pixels.height // len(rows)
+    for i, label in enumerate(rows):
+        draw.text((6, i * row_height + row_height // 2 - 6), label, fill="black")
+    canvas.save(path)
 
 
 def main(argv=None):
@@ -209,9 +216,9 @@ def main(argv=None):
     if args.grids:
         out = Path(args.grids)
         if stacking:
-            save_grid([stacking[m]["images"] for m in COMBINE_MODES], out / "lora_stacking_grid.png")
+            save_grid({m: stacking[m]["images"] for m in COMBINE_MODES}, out / "lora_stacking_grid.png")
         for i, rows in enumerate(varieties.values()):
-            save_grid([r["images"] for r in rows.values()], out / f"seed_variety_grid_{i + 1}.png")
+            save_grid({label: r["images"] for label, r in rows.items()}, out / f"seed_variety_grid_{i + 1}.png")
     strip = lambda rows: {k: {n: v for n, v in r.items() if n != "images"} for k, r in rows.items()}  # noqa: E731
     Path(args.out).write_text(json.dumps({"stacking": strip(stacking),
                                           "variety": {case: strip(rows) for case, rows in varieties.items()},
