@@ -16,17 +16,16 @@ def _render(cx, cy, size=11.0, shape="square"):
 
 
 def test_layout_reads_position_and_size():
-    images = _render([8.0, 24.0, 8.0], [8.0, 8.0, 24.0])
-    cells = layout(images)
-    assert cells[0][:2] == (1, 1) and cells[1][:2] == (5, 1) and cells[2][:2] == (1, 5)  # pixel index 7.5, 23.5
-    small, big = layout(_render([16.0], [16.0], size=6.0))[0], layout(_render([16.0], [16.0], size=13.0))[0]
-    assert small[:2] == big[:2] and small[2] < big[2]
+    centre, size = layout(_render([8.0, 24.0, 8.0], [8.0, 8.0, 24.0]))
+    torch.testing.assert_close(centre, torch.tensor([[8.0, 8.0], [24.0, 8.0], [8.0, 24.0]]), rtol=0, atol=0.05)
+    torch.testing.assert_close(size, torch.full((3,), 11.0), rtol=0, atol=1.0)  # anti-aliased rim below threshold
+    assert layout(_render([16.0], [16.0], size=7.0))[1] < size[0] - 3
 
 
 def test_variety_is_zero_for_one_picture_and_grows_with_spread():
     same = _render([16.0] * 4, [16.0] * 4)
     spread = _render([8.0, 24.0, 8.0, 24.0], [8.0, 8.0, 24.0, 24.0])
     prompts = ["red square"] * 4
-    assert variety(same, prompts) == {"pairwise": 0.0, "layouts": 1.0}
+    assert variety(same, prompts) == {"pairwise": 0.0, "spread": 0.0, "positions": 1.0, "sizes": 1.0}
     v = variety(spread, prompts)
-    assert v["layouts"] == 4.0 and v["pairwise"] > 0.1
+    assert v["positions"] == 4.0 and v["pairwise"] > 0.1 and abs(v["spread"] - 8 * 2 ** 0.5) < 0.1

@@ -114,27 +114,34 @@ def _line(row: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- seed variety
-def layout(images: Tensor) -> list[tuple[int, int, int]]:
-    """(column cell, row cell, size bin) of each sample's foreground: its centroid on a 4-px grid, the square root of
-    its area in 2-px bins (the same foreground threshold as the metrics)."""
+def layout(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Foreground centroid [B, 2] (x, y in pixels) and size [B] (square root of the foreground area) of each sample,
+    with the metrics' foreground threshold."""
     strength = (images.clamp(0, 1) - world.BACKGROUND).norm(dim=1)
     fg = (strength > FOREGROUND).float()
     area = fg.sum((1, 2)).clamp_min(1.0)
-    ys, xs = torch.meshgrid(torch.arange(world.IMG).float(), torch.arange(world.IMG).float(), indexing="ij")
-    cx, cy = (fg * xs).sum((1, 2)) / area, (fg * ys).sum((1, 2)) / area
-    return [(int(x // 4), int(y // 4), int(a.sqrt() // 2)) for x, y, a in zip(cx, cy, area)]
+    ys, xs = torch.meshgrid(torch.arange(world.IMG).float() + 0.5, torch.arange(world.IMG).float() + 0.5,
+                            indexing="ij")
+    centre = torch.stack([(fg * xs).sum((1, 2)) / area, (fg * ys).sum((1, 2)) / area], dim=1)
+    return centre, area.sqrt()
 
 
 def variety(images: Tensor, prompts: list[str]) -> dict:
-    """Mean pairwise pixel RMSE between the samples of each prompt, and the mean number of distinct layouts."""
-    distances, layouts = [], []
+    """Per prompt, averaged over prompts: the mean pairwise pixel RMSE between its samples, the spread of their
+    positions (RMS distance of the centroids from their mean, pixels), how many of the 16 cells of an 8-px grid hold
+    a centroid, and how many 1-px size bins appear."""
+    figures = {"pairwise": [], "spread": [], "positions": [], "sizes": []}
     for prompt in sorted(set(prompts)):
         idx = [i for i, p in enumerate(prompts) if p == prompt]
         x = images[idx].flatten(1)
-        for a, b in itertools.combinations(range(len(idx)), 2):
-            distances.append(float((x[a] - x[b]).pow(2).mean().sqrt()))
-        layouts.append(len(set(layout(images[idx]))))
-    return {"pairwise": sum(distances) / len(distances), "layouts": sum(layouts) / len(layouts)}
+        figures["pairwise"].append(sum(float((x[a] - x[b]).pow(2).mean().sqrt())
+                                       for a, b in itertools.combinations(range(len(idx)), 2))
+                                   / (len(idx) * (len(idx) - 1) / 2))
+        centre, size = layout(images[idx])
+        figures["spread"].append(float((centre - centre.mean(0)).pow(2).sum(1).mean().sqrt()))
+        figures["positions"].append(len({(int(cx // 8), int(cy // 8)) for cx, cy in centre.tolist()}))
+        figures["sizes"].append(len({int(v) for v in size.tolist()}))
+    return {k: sum(v) / len(v) for k, v in figures.items()}
 
 
 VARIETY_CASES = {  # label -> (LoRA files, prompts): plain turbo, and a LoRA trained on 8 images (fewer layouts)
@@ -179,11 +186,13 @@ def tables(stacking: dict, varieties: dict) -> str:
     for case, rows in varieties.items():
         off = rows["off"]  # the ratios are against the sampler without the option
         lines += ["", f"Seed variety, {case}: {SEEDS_PER_PROMPT} seeds per prompt, {STEPS} steps, cfg {CFG:g}:", "",
-                  "| seed variety | pairwise RMSE | x off | layouts (of 16) | x off | fid | sharp |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| seed variety | pairwise RMSE | x off | position spread (px) | x off | positions (of 16 cells) "
+                  "| sizes | fid | sharp |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for label, r in rows.items():
             lines.append(f"| {label} | {r['pairwise']:.3f} | {r['pairwise'] / off['pairwise']:.2f} | "
-                         f"{r['layouts']:.1f} | {r['layouts'] / off['layouts']:.2f} | {r['fid']:.2f} | {r['sharp']:.2f} |")
+                         f"{r['spread']:.1f} | {r['spread'] / off['spread']:.2f} | {r['positions']:.1f} | "
+                         f"{r['sizes']:.1f} | {r['fid']:.2f} | {r['sharp']:.2f} |")
     return "\n".join(lines)
 
 
