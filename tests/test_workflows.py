@@ -136,8 +136,10 @@ def test_workflow_runs_on_the_tiny_model(server, host, name):
     assert result.valid, result.validation_error
     assert result.success, result.events[-1:]
     saved = [img for out in result.ui.values() for img in out.get("images", []) if img.get("type") == "output"]
-    # trained workflows: base and trained side by side; inpainting: noise mask and ControlNet inpaint mode
-    assert len(saved) == (2 if name.startswith("train_") or name == "zimage_turbo_inpaint" else 1)
+    # trained workflows: base and trained side by side; inpainting: noise mask and ControlNet inpaint mode; the
+    # stacking workflow: a batch of 4 seeds
+    expected = 2 if name.startswith("train_") or name == "zimage_turbo_inpaint" else 1
+    assert len(saved) == (4 if name == "zimage_turbo_lora_stack_variety" else expected)
     from PIL import Image
 
     size = (INPAINT_SIZE,) * 2 if name == "zimage_turbo_inpaint" else (RUN_SIZE, RUN_SIZE)

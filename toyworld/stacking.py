@@ -2,10 +2,10 @@
 
     PYTHONPATH=. python -m toyworld.stacking [--out toyworld/stacking.json] [--grids docs/]
 
-Stacking: the colour LoRA ("purple") + the shape LoRA ("cross") + the DistillPatch, each at 1.0, on turbo, through
+Stacking: the colour LoRA (world.NEW_COLOUR) + the shape LoRA (world.NEW_SHAPE) + the DistillPatch, each at 1.0, on turbo, through
 `apply_loras(..., combine=mode, keep_apart={DistillPatch})`, for the plain sum and every mode of
-`zimage_core.lora.combine`. Per mode: the share of "purple cross" samples drawn as prompted (and its colour / shape
-parts), each LoRA's own concept kept (purple on the base shapes, cross in the base colours), the base prompts kept,
+`zimage_core.lora.combine`. Per mode: the share of "<colour> <shape>" samples drawn as prompted (and its colour / shape
+parts), each LoRA's own concept kept (the colour on the base shapes, the shape in the base colours), the base prompts kept,
 and sharpness. Seed variety: turbo on the 12 base prompts, 16 seeds each, without and with
 `zimage_core.sampling.SeedVariety` at a few strengths / step counts: the mean pairwise pixel RMSE between the 16
 samples of a prompt, the number of distinct (position, size) layouts among them, and prompted fidelity.
@@ -33,9 +33,9 @@ from .evaluate import decode, fixed_noise, load_model, lora_path
 from .metrics import FOREGROUND, classify, edge_sharpness, fidelity, sharpness
 
 STEPS, CFG = 8, 1.0
-COMBINATION = f"{world.NEW_COLOUR} {world.NEW_SHAPE}"  # "purple cross"
-STACK_FILES = ("lora_sft_purple", "lora_sft", "distill_patch")  # colour LoRA, shape LoRA, DistillPatch (own slot)
-VARIETY_SETTINGS = ((0.0, 0), (1.0, 1), (2.0, 2), (4.0, 2), (2.0, 4))  # (strength, steps); the first is off
+COMBINATION = f"{world.NEW_COLOUR} {world.NEW_SHAPE}"  # e.g. "purple cross"
+STACK_FILES = (f"lora_sft_{world.NEW_COLOUR}", "lora_sft", "distill_patch")  # colour, shape LoRA, DistillPatch
+VARIETY_SETTINGS = ((0.0, 0), (1.0, 1), (1.0, 2), (2.0, 2), (4.0, 2), (2.0, 4))  # (strength, steps); the first is off
 SEEDS_PER_PROMPT = 16
 
 
@@ -146,7 +146,8 @@ def variety(images: Tensor, prompts: list[str]) -> dict:
 
 VARIETY_CASES = {  # label -> (LoRA files, prompts): plain turbo, and a LoRA trained on 8 images (fewer layouts)
     "turbo, base prompts": ((), world.base_prompts()),
-    "turbo + cross LoRA + DistillPatch, cross prompts": (("lora_sft", "distill_patch"), world.concept_prompts("cross")),
+    f"turbo + {world.NEW_SHAPE} LoRA + DistillPatch, {world.NEW_SHAPE} prompts": (("lora_sft", "distill_patch"),
+                                                                              world.concept_prompts(world.NEW_SHAPE)),
 }
 
 
@@ -177,7 +178,8 @@ def run_variety(log=print) -> dict:
 def tables(stacking: dict, varieties: dict) -> str:
     lines = [f"Stack: colour LoRA + shape LoRA + DistillPatch at 1.0 each, prompt '{COMBINATION}', {STEPS} steps, "
              f"cfg {CFG:g}:", "",
-             "| stack / combine | as prompted | colour | shape | sharp | purple kept | cross kept | base kept |",
+             f"| stack / combine | as prompted | colour | shape | sharp | {world.NEW_COLOUR} kept | {world.NEW_SHAPE} kept "
+             f"| base kept |",
              "|---|---|---|---|---|---|---|---|"]
     for label, r in stacking.items():
         lines.append(f"| {label} | {r['fid']:.2f} | {r['colour']:.2f} | {r['shape']:.2f} | {r['sharp']:.2f} | "

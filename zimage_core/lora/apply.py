@@ -232,7 +232,8 @@ def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: 
     still refuses unknown keys. A shape mismatch is always an error. On any error nothing is applied.
 
     combine: how the stack's LoRAs combine (`combine.COMBINE_MODES`; "sum" = plain sum), computed on the factors
-    before anything is applied; the stack indices in `keep_apart` (the DistillPatch) are never combined."""
+    before anything is applied; the stack indices in `keep_apart` (the DistillPatch) are never combined. A mode other
+    than "sum" computes new (detached) factors: it is for sampling, not for training through the stack."""
     if mode not in MODES:
         raise ValueError(f"apply_loras: mode must be one of {MODES}, got {mode!r}")
     stack = [(_as_lora(item), float(strength))
