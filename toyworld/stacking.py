@@ -37,6 +37,7 @@ COMBINATION = f"{world.NEW_COLOUR} {world.NEW_SHAPE}"  # e.g. "purple cross"
 STACK_FILES = (f"lora_sft_{world.NEW_COLOUR}", "lora_sft", "distill_patch")  # colour, shape LoRA, DistillPatch
 VARIETY_SETTINGS = ((0.0, 0), (1.0, 1), (1.0, 2), (2.0, 2), (4.0, 2), (2.0, 4))  # (strength, steps); the first is off
 SEEDS_PER_PROMPT = 16
+WORKAROUND_STRENGTH = 0.6  # users turn stacked LoRAs down to 0.3-0.7 (peers survey, complaint 3)
 
 
 @torch.no_grad()
@@ -106,6 +107,10 @@ def run_stacking(n: int = 48, log=print) -> dict:
         t = time.time()
         rows[mode] = measure_stack(model, stack, mode, n)
         log(f"stack, combine={mode}: {_line(rows[mode])} ({time.time() - t:.0f} s)")
+    # what users do today instead: the plain sum with the LoRAs turned down (the DistillPatch stays at 1.0)
+    label = f"sum, LoRAs at {WORKAROUND_STRENGTH:g}"
+    rows[label] = measure_stack(model, [(lora, WORKAROUND_STRENGTH) for lora in loras[:2]] + [stack[2]], "sum", n)
+    log(f"stack, {label}: {_line(rows[label])}")
     return rows
 
 
