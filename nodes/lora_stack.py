@@ -8,12 +8,14 @@ import folder_paths
 from comfy_api.latest import io, ui
 from server import PromptServer
 
-from ..zimage_core.lora.combine import COMBINE_MODES
 from .lora_cache import load_cached, summarize
 from .types import ROLE_DISTILLPATCH, ROLE_LORA, ZIMAGE_MODEL, LoraSpec, ZImageModel
 
 NONE = "None"
 SLOTS = 3
+# The combine modes the node offers (docs/lora-stacking.md). zimage_core also has orthogonal_in and ties, measured as
+# candidates: neither did better, and ties builds a full-size delta per LoRA and layer (tens of GB at real size).
+COMBINE_OPTIONS = ("sum", "shared_once", "orthogonal")
 
 
 def lora_options() -> list[str]:
@@ -74,16 +76,15 @@ class ZImageTurboLoraStack(io.ComfyNode):
                                      "transformer part and list the text-encoder keys in the report (apply those "
                                      "with ComfyUI's LoraLoader on the CLIP). Keys that fit no part of Z-Image are "
                                      "refused either way."),
-            io.Combo.Input("combine", options=list(COMBINE_MODES), default="sum", optional=True,
+            io.Combo.Input("combine", options=list(COMBINE_OPTIONS), default="sum", optional=True,
                            tooltip="How the LoRAs of the stack (this node's and the incoming ones) combine; the "
                                    "DistillPatch is never combined. sum: plain sum (classic). shared_once: what "
                                    "several LoRAs change in common (e.g. the blur every SFT LoRA brings) counts "
-                                   "once instead of once per LoRA. orthogonal: each LoRA's output directions are "
-                                   "made orthogonal to the others' where they patch the same layer. orthogonal_in: "
-                                   "the same on the input side. ties: TIES merge (trim, sign election) of the full "
-                                   "deltas, a full-size delta per shared layer. The last LoRA stack node of a "
-                                   "chain decides. Under the low-rank modes a LoKr / LoHa LoRA is added as a plain "
-                                   "sum, and the report says so."),
+                                   "once instead of once per LoRA. orthogonal: where LoRAs patch the same layer, "
+                                   "each one's output directions are made orthogonal to the others', so they stop "
+                                   "writing over each other; it kept other prompts best in our tests, at some cost "
+                                   "to the combined prompt. The last LoRA stack node of a chain decides. A LoKr / "
+                                   "LoHa LoRA is added as a plain sum, and the report says so."),
         ]
         return io.Schema(
             node_id="ZImageTurboLoraStack",

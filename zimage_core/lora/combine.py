@@ -21,8 +21,9 @@ Modes (measured on the toy world, docs/lora-stacking.md):
   `down` rows, so no LoRA reacts to what another one reads.
 * "ties": TIES-merging (Yadav et al. 2023) of the strength-scaled full deltas of each shared module: keep each
   LoRA's largest `TIES_DENSITY` share of entries, elect a sign per entry from their sum, keep the entries that agree
-  and divide by how many agree. The result is a full-size delta per LoRA and module (kind "diff"): memory of one
-  full weight per LoRA and module, so it is a candidate measured on the toy world, not the default choice.
+  and divide by how many agree. The result is a full-size delta per LoRA and module (kind "diff"): one full fp32
+  weight per LoRA and shared module (tens of GB for the real model) and seconds per module on a CPU, so it is a
+  candidate measured on the toy world that the LoRA stack node does not offer.
 
 A LoRA module that is not low-rank factors (LoKr, LoHa, a full ComfyUI diff) cannot be projected: under the
 orthogonal modes that LoRA is left out of the combination and summed as it is, and a note names it. "ties" works on
