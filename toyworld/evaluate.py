@@ -115,15 +115,19 @@ def scheme_rows(concept: str = world.NEW_SHAPE) -> list[tuple[str, str, list[tup
     return rows
 
 
-def run_concept(concept: str, per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, log=print) -> dict:
+def run_concept(concept: str, per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, log=print,
+                only: str | None = None) -> dict:
     """per_prompt: samples per shape-concept prompt (48 in all; the colour concept gets the same total over its 3
     prompts). Turbo-check reference: the concept's SFT LoRA at 30 steps / cfg 2 on the same noises (what the
-    concept looks like at full quality)."""
+    concept looks like at full quality). only: measure just the rows whose label contains it (and scheme 1, the
+    reference), e.g. to add the fewer-steps rows to an existing table."""
     models, results, reference = {}, {}, None
     base = prompt_set(world.base_prompts(), base_per_prompt)
     prompts = world.concept_prompts(concept)
     concept_set = prompt_set(prompts, per_prompt * 4 // len(prompts))
     for label, base_name, loras, settings in scheme_rows(concept):
+        if only and only not in label and label != "1 SFT LoRA":
+            continue
         if any(not Path(p).exists() for p, _ in loras):
             log(f"{concept} / {label}: weights missing, skipped")
             continue
@@ -157,20 +161,20 @@ def run_base_models(base_per_prompt: int = 8, seed: int = 9, log=print) -> dict:
     rows["real data"] = {"sharp": sharpness(real, base_more), "edge": edge_sharpness(real, base_more),
                          "fid": fidelity(real, base_more), "shape_acc": shape_accuracy(real, base_more)}
     models = {}
-    for name, steps, cfg in (("teacher", 50, 4.0), ("teacher", 50, 2.0), ("teacher", 8, 1.0), ("turbo", 8, 1.0),
-                             ("turbo", 4, 1.0), ("turbo", 30, 2.0)):
+    for name, steps, cfg in (("teacher", 50, 4.0), ("teacher", 30, 2.0), ("teacher", 8, 1.0), ("turbo", 8, 1.0),
+                             ("turbo", 4, 1.0), ("turbo", 2, 1.0), ("turbo", 30, 2.0)):
         model = models.setdefault(name, load_model(name))
         rows[f"{name} {steps} st cfg {cfg:g}"], _ = measure(model, base_more, steps, cfg, seed)
         log(f"base prompts, {name} {steps} st cfg {cfg:g}: fid {rows[f'{name} {steps} st cfg {cfg:g}']['fid']:.2f}")
     return rows
 
 
-def run(per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, parts=None, log=print) -> dict:
+def run(per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, parts=None, log=print, only=None) -> dict:
     parts = parts or [*world.CONCEPTS, "_base_models"]
     results = {}
     for part in parts:
         results[part] = run_base_models(log=log) if part == "_base_models" else run_concept(
-            part, per_prompt, base_per_prompt, seed, log)
+            part, per_prompt, base_per_prompt, seed, log, only)
     results["_setup"] = {"concept_samples": per_prompt * 4, "base_samples": base_per_prompt * 12, "seed": seed,
                          "base_models_samples": 96, "turbo_check_reference": "the concept's SFT LoRA, 30 st cfg 2"}
     return results
@@ -210,9 +214,9 @@ def table(results: dict) -> str:
             for label, s in sorted(few, key=lambda x: x[1], reverse=True):
                 r = rows[label][s]
                 tc = r.get("turbo_check", {})
-                lines.append(f"| {label}, {s} | {r['sharp']:.2f} | {r['edge']:.2f} | {r['fid']:.2f} | "
-                             f"{tc.get('score', float('nan')):.2f} | {tc.get('match', float('nan')):.2f} | "
-                             f"{tc.get('sharpness', float('nan')):.2f} | {_cell(rows[label], s, 'fid', True)} |")
+                parts = " | ".join(f"{tc[k]:.2f}" if k in tc else "–" for k in ("score", "match", "sharpness"))
+                lines.append(f"| {label}, {s} | {r['sharp']:.2f} | {r['edge']:.2f} | {r['fid']:.2f} | {parts} | "
+                             f"{_cell(rows[label], s, 'fid', True)} |")
     if "_base_models" in results:
         lines += ["", "Base prompts (pretraining data), 96 samples:", "",
                   "| model, setting | sharp | edge | fid (colour and shape) | shape accuracy |",
@@ -230,15 +234,21 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parts", help="comma-separated subset of the concepts and _base_models (run in parallel, then "
                                    "--combine)")
-    p.add_argument("--combine", nargs="+", help="merge these partial results files into --out")
+    p.add_argument("--combine", nargs="+", help="merge these partial results files into --out (later files add rows)")
+    p.add_argument("--only", help="measure only the rows whose label contains this (and scheme 1, the reference)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.combine:
         results = {}
         for part in args.combine:
-            results.update(json.loads(Path(part).read_text()))
+            for key, value in json.loads(Path(part).read_text()).items():
+                if isinstance(value, dict) and isinstance(results.get(key), dict):
+                    results[key].update(value)
+                else:
+                    results[key] = value
     else:
-        results = run(args.per_prompt, args.base_per_prompt, parts=args.parts.split(",") if args.parts else None)
+        results = run(args.per_prompt, args.base_per_prompt, parts=args.parts.split(",") if args.parts else None,
+                      only=args.only)
     Path(args.out).write_text(json.dumps(results, indent=1))
     md = table(results)
     Path(args.out).with_suffix(".md").write_text(md + "\n")
