@@ -310,7 +310,9 @@ def record_time(name: str, seconds: float) -> None:
     import fcntl
 
     path = WEIGHTS / "timings.json"
-    with open(WEIGHTS / ".timings.lock", "w") as lock:  # stages may run in parallel processes
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "toyworld-timings.lock", "w") as lock:  # stages may run in parallel
         fcntl.flock(lock, fcntl.LOCK_EX)
         timing = json.loads(path.read_text()) if path.exists() else {}
         timing[name] = round(seconds, 1)
