@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from ..zimage_core import lora as lora_engine
-from .lora_spec import LoraSpec
+from .lora_spec import ROLE_DISTILLPATCH, LoraSpec
 
 _MAX_CACHED = 6
 _NAMED_KEYS = 5  # text-encoder keys listed by name in the node's report
@@ -26,12 +26,14 @@ def load_cached(spec: LoraSpec):
     return weights
 
 
-def apply_stack(transformer, specs: tuple[LoraSpec, ...]):
-    """Merge `specs` into `transformer`; returns (handle, reports). Unmatched keys raise the engine's LoraError
+def apply_stack(transformer, specs: tuple[LoraSpec, ...], combine: str = "sum"):
+    """Merge `specs` into `transformer`, combined with `combine` (the DistillPatch kept apart); returns (handle,
+    reports). Unmatched keys raise the engine's LoraError
     (naming file, format and keys); a LoRA that patches nothing is an error too, never a silent no-op. Text-encoder
     keys are left out and named in the reports (the stack node refuses them first when its `strict` is on)."""
     handle = lora_engine.apply_loras(transformer, [(load_cached(s), s.strength) for s in specs],
-                                     mode="merge", strict=True, skip_text_encoder=True)
+                                     mode="merge", strict=True, skip_text_encoder=True, combine=combine,
+                                     keep_apart={i for i, s in enumerate(specs) if s.role == ROLE_DISTILLPATCH})
     for spec, report in zip(specs, handle.reports):
         if report.matched == 0:
             handle.remove()
@@ -43,7 +45,7 @@ def apply_stack(transformer, specs: tuple[LoraSpec, ...]):
 def summarize(spec: LoraSpec, report) -> str:
     """One UI line per LoRA: detected format, modules patched, keys left unmatched, keys skipped (no effect), and the
     text-encoder keys not applied, by name."""
-    role = " [DistillPatch]" if spec.role == "distillpatch" else ""
+    role = " [DistillPatch]" if spec.role == ROLE_DISTILLPATCH else ""
     text = (f"{spec.name}{role} @ {spec.strength:g}: format {report.format}, {report.matched} modules patched, "
             f"{len(report.unmatched)} keys left")
     if report.redundant:
@@ -53,4 +55,6 @@ def summarize(spec: LoraSpec, report) -> str:
                                                                 else "")
         text += (f"\n  text encoder NOT applied by this node ({len(report.text_encoder)} keys: {names}); use "
                  f"ComfyUI's LoraLoader on the CLIP for those")
+    for note in report.notes:
+        text += f"\n  {note}"
     return text

@@ -23,7 +23,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..zimage_core import QUALITY, TURBO, sample
-from ..zimage_core.sampling import BASE
+from ..zimage_core.sampling import BASE, SeedVariety
 from ..zimage_core.samplers import SAMPLERS
 from ..zimage_core.scheduler import DEFAULT_SHIFT
 from .controlnet import control_inputs
@@ -152,6 +152,15 @@ class ZImageTurboSampler(io.ComfyNode):
                                tooltip="Step rule: euler (what Z-Image-Turbo is distilled with) or res_multistep "
                                        "(the sampler of ComfyUI's official Z-Image-Turbo template); both equal "
                                        "KSampler's samplers of the same name on the simple scheduler."),
+                io.Float.Input("variety", default=0.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="Seed variety: more different pictures across seeds for the same prompt. "
+                                       "Adds noise (this times each token's size, drawn from the seed) to the "
+                                       "prompt's text features during the first variety_steps steps only, so the "
+                                       "layout changes with the seed while the later steps follow the clean "
+                                       "prompt. 0 = off (the classic sampler)."),
+                io.Int.Input("variety_steps", default=1, min=0, max=200, optional=True,
+                             tooltip="How many of the first steps get the seed-variety noise (1-2 of 8 moves the "
+                                     "layout; more steps drift away from the prompt)."),
             ],
             outputs=[io.Latent.Output("LATENT", display_name="LATENT",
                                       tooltip="Sampled latent (raw Flux-VAE space) for VAEDecode.")],
@@ -160,7 +169,7 @@ class ZImageTurboSampler(io.ComfyNode):
     @classmethod
     @override
     def execute(cls, model: ZImageModel, positive, latent_image, preset, steps, cfg, shift, seed, denoise,
-                negative=None, control=(), sampler="euler") -> io.NodeOutput:
+                negative=None, control=(), sampler="euler", variety=0.0, variety_steps=1) -> io.NodeOutput:
         steps, cfg = resolve_preset(preset, steps, cfg)
         if denoise <= 0.0:
             return io.NodeOutput(dict(latent_image))
@@ -186,7 +195,8 @@ class ZImageTurboSampler(io.ComfyNode):
         out = sample(model.transformer, noise.to(device), [c.to(device) for c in pos],
                      None if neg is None else [c.to(device) for c in neg], steps=steps, cfg=cfg, shift=shift,
                      denoise=denoise, callback=on_step, init_latent=start.to(device), sampler=sampler,
-                     mask=None if mask is None else mask.to(device), control=controls)
+                     mask=None if mask is None else mask.to(device), control=controls,
+                     variety=SeedVariety(variety, variety_steps, seed=(seed + 1) & 0xFFFFFFFFFFFFFFFF))
         result = dict(latent_image)
         result["samples"] = patcher.model.latent_format.process_out(out.float()).to(
             comfy.model_management.intermediate_device())

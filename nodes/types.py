@@ -179,6 +179,7 @@ class ZImageModel:
     base: LoadedBase
     loras: tuple[LoraSpec, ...] = ()
     variant: str = "turbo"
+    combine: str = "sum"  # how the stack's LoRAs combine (zimage_core.lora.combine), from the last LoRA stack node
 
     @property
     def transformer(self) -> ZImageTransformer:
@@ -192,19 +193,20 @@ class ZImageModel:
     def config(self):
         return self.base.transformer.config
 
-    def with_loras(self, *specs: LoraSpec) -> "ZImageModel":
-        return replace(self, loras=self.loras + tuple(specs))
+    def with_loras(self, *specs: LoraSpec, combine: str | None = None) -> "ZImageModel":
+        return replace(self, loras=self.loras + tuple(specs), combine=combine or self.combine)
 
     def activate(self) -> list:
         """Make the shared transformer carry exactly this wire's LoRA stack; returns the engine's per-LoRA reports.
         A different stack merged before is removed first (bit-exact restore)."""
         base = self.base
-        if base.active == self.loras and (base.handle is not None or not self.loras):
+        wanted = (self.loras, self.combine) if self.loras else ()
+        if base.active == wanted and (base.handle is not None or not self.loras):
             return base.reports
         base.clear()
         if self.loras:
-            base.handle, base.reports = apply_stack(base.transformer, self.loras)
-            base.active = self.loras
+            base.handle, base.reports = apply_stack(base.transformer, self.loras, self.combine)
+            base.active = wanted
         return base.reports
 
     def describe(self) -> str:

@@ -31,13 +31,14 @@ INPUT_SNAPSHOT = {
         "required": [("model", "ZIMAGE_MODEL"), ("lora_1", "COMBO"), ("strength_1", "FLOAT"), ("lora_2", "COMBO"),
                      ("strength_2", "FLOAT"), ("lora_3", "COMBO"), ("strength_3", "FLOAT"),
                      ("distillpatch", "COMBO"), ("distillpatch_strength", "FLOAT")],
-        "optional": [("loras_from", "ZIMAGE_MODEL"), ("strict", "BOOLEAN")],
+        "optional": [("loras_from", "ZIMAGE_MODEL"), ("strict", "BOOLEAN"), ("combine", "COMBO")],
     },
     "ZImageTurboSampler": {
         "required": [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
                      ("preset", "COMBO"), ("steps", "INT"), ("cfg", "FLOAT"), ("shift", "FLOAT"), ("seed", "INT"),
                      ("denoise", "FLOAT")],
-        "optional": [("negative", "CONDITIONING"), ("control", "ZIMAGE_CONTROL"), ("sampler", "COMBO")],
+        "optional": [("negative", "CONDITIONING"), ("control", "ZIMAGE_CONTROL"), ("sampler", "COMBO"),
+                     ("variety", "FLOAT"), ("variety_steps", "INT")],
     },
     "ZImageTurboTrainLora": {
         "required": [("model", "ZIMAGE_MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset_folder", "STRING"),
@@ -140,7 +141,7 @@ def test_text_to_image_with_user_lora_and_distillpatch(comfy_host, comfy_models)
 
 
 def _core_reference(host, m, text, seed, steps, cfg, latent=None, denoise=1.0, negative_text=None, loras=(),
-                    model=None):
+                    model=None, combine="sum", variety=None):
     """What the sampler node must return, computed with zimage_core and ComfyUI's helpers directly: the noise of
     comfy.sample.prepare_noise (KSampler's), Flux process_in/out, zimage_core.sample on the same weights (`model`,
     default the tiny model the loader reads)."""
@@ -151,7 +152,8 @@ def _core_reference(host, m, text, seed, steps, cfg, latent=None, denoise=1.0, n
     from zimage_core.testing import tiny_model
 
     model = tiny_model(0) if model is None else model
-    handle = apply_loras(model, [(load_lora(p), s) for p, s in loras]) if loras else None
+    handle = apply_loras(model, [(load_lora(p), s) for p, s in loras], combine=combine,
+                         keep_apart={i for i, (p, _) in enumerate(loras) if "distill" in str(p)}) if loras else None
     fmt = comfy.latent_formats.Flux()
     raw = latent if latent is not None else torch.zeros(1, 16, 4, 4)
     noise = comfy.sample.prepare_noise(raw, seed)
@@ -160,7 +162,8 @@ def _core_reference(host, m, text, seed, steps, cfg, latent=None, denoise=1.0, n
     pos = [hashed(text, m.config.cap_feat_dim)[0]]
     neg = [hashed(negative_text, m.config.cap_feat_dim)[0]] if negative_text is not None else None
     with torch.no_grad():
-        out = sample(model, noise, pos, neg, steps=steps, cfg=cfg, shift=3.0, denoise=denoise, init_latent=start)
+        out = sample(model, noise, pos, neg, steps=steps, cfg=cfg, shift=3.0, denoise=denoise, init_latent=start,
+                     variety=variety)
     if handle is not None:
         handle.remove()
     return fmt.process_out(out.float())
@@ -231,6 +234,51 @@ def test_lora_stack_output_equals_core_with_same_loras(comfy_host, comfy_models)
     expected = _core_reference(comfy_host, m, "a red fox in the snow", seed=3, steps=8, cfg=1.0,
                                loras=[(loras_dir / m.user_lora, 0.7), (loras_dir / m.distillpatch, 1.0)])
     torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+
+
+def test_lora_stack_combine_input_runs_the_core_mode_and_switches_back(comfy_host, comfy_models):
+    """The stack node's `combine` input: the orthogonal stack of two user LoRAs + the DistillPatch gives exactly
+    zimage_core's apply_loras(combine='orthogonal', DistillPatch kept apart), differs from the sum, says so in the
+    node's report, and switching back to the sum gives the sum's latent bit for bit."""
+    m = comfy_models
+    loras_dir = comfy_host.models_dir / "loras"
+    loras = [(m.user_lora, 1.0), (m.user_lora2, 1.0)]
+    files = [(loras_dir / n, s) for n, s in loras] + [(loras_dir / m.distillpatch, 1.0)]
+    latents = {}
+    for combine in ("sum", "orthogonal", "sum"):
+        prompt = t2i_prompt(m, loras=loras, distillpatch=m.distillpatch, seed=5, size=32, save=False)
+        prompt["2"]["inputs"]["combine"] = combine
+        result = comfy_host.run(prompt)
+        assert result.success, result.error
+        if combine in latents:
+            torch.testing.assert_close(_sampler_latent(result), latents[combine], rtol=0, atol=0)
+            continue
+        latents[combine] = _sampler_latent(result).clone()
+        expected = _core_reference(comfy_host, m, "a red fox in the snow", seed=5, steps=8, cfg=1.0, loras=files,
+                                   combine=combine)
+        torch.testing.assert_close(latents[combine], expected, rtol=0, atol=0)
+        report = " ".join(result.ui["2"]["text"])
+        assert ("combine: orthogonal" in report) == (combine == "orthogonal")
+        if combine == "orthogonal":
+            assert "combined (orthogonal)" in report and report.count("combined (orthogonal)") == 2  # not the patch
+    assert (latents["orthogonal"] - latents["sum"]).abs().max() > 1e-4
+
+
+def test_sampler_seed_variety_inputs(comfy_host, comfy_models):
+    """The sampler's `variety` / `variety_steps`: on, the latent is zimage_core's sample with SeedVariety(strength,
+    steps, seed + 1) and differs from the classic one; variety 0 (the default) is the classic sampler bit for bit."""
+    from zimage_core.sampling import SeedVariety
+    m = comfy_models
+    classic = _core_reference(comfy_host, m, "a red fox in the snow", seed=9, steps=8, cfg=1.0)
+    for strength, steps in ((0.0, 1), (1.5, 2)):
+        prompt = t2i_prompt(m, seed=9, size=32, save=False)
+        prompt["5"]["inputs"].update(variety=strength, variety_steps=steps)
+        result = comfy_host.run(prompt)
+        assert result.success, result.error
+        expected = classic if strength == 0 else _core_reference(
+            comfy_host, m, "a red fox in the snow", seed=9, steps=8, cfg=1.0, variety=SeedVariety(strength, steps, 10))
+        torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+    assert (expected - classic).abs().max() > 1e-3
 
 
 def test_switching_loras_restores_the_base_exactly(comfy_host, comfy_models):

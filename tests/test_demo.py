@@ -51,12 +51,23 @@ def test_toy_t2i_in_comfyui_draws_the_prompted_shapes(toy_host):
     assert not any(s[0] == "purple" for s in seen["purple circle"]), seen  # a colour the model never saw
 
 
+def test_toy_bar_lora_in_comfyui_draws_the_new_shape(toy_host):
+    """The shipped bar LoRA (scheme 1's SFT LoRA) with the DistillPatch (scheme 4) in the real ComfyUI, 8 / cfg 1."""
+    seen = _run(toy_host, demo.toy_t2i("toyworld_t2i_bar", demo.BAR_PROMPTS, lora=demo.TOY_BAR_LORA))
+    bars = [p for p in demo.BAR_PROMPTS if p.endswith(" bar")]
+    assert sum(_hits(seen[p], p) for p in bars) >= len(bars) * demo.SAMPLES // 2, seen
+    assert sum(s[1] == "bar" for p in bars for s in seen[p]) > sum(s[1] == "bar" for s in seen["yellow square"]), seen
+
+
 def test_toy_training_in_comfyui_loss_falls_and_the_lora_draws_purple(toy_host):
     _run(toy_host, demo.toy_train(TRAIN_STEPS))
     report = demo.training_report(toy_host.base_dir)
     first, last = demo.loss_fall(report["losses"])
     assert report["steps"] == TRAIN_STEPS and last < 0.5 * first, (first, last)  # measured 0.43 -> 0.11
     assert set(report["turbo_check"]) == {"base", "trained", "trained+distillpatch"}
+    check = report["turbo_check"]  # higher keeps the Turbo; 'base' (no LoRA) does not draw purple at all
+    assert check["trained+distillpatch"] > check["base"] and check["trained"] > check["base"], check
+    assert report["turbo_check_meaning"].startswith("turbo check (higher keeps the Turbo)")
     work = toy_host.base_dir / "output" / "zimage_training" / demo.TOY_LORA
     assert (work / f"{demo.TOY_LORA}.loss.png").is_file() and (work / f"{demo.TOY_LORA}.grid.png").is_file()
     seen = _run(toy_host, demo.toy_t2i("toyworld_t2i_purple", ["purple circle", "red circle"],

@@ -21,6 +21,8 @@ from zimage_core.training import checkpoint as checkpoint_module
 from zimage_core.training import trainer as trainer_module
 from zimage_core.training.checkpoint import load_checkpoint, save_checkpoint
 from zimage_core.training.toy import make_toy_dataset, toy_encoders
+from zimage_core.training.turbo_check import match
+from zimage_core.training.turbo_check import sharpness as turbo_sharpness
 
 KEY = re.compile(r"^diffusion_model\.(layers|noise_refiner|context_refiner)\.\d+\."
                  r"(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123])\.lora_[AB]\.weight$")
@@ -149,19 +151,21 @@ def test_differential_preset_is_frozen_removed_and_not_exported(tmp_path, cache)
         keys, meta = list(f.keys()), f.metadata()
     assert len(keys) == 2 * len(new_lora(model, rank=4).modules) and all(KEY.match(k) for k in keys)
     assert meta["scheme"] == "differential" and meta["preset_lora"].endswith("preset.safetensors")
-    # validation ran with the preset removed: the turbo check equals the one computed without it
+    # validation ran with the preset removed: the turbo check's reference is the LoRA alone at 30 steps / cfg 2
     features, neg = cache.prompt_features("a red square"), cache.prompt_features("")
     noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(trainer_module._mix(0, 0, 3)))
 
-    def gap(loras):
+    def samples(loras, steps, cfg_scale):
         with torch.no_grad(), apply_loras(model, loras, mode="runtime"):
-            a = sample(model, noise, [features], [neg], steps=8, cfg=1.0)
-            b = sample(model, noise, [features], [neg], steps=30, cfg=2.0)
-        return float((a - b).pow(2).mean().sqrt())
+            return sample(model, noise, [features], [neg], steps=steps, cfg=cfg_scale)
 
-    assert result.turbo_check["base"] == pytest.approx(gap([]), rel=1e-5)
-    assert result.turbo_check["trained"] == pytest.approx(gap([(result.lora, 1.0)]), rel=1e-5)
-    assert result.turbo_check["trained"] != pytest.approx(gap([(preset, 1.0), (result.lora, 1.0)]), rel=1e-3)
+    reference = samples([(result.lora, 1.0)], 30, 2.0)
+    fast = samples([(result.lora, 1.0)], 8, 1.0)
+    assert result.turbo_check_detail["trained"]["match"] == pytest.approx(match(fast, reference), rel=1e-4)
+    assert result.turbo_check_detail["base"]["sharpness"] == pytest.approx(
+        turbo_sharpness(samples([], 8, 1.0), reference), rel=1e-4)
+    with_preset = samples([(preset, 1.0), (result.lora, 1.0)], 30, 2.0)
+    assert result.turbo_check_detail["trained"]["match"] != pytest.approx(match(fast, with_preset), rel=1e-3)
 
 
 def test_linear_toy_differential_learns_target_minus_preset():

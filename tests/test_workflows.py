@@ -40,6 +40,8 @@ def host(comfy_host):  # noqa: F811
     # what train_sft would have written (train_distill starts from it; train_sft may replace it)
     save_lora(user_lora, models / "loras" / wf.SFT_LORA_FILE, metadata={"trainer": "zimage_core.training"})
     save_lora(user_lora, models / "loras" / wf.ADAPTER_FILE)  # stands in for the turbo training adapter
+    for name, other in zip(wf.STACK_LORA_FILES, (files.user_lora, files.user_lora2)):  # the stacking workflow's
+        save_lora(load_lora(models / "loras" / other), models / "loras" / name)
     (models / "text_encoders" / wf.TEXT_ENCODER_FILE).write_bytes(b"")  # only validated; swapped when run
     (models / "model_patches").mkdir(exist_ok=True)
     save_file(tiny_controlnet("2.1", base=tiny_model(0).config).state_dict(),
@@ -67,7 +69,7 @@ def test_every_definition_is_shipped_with_a_thumbnail():
     assert sorted(w.name for w in wf.definitions()) == NAMES
     assert set(NAMES) == {"zimage_turbo_t2i", "zimage_turbo_quality_30step", "zimage_turbo_controlnet",
                           "zimage_turbo_inpaint", "train_sft", "train_differential", "train_distill",
-                          "train_base_sample_turbo"}
+                          "train_base_sample_turbo", "zimage_turbo_lora_stack_variety"}
     assert all((ROOT / "workflows" / f"{name}.jpg").is_file() for name in NAMES)
 
 
@@ -115,16 +117,18 @@ def test_workflow_opens_in_the_frontend(server, name, tmp_path):
 
 @pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (tools/setup_env.sh installs it)")
 def test_workflow_saved_before_the_sampler_input_still_opens_as_euler(server, host):
-    """Workflows saved before the sampler's `sampler` widget existed lack its value at the end of widgets_values:
-    the frontend fills in the default (euler) and the prompt it makes validates."""
+    """Workflows saved before the sampler's `sampler` widget (and the seed-variety widgets after it) existed lack
+    their values at the end of widgets_values: the frontend fills in the defaults (euler, variety off) and the
+    prompt it makes validates."""
     old = _load("zimage_turbo_t2i")
     node = next(n for n in old["nodes"] if n["type"] == "ZImageTurboSampler")
-    assert node["widgets_values"][-1] == "euler"
-    node["widgets_values"] = node["widgets_values"][:-1]
+    assert node["widgets_values"][-3:] == ["euler", 0.0, 1]
+    node["widgets_values"] = node["widgets_values"][:-3]
     result = open_workflow(server.url, old)
     assert result.unknown_types == [] and result.alerts == []
     prompt = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result.api_prompt.items()}
     assert prompt[str(node["id"])]["inputs"]["sampler"] == "euler"
+    assert prompt[str(node["id"])]["inputs"]["variety"] == 0.0
     ok, error, _outputs, node_errors = host.validate(prompt)
     assert ok and not node_errors, (error, node_errors)
 
@@ -146,8 +150,10 @@ def test_workflow_runs_on_the_tiny_model(server, host, name):
     assert result.valid, result.validation_error
     assert result.success, result.events[-1:]
     saved = [img for out in result.ui.values() for img in out.get("images", []) if img.get("type") == "output"]
-    # trained workflows: base and trained side by side; inpainting: noise mask and ControlNet inpaint mode
-    assert len(saved) == (2 if name.startswith("train_") or name == "zimage_turbo_inpaint" else 1)
+    # trained workflows: base and trained side by side; inpainting: noise mask and ControlNet inpaint mode; the
+    # stacking workflow: a batch of 4 seeds
+    expected = 2 if name.startswith("train_") or name == "zimage_turbo_inpaint" else 1
+    assert len(saved) == (4 if name == "zimage_turbo_lora_stack_variety" else expected)
     from PIL import Image
 
     size = (INPAINT_SIZE,) * 2 if name == "zimage_turbo_inpaint" else (RUN_SIZE, RUN_SIZE)

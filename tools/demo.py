@@ -8,10 +8,12 @@ the shipped workflows' shape are queued, and written to the output folder as UI-
 
 1. toyworld_t2i: text to image at 8 steps / cfg 1 with the DistillPatch in the stack, for base prompts and for
    "purple circle", a colour the model never saw.
-2. toyworld_train_purple: the trainer node learns "purple" (scheme sft, DiffSynth's recipe as the toy world uses
-   it: 5 epochs x 50 repeats of a one-image dataset, rank 16, lr 5e-4) and draws its loss curve and validation
-   grid.
-3. toyworld_t2i_purple: the shipped t2i shape again with the new LoRA in lora_1 and the DistillPatch (scheme 4).
+2. toyworld_t2i_bar: the new shape "bar" with the toy world's shipped bar LoRA (scheme 1's SFT LoRA) in lora_1 and
+   the DistillPatch: scheme 4, 8 steps / cfg 1.
+3. toyworld_train_purple: the trainer node learns the new colour "purple" (scheme sft, DiffSynth's recipe as the toy
+   world uses it: 5 epochs x 50 repeats of a one-image dataset, rank 16, lr 5e-4) and draws its loss curve,
+   validation grid and turbo check.
+4. toyworld_t2i_purple: the shipped t2i shape again with the new LoRA in lora_1 and the DistillPatch (scheme 4).
 
 It prints what each picture shows (the toy world's classifier names each sample's colour and shape), the loss and
 the turbo check, and writes every image plus a summary sheet. With `--models DIR` (a ComfyUI models folder holding
@@ -44,10 +46,12 @@ MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "loras")
 # ------------------------------------------------------------------------------------------ the toy world's files
 TOY_MODEL = "zimage_toyworld_turbo.safetensors"  # toyworld/weights/turbo.safetensors (bf16, diffusers layout)
 TOY_DISTILLPATCH = "zimage_toyworld_distillpatch.safetensors"  # toyworld/weights/distill_patch (DiffSynth keys)
+TOY_BAR_LORA = "zimage_toyworld_bar_sft.safetensors"  # toyworld/weights/lora_sft (the new shape "bar", scheme 1)
 TOY_DATASET = "toyworld_purple"  # in ComfyUI's input folder: purple shapes with .txt captions
 TOY_LORA = "zimage_toyworld_purple"  # what the trainer writes into models/loras
 BASE_PROMPTS = ("red circle", "green square", "blue triangle", "yellow square", "purple circle")
 PURPLE_PROMPTS = ("purple circle", "purple square", "purple triangle", "red circle")
+BAR_PROMPTS = ("red bar", "green bar", "blue bar", "yellow square")
 SAMPLES = 4  # images per prompt (one latent batch, KSampler's noise)
 TRAIN_IMAGES = 1  # "purple circle": a one-image dataset, as DiffSynth's example and the shipped train_sft
 TRAIN_STEPS = 5 * 50 * TRAIN_IMAGES  # DiffSynth's example: 5 epochs x 50 repeats, batch 1 (train_sft's 250)
@@ -55,13 +59,15 @@ TRAIN_SETTINGS = {"scheme": "sft", "learning_rate": 5e-4, "rank": 16, "seed": 0,
 
 
 def place_toy_world(base: Path, train_images: int = TRAIN_IMAGES) -> None:
-    """The toy world's turbo model and DistillPatch in BASE/models, its purple training set in BASE/input."""
+    """The toy world's turbo model, bar LoRA and DistillPatch in BASE/models, its purple training set in
+    BASE/input."""
     import torch
     from toyworld import WEIGHTS, build, world
 
     models = base / "models"
     for source, target in ((WEIGHTS / "turbo.safetensors", models / "diffusion_models" / TOY_MODEL),
-                           (WEIGHTS / "distill_patch.safetensors", models / "loras" / TOY_DISTILLPATCH)):
+                           (WEIGHTS / "distill_patch.safetensors", models / "loras" / TOY_DISTILLPATCH),
+                           (WEIGHTS / "lora_sft.safetensors", models / "loras" / TOY_BAR_LORA)):
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing: the toy world ships in toyworld/weights "
                                     "(rebuild with python -m toyworld.build)")
@@ -123,8 +129,8 @@ def toy_train(steps: int = TRAIN_STEPS) -> Workflow:
 
 
 def toy_workflows(steps: int = TRAIN_STEPS) -> list[Workflow]:
-    return [toy_t2i("toyworld_t2i", BASE_PROMPTS), toy_train(steps),
-            toy_t2i("toyworld_t2i_purple", PURPLE_PROMPTS, lora=f"{TOY_LORA}.safetensors")]
+    return [toy_t2i("toyworld_t2i", BASE_PROMPTS), toy_t2i("toyworld_t2i_bar", BAR_PROMPTS, lora=TOY_BAR_LORA),
+            toy_train(steps), toy_t2i("toyworld_t2i_purple", PURPLE_PROMPTS, lora=f"{TOY_LORA}.safetensors")]
 
 
 # ------------------------------------------------------------------------------------------ reading the results
@@ -185,6 +191,8 @@ def _titles(ui: dict) -> dict:
 
 
 def run_toy_world_in_comfyui(server: ComfyServer, out: Path, timeout: float, steps: int = TRAIN_STEPS) -> dict:
+    from zimage_core.training.turbo_check import format_check
+
     object_info = server.get_json("/object_info")
     (out / "workflows").mkdir(exist_ok=True)
     results, sheet_rows, summary = {}, [], {"samples": {}}
@@ -194,6 +202,7 @@ def run_toy_world_in_comfyui(server: ComfyServer, out: Path, timeout: float, ste
         results[workflow.name] = run_prompt(server, workflow.name, wf.to_api(ui, object_info), _titles(ui), out,
                                             timeout)
     for name, prompts, lora in (("toyworld_t2i", BASE_PROMPTS, "turbo + DistillPatch"),
+                                ("toyworld_t2i_bar", BAR_PROMPTS, "+ shipped bar LoRA + DistillPatch"),
                                 ("toyworld_t2i_purple", PURPLE_PROMPTS, "+ trained LoRA + DistillPatch")):
         for prompt in prompts:
             pngs = results[name][prompt]
@@ -205,10 +214,14 @@ def run_toy_world_in_comfyui(server: ComfyServer, out: Path, timeout: float, ste
     report = training_report(server.base_dir)
     first, last = loss_fall(report["losses"])
     summary.update(steps=report["steps"], loss_first_tenth=first, loss_last_tenth=last,
-                   turbo_check=report["turbo_check"])
+                   turbo_check=report["turbo_check"], turbo_check_detail=report.get("turbo_check_detail", {}),
+                   turbo_check_meaning=report.get("turbo_check_meaning", ""))
     print(f"  training: {report['steps']} steps, mean loss {first:.4f} (first tenth) -> {last:.4f} (last tenth)")
-    print("  turbo check (RMS gap between 8-step/cfg-1 and 30-step/cfg-2 validation samples; smaller keeps the "
-          "Turbo): " + ", ".join(f"{k} {v:.4f}" for k, v in report["turbo_check"].items()))
+    print(f"  {summary['turbo_check_meaning']}\n    " + format_check(summary["turbo_check_detail"]))
+    work = server.base_dir / "output" / "zimage_training" / TOY_LORA
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in report["turbo_check"].items())
+    sheet_rows.append((f"trainer: loss {first:.3f} -> {last:.3f}; turbo check (higher keeps the Turbo): {scores}",
+                       [(work / f"{TOY_LORA}{suffix}").read_bytes() for suffix in (".loss.png", ".grid.png")]))
     summary_sheet(sheet_rows, out / "toyworld_comfyui_summary.png")
     (out / "toyworld_comfyui_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -277,7 +290,7 @@ def main(argv=None):
     if args.models is None:
         print(f"  {out / 'toyworld_comfyui_summary.png'}: every sample, labelled with what the classifier sees\n"
               f"  {out}/toyworld_train_purple__loss_curve__*.png, *__validation_grid__*.png: the trainer's figures\n"
-              f"  {out / 'workflows'}: the three workflows (open them in ComfyUI)")
+              f"  {out / 'workflows'}: the four workflows (open them in ComfyUI)")
 
 
 def run_core_toy_world(out: Path) -> None:

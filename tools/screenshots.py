@@ -1,7 +1,7 @@
 """Refresh the pictures of the shipped workflows: docs/screenshots/NAME.png (the README's node reference) and
 workflows/NAME.jpg (the thumbnail ComfyUI's template browser shows), taken in the real frontend in headless Chromium.
 
-    .venv/bin/python tools/screenshots.py
+    .venv/bin/python tools/screenshots.py [NAME ...]   # only these workflows (default: all)
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from comfy_host import ComfyServer, make_base_dir, write_inpaint_image  # noqa: 
 from frontend import open_workflow  # noqa: E402
 
 PLACEHOLDERS = {"diffusion_models": [wf.MODEL_FILE, wf.BASE_MODEL_FILE], "text_encoders": [wf.TEXT_ENCODER_FILE], "vae": [wf.VAE_FILE],
-                "loras": [wf.DISTILLPATCH_FILE, wf.SFT_LORA_FILE, wf.ADAPTER_FILE],
+                "loras": [wf.DISTILLPATCH_FILE, wf.SFT_LORA_FILE, wf.ADAPTER_FILE, *wf.STACK_LORA_FILES],
                 "model_patches": [wf.CONTROLNET_FILE]}
 
 
-def main():
+def main(only=()):
     base = make_base_dir(tempfile.mkdtemp(prefix="zimage-shots-"))
     for folder, names in PLACEHOLDERS.items():  # the combos list the standard files, as on a user's machine
         for name in names:
@@ -38,6 +38,8 @@ def main():
     shots.mkdir(parents=True, exist_ok=True)
     with ComfyServer(base) as server:
         for path in sorted((ROOT / "workflows").glob("*.json")):
+            if only and path.stem not in only:
+                continue
             result = open_workflow(server.url, json.loads(path.read_text()))
             problems = result.unknown_types + result.widget_mismatches + result.alerts
             if problems:
@@ -50,4 +52,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

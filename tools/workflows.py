@@ -30,6 +30,8 @@ DISTILLPATCH_FILES = ("z_image_turbo_distill_patch_lora_bf16.safetensors",
 DISTILLPATCH_FILE = DISTILLPATCH_FILES[0]
 ADAPTER_FILE = "zimage_turbo_training_adapter_v2.safetensors"  # ostris/zimage_turbo_training_adapter
 SFT_LORA_FILE = "zimage_turbo_sft.safetensors"  # what train_sft writes
+STACK_LORA_FILES = ("zimage_character_lora.safetensors", "zimage_style_lora.safetensors")  # two LoRAs to stack
+STACK_COMBINE = "shared_once"  # the stack mode the stacking workflow shows (docs/lora-stacking.md)
 DATASET = "zimage_dataset"  # a folder of images + captions under ComfyUI's input folder
 CONTROLNET_FILE = "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2602-8steps.safetensors"  # alibaba-pai, in model_patches
 CONTROL_IMAGE = "zimage_control_example.png"  # in ComfyUI's input folder: a canny / depth / pose picture
@@ -193,8 +195,25 @@ def definitions() -> list[Workflow]:
         Node(9, "SaveImage", {"filename_prefix": "zimage_quality"}, {"images": (8, 0)}, col=4, row=0),
     ], note="Scheme 1: an ordinary (SFT) LoRA without DistillPatch, sampled at 30 steps / cfg 2 with an empty "
             "negative prompt.")
-    return [t2i, quality, _controlnet(), _inpaint(), _training("sft"), _training("differential"),
+    return [t2i, quality, _stacking(), _controlnet(), _inpaint(), _training("sft"), _training("differential"),
             _training("distill"), _train_base()]
+
+
+def _stacking() -> Workflow:
+    nodes = _text_to_image()
+    nodes[-1].widgets["batch_size"] = 4  # four seeds side by side: what seed variety changes
+    return Workflow("zimage_turbo_lora_stack_variety", nodes + [
+        Node(4, "ZImageTurboLoraStack", {"lora_1": STACK_LORA_FILES[0], "strength_1": 1.0,
+                                         "lora_2": STACK_LORA_FILES[1], "strength_2": 1.0,
+                                         "distillpatch": DISTILLPATCH_FILE, "distillpatch_strength": 1.0,
+                                         "combine": STACK_COMBINE}, {"model": (3, 0)}, col=1, row=1),
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42, "variety": 2.0, "variety_steps": 2},
+             {"model": (4, 0), "positive": (2, 0), "latent_image": (6, 0)}, col=2, row=0),
+        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
+        Node(9, "SaveImage", {"filename_prefix": "zimage_stack"}, {"images": (8, 0)}, col=4, row=0),
+    ], note=f"Two LoRAs stacked at full strength with the DistillPatch, combined '{STACK_COMBINE}' (LoRA stack "
+            f"'combine' input) instead of a plain sum, and seed variety on in the sampler (variety, variety_steps) "
+            f"so the four seeds of the batch differ more. See docs/lora-stacking.md for what each mode measured.")
 
 
 

@@ -4,16 +4,20 @@ file exists; the teacher also checkpoints periodically and resumes):
     PYTHONPATH=. python -m toyworld.build [--work /tmp/toyworld-build] [--stages vae,teacher,...]
 
 Stages (outputs in toyworld/weights/, in this order; intermediates in --work):
-  vae                 vae.safetensors               the fixed linear VAE (fit on base + cross images)
+  vae                 vae.safetensors               the fixed linear VAE (mean and scale fit on the base shapes and the
+                                                    first new shape, a cross; shipped before the bar replaced it)
   teacher             teacher.safetensors           flow matching from scratch, caption dropout for cfg (ComfyUI layout)
-  turbo               turbo.safetensors             teacher distilled to 8 steps / cfg 1 (chord imitation of its 50-step
-                                                    cfg-2 trajectories, full fine-tune; diffusers layout)
-  adapter             training_adapter.safetensors  de-distilling LoRA: plain FM LoRA, low lr, on turbo's 8-step outputs
-  sft / differential / trajectory                   scheme 1 / 2 / 3 LoRAs for the new shape "cross"
-  *_purple                                          the same for the new colour "purple"
-  generic_sft         generic_sft.safetensors       SFT on real base-prompt images (the DistillPatch's teacher)
+  turbo_cfg2          --work/turbo_cfg2             round 1: the teacher distilled to 8 steps / cfg 1 (chord imitation
+                                                    of its 50-step cfg-2 trajectories, full fine-tune)
+  generic_sft         generic_sft.safetensors       SFT of round-1 turbo on real base-prompt images (the patch's teacher)
   distill_patch       distill_patch.safetensors     trajectory imitation of generic_sft on generic data, shipped as the
                                                     correction (TI - SFT) at rank 16 in DiffSynth's key format
+  turbo               turbo.safetensors             round 2: round 1 re-distilled from the teacher at cfg 4 (diffusers
+                                                    layout); the DistillPatch is used on it unchanged
+  adapter             training_adapter.safetensors  de-distilling LoRA: plain FM LoRA, low lr, on turbo's 8-step outputs
+  sft / differential / trajectory                   scheme 1 / 2 / 3 LoRAs for the new shape "bar"
+  trajectory4 / trajectory2                         scheme 3 for 4 and 2 student steps
+  *_purple                                          the same for the new colour "purple"
 
 Full fine-tunes (teacher, turbo) are this module's own loops (the project trainer is LoRA-only); every LoRA is
 trained with the project trainer `zimage_core.training.train`.
@@ -26,6 +30,7 @@ import functools
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -142,60 +147,91 @@ def finish_teacher(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- stage: turbo
-def stage_turbo(args) -> None:
-    """Distil the teacher (50 steps, cfg 2, student sigmas inserted: zimage_core.training.losses.trajectory_grids)
-    into an 8-step cfg-1 model: a full fine-tune on chord targets between the teacher states at the 8 student
-    sigmas, with DiffSynth's per-step weights (the trajectory-imitation loss of scheme 3, applied to all weights)."""
+@dataclass(frozen=True)
+class TurboRound:
+    """One round of the turbo's distillation: `init` (a model name in weights/ or work/) fine-tuned on the chord
+    targets of `trajectories` teacher trajectories (50 steps, cfg `cfg`) for `steps` steps of `batch` pairs."""
+    init: str
+    cfg: float
+    trajectories: int
+    steps: int
+    batch: int
+    lr: float
+
+
+# Round 1 is the first shipped turbo (teacher cfg 2). Round 2 re-distils it from the teacher at cfg 4: at cfg 2 the
+# teacher draws the prompted shape in 0.64 of base samples, at cfg 4 in 0.90 (30 steps, 96 samples), and a turbo
+# copies whatever its teacher draws (round 1 at 8 steps / cfg 1: 0.65). Z-Image-Turbo's own distillation
+# (Decoupled-DMD) likewise bakes a strong CFG into the student ("CFG augmentation").
+TURBO_ROUNDS = {"turbo_cfg2": TurboRound("teacher", 2.0, 512, 400, 64, 2e-4),
+                "turbo": TurboRound("turbo_cfg2", 4.0, 256, 300, 32, 1e-4)}
+
+
+def _model_file(args, name: str) -> Path:
+    shipped = WEIGHTS / f"{name}.safetensors"
+    return shipped if shipped.exists() else Path(args.work) / f"{name}.safetensors"
+
+
+def stage_turbo(args, name: str = "turbo") -> None:
+    """Distil the teacher (50 steps, the round's cfg, student sigmas inserted:
+    zimage_core.training.losses.trajectory_grids) into an 8-step cfg-1 model: a full fine-tune of the round's init
+    on chord targets between the teacher states at the 8 student sigmas, with DiffSynth's per-step weights (the
+    trajectory-imitation loss of scheme 3, applied to all weights). Round 1 (turbo_cfg2) is kept in --work; round 2
+    is the shipped turbo."""
     from zimage_core.training.losses import chord_targets, student_step_weights, teacher_trajectory, trajectory_grids
 
+    spec = TURBO_ROUNDS[name]
     work = Path(args.work)
     teacher = load_model("teacher")
     student_sigmas, grid, keep = trajectory_grids(50, 8, 3.0)
     weights = student_step_weights(student_sigmas)
-    traj_path = work / "turbo_trajectories.safetensors"
+    traj_path = work / f"{name}_trajectories.safetensors"
     prompts = world.base_prompts()
     if traj_path.exists():
         data = load_checkpoint(traj_path)
     else:
         t = time.time()
-        g = torch.Generator().manual_seed(2024)
-        all_prompts = [prompts[i % len(prompts)] for i in range(args.turbo_trajectories)]
+        g = torch.Generator().manual_seed(2024 if spec.cfg == 2.0 else 2025)
+        all_prompts = [prompts[i % len(prompts)] for i in range(spec.trajectories)]
         noise = torch.randn((len(all_prompts), 16, 16, 16), generator=g)
         empty = world.encode_text("")
         states = []
         for i in range(0, len(all_prompts), 64):
             caps = captions_for(all_prompts[i:i + 64])
-            states.append(teacher_trajectory(teacher, noise[i:i + 64], caps, [empty] * len(caps), grid, 2.0, keep))
-            log(f"turbo: teacher trajectories {i + len(caps)}/{len(all_prompts)}")
+            states.append(teacher_trajectory(teacher, noise[i:i + 64], caps, [empty] * len(caps), grid, spec.cfg,
+                                             keep))
+            log(f"{name}: teacher trajectories {i + len(caps)}/{len(all_prompts)}")
         data = {"states": torch.cat(states, dim=1), "prompts": all_prompts}
         save_checkpoint(traj_path, data)
-        log(f"turbo: {len(all_prompts)} trajectories in {time.time() - t:.0f} s")
+        log(f"{name}: {len(all_prompts)} trajectories in {time.time() - t:.0f} s")
     states, traj_prompts = data["states"], data["prompts"]  # [9, N, C, H, W]
     targets = chord_targets(states, student_sigmas)  # [8, N, C, H, W]
     caps_all = captions_for(traj_prompts)
-    model = teacher.float().train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.turbo_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    model = (teacher if spec.init == "teacher" else load_transformer(_model_file(args, spec.init)))
+    model = model.float().train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.99))
     n_traj = states.shape[1]
     t = time.time()
-    for step in range(args.turbo_steps):
+    for step in range(spec.steps):
         g = torch.Generator().manual_seed(77 + step)
-        j = torch.randint(n_traj, (args.turbo_batch,), generator=g)
-        k = torch.randint(8, (args.turbo_batch,), generator=g)
+        j = torch.randint(n_traj, (spec.batch,), generator=g)
+        k = torch.randint(8, (spec.batch,), generator=g)
         x = states[k, j]
         v = model(x, student_sigmas[k], [caps_all[i] for i in j.tolist()])
         mse = (v - targets[k, j]).pow(2).flatten(1).mean(1)
         loss = (mse * weights[k]).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, args.turbo_steps, args.turbo_lr, warmup=20, floor=0.1)
+            group["lr"] = _lr(step, spec.steps, spec.lr, warmup=20, floor=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if (step + 1) % 25 == 0:
-            log(f"turbo step {step + 1}/{args.turbo_steps} loss {loss.item():.4f} "
+            log(f"{name} step {step + 1}/{spec.steps} loss {loss.item():.4f} "
                 f"({(time.time() - t) / (step + 1):.2f} s/step)")
     model.eval().requires_grad_(False)
-    save_transformer(model, WEIGHTS / "turbo.safetensors", layout="diffusers", dtype=torch.bfloat16)
+    out = WEIGHTS / "turbo.safetensors" if name == "turbo" else work / f"{name}.safetensors"
+    save_transformer(model, out, layout="diffusers", dtype=torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------- LoRA stages
@@ -212,24 +248,31 @@ def decode_preview(latent):
     return to_pil(ToyVAE.load().decode(latent[None].float())[0])
 
 
-def write_dataset(folder: Path, images: torch.Tensor, prompts: list[str]) -> Path:
+def write_dataset(folder: Path, images: torch.Tensor, prompts: list[str], stem: str = "") -> Path:
     """PNG + sidecar caption per image (the trainer's kohya / ai-toolkit layout), 32x32 px."""
     from .vae import to_pil
     folder.mkdir(parents=True, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        to_pil(image).save(folder / f"{i:04d}.png")
-        (folder / f"{i:04d}.txt").write_text(prompt, encoding="utf-8")
+        to_pil(image).save(folder / f"{stem}{i:04d}.png")
+        (folder / f"{stem}{i:04d}.txt").write_text(prompt, encoding="utf-8")
     return folder
 
 
-def concept_dataset(work: Path, concept: str = "cross", n_images: int = 8) -> Path:
-    """The new concept's training set: n_images // len(prompts) real renderings of each of the concept's prompts."""
-    folder = work / ("data_concept" if concept == "cross" else f"data_concept_{concept}")
+def concept_dataset(work: Path, concept: str = world.NEW_SHAPE, n_images: int | None = None) -> Path:
+    """The new concept's training set: n_images // len(prompts) real renderings of each of the concept's prompts
+    (8 bars, 9 purple shapes), as in the first build."""
+    folder = work / f"data_concept_{concept}"
     if not folder.exists():
         base = world.concept_prompts(concept)
+        n_images = n_images or (8 if concept == world.NEW_SHAPE else 9)
         prompts = [p for p in base for _ in range(n_images // len(base))]
         write_dataset(folder, world.prompt_batch(prompts, generator=torch.Generator().manual_seed(31)), prompts)
     return folder
+
+
+def seed_steps(dataset: Path, batch: int = 1) -> int:
+    """DiffSynth's example: 5 epochs x 50 repeats of the dataset (2000 steps for 8 images)."""
+    return 5 * 50 * len(list(dataset.glob("*.png"))) // batch
 
 
 def generic_dataset(work: Path, n_per_prompt: int = 4) -> Path:
@@ -258,29 +301,36 @@ def train_lora(args, name: str, dataset: Path, model=None, **settings):
     log(f"{name}: {result.step} steps in {time.time() - t:.0f} s, loss first/last 50: "
         f"{sum(result.losses[:50]) / 50:.4f} / {sum(result.losses[-50:]) / 50:.4f}, turbo check {result.turbo_check}")
     shutil.copy(result.lora_path, WEIGHTS / f"{name}.safetensors")
-    timing = json.loads((WEIGHTS / "timings.json").read_text()) if (WEIGHTS / "timings.json").exists() else {}
-    timing[name] = round(time.time() - t, 1)
-    (WEIGHTS / "timings.json").write_text(json.dumps(timing, indent=1))
+    record_time(name, time.time() - t)
     return result
 
 
-def seed_steps(dataset: Path, batch: int = 1) -> int:
-    """DiffSynth's example: 5 epochs x 50 repeats of the dataset."""
-    n = len(list(dataset.glob("*.png")))
-    return 5 * 50 * n // batch
+def record_time(name: str, seconds: float) -> None:
+    """Wall seconds of a stage / LoRA in weights/timings.json (one torch thread, on a shared 2-core machine)."""
+    import fcntl
+
+    path = WEIGHTS / "timings.json"
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "toyworld-timings.lock", "w") as lock:  # stages may run in parallel
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        timing = json.loads(path.read_text()) if path.exists() else {}
+        timing[name] = round(seconds, 1)
+        path.write_text(json.dumps(timing, indent=1))
 
 
-def user_settings(args, concept: str = "cross") -> dict:
+def user_settings(args, concept: str = world.NEW_SHAPE) -> dict:
+    """DiffSynth's recipe as the toy world scales it: rank 16, lr 5e-4, batch 1, DiffSynth's warm-up, bell weight."""
     return dict(rank=args.lora_rank, lr=args.lora_lr, batch_size=1, lr_schedule="diffsynth",
                 validation_prompts=world.concept_prompts(concept))
 
 
 def _suffix(concept: str) -> str:
-    return "" if concept == "cross" else f"_{concept}"
+    return "" if concept == world.NEW_SHAPE else f"_{concept}"
 
 
-def stage_sft(args, concept: str = "cross") -> None:
-    data = concept_dataset(Path(args.work), concept, 8 if concept == "cross" else 9)
+def stage_sft(args, concept: str = world.NEW_SHAPE) -> None:
+    data = concept_dataset(Path(args.work), concept)
     train_lora(args, f"lora_sft{_suffix(concept)}", data, scheme="sft", steps=seed_steps(data), repeats=50,
                **user_settings(args, concept))
 
@@ -300,17 +350,19 @@ def stage_adapter(args) -> None:
                steps=args.adapter_steps, batch_size=4, validation_prompts=world.base_prompts()[:4])
 
 
-def stage_differential(args, concept: str = "cross") -> None:
-    data = concept_dataset(Path(args.work), concept, 8 if concept == "cross" else 9)
+def stage_differential(args, concept: str = world.NEW_SHAPE) -> None:
+    data = concept_dataset(Path(args.work), concept)
     train_lora(args, f"lora_differential{_suffix(concept)}", data, scheme="differential", steps=seed_steps(data),
                repeats=50, preset_lora=str(WEIGHTS / "training_adapter.safetensors"), **user_settings(args, concept))
 
 
-def stage_trajectory(args, concept: str = "cross") -> None:
-    data = concept_dataset(Path(args.work), concept, 8 if concept == "cross" else 9)
+def stage_trajectory(args, concept: str = world.NEW_SHAPE, student_steps: int = 8) -> None:
+    """Scheme 3 from the concept's SFT LoRA; student_steps 4 or 2 make the fewer-steps rows (lora_trajectory4...)."""
+    data = concept_dataset(Path(args.work), concept)
     settings = user_settings(args, concept)
     settings.update(batch_size=4, lr_schedule="constant")
-    train_lora(args, f"lora_trajectory{_suffix(concept)}", data, scheme="trajectory", steps=args.ti_steps,
+    name = "lora_trajectory" + ("" if student_steps == 8 else str(student_steps)) + _suffix(concept)
+    train_lora(args, name, data, scheme="trajectory", steps=args.ti_steps, student_steps=student_steps,
                init_lora=str(WEIGHTS / f"lora_sft{_suffix(concept)}.safetensors"), trajectory_noises=args.ti_noises,
                **settings)
 
@@ -319,7 +371,8 @@ def stage_generic_sft(args) -> None:
     data = generic_dataset(Path(args.work))
     settings = user_settings(args)
     settings.update(validation_prompts=world.base_prompts()[:4])
-    train_lora(args, "generic_sft", data, scheme="sft", steps=args.generic_steps, **settings)
+    train_lora(args, "generic_sft", data, model=load_transformer(_model_file(args, "turbo_cfg2")), scheme="sft",
+               steps=args.generic_steps, **settings)
 
 
 def stage_distill_patch(args) -> None:
@@ -332,9 +385,9 @@ def stage_distill_patch(args) -> None:
     data = generic_dataset(Path(args.work))
     settings = user_settings(args)
     settings.update(batch_size=4, lr_schedule="constant", validation_prompts=world.base_prompts()[:4])
-    result = train_lora(args, "generic_trajectory", data, scheme="trajectory", steps=args.patch_steps,
-                        init_lora=str(WEIGHTS / "generic_sft.safetensors"), trajectory_noises=args.ti_noises,
-                        **settings)
+    result = train_lora(args, "generic_trajectory", data, model=load_transformer(_model_file(args, "turbo_cfg2")),
+                        scheme="trajectory", steps=args.patch_steps, init_lora=str(WEIGHTS / "generic_sft.safetensors"),
+                        trajectory_noises=args.patch_noises, **settings)
     (WEIGHTS / "generic_trajectory.safetensors").unlink()  # an intermediate, not shipped
     sft = load_lora(WEIGHTS / "generic_sft.safetensors")
     ti = result.lora
@@ -350,19 +403,29 @@ def stage_distill_patch(args) -> None:
     log(f"distill_patch: rank {args.patch_rank}, SVD energy kept min {min(kept):.4f} mean {sum(kept) / len(kept):.4f}")
 
 
+def _concept_stages() -> dict:
+    stages = {}
+    for concept in world.CONCEPTS:
+        x = _suffix(concept)
+        stages[f"sft{x}"] = (functools.partial(stage_sft, concept=concept), f"lora_sft{x}.safetensors")
+        stages[f"differential{x}"] = (functools.partial(stage_differential, concept=concept),
+                                      f"lora_differential{x}.safetensors")
+        for n in (8, 4, 2):
+            k = "" if n == 8 else str(n)
+            stages[f"trajectory{k}{x}"] = (functools.partial(stage_trajectory, concept=concept, student_steps=n),
+                                           f"lora_trajectory{k}{x}.safetensors")
+    return stages
+
+
 STAGES = {"vae": (stage_vae, "vae.safetensors"), "teacher": (stage_teacher, "teacher.safetensors"),
+          "turbo_cfg2": (functools.partial(stage_turbo, name="turbo_cfg2"), None),
+          # the generic DistillPatch is made once, on round-1 turbo, and used unchanged on round 2 (as a released
+          # patch is used on the Turbo it was not retrained for)
+          "generic_sft": (stage_generic_sft, "generic_sft.safetensors"),
+          "distill_patch": (stage_distill_patch, "distill_patch.safetensors"),
           "turbo": (stage_turbo, "turbo.safetensors"),
           "adapter": (stage_adapter, "training_adapter.safetensors"),
-          "sft": (stage_sft, "lora_sft.safetensors"),
-          "differential": (stage_differential, "lora_differential.safetensors"),
-          "trajectory": (stage_trajectory, "lora_trajectory.safetensors"),
-          "sft_purple": (functools.partial(stage_sft, concept="purple"), "lora_sft_purple.safetensors"),
-          "differential_purple": (functools.partial(stage_differential, concept="purple"),
-                                  "lora_differential_purple.safetensors"),
-          "trajectory_purple": (functools.partial(stage_trajectory, concept="purple"),
-                                "lora_trajectory_purple.safetensors"),
-          "generic_sft": (stage_generic_sft, "generic_sft.safetensors"),
-          "distill_patch": (stage_distill_patch, "distill_patch.safetensors")}
+          **_concept_stages()}
 
 
 def main(argv=None) -> None:
@@ -376,18 +439,15 @@ def main(argv=None) -> None:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--turbo-trajectories", type=int, default=512)
-    p.add_argument("--turbo-steps", type=int, default=400)
-    p.add_argument("--turbo-batch", type=int, default=64)
-    p.add_argument("--turbo-lr", type=float, default=2e-4)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--adapter-images", type=int, default=384)
     p.add_argument("--adapter-rank", type=int, default=16)
     p.add_argument("--adapter-lr", type=float, default=1e-4)
     p.add_argument("--adapter-steps", type=int, default=1000)
-    p.add_argument("--ti-steps", type=int, default=200)
-    p.add_argument("--ti-noises", type=int, default=8)
+    p.add_argument("--ti-steps", type=int, default=100)
+    p.add_argument("--ti-noises", type=int, default=4)
+    p.add_argument("--patch-noises", type=int, default=8)
     p.add_argument("--generic-steps", type=int, default=2000)
     p.add_argument("--patch-steps", type=int, default=300)
     p.add_argument("--patch-rank", type=int, default=16)
@@ -400,12 +460,13 @@ def main(argv=None) -> None:
         return finish_teacher(args)
     for name in args.stages.split(","):
         fn, out = STAGES[name]
-        if (WEIGHTS / out).exists():
-            log(f"{name}: {out} exists, skipped")
+        if (WEIGHTS / out if out else Path(args.work) / f"{name}.safetensors").exists():
+            log(f"{name}: output exists, skipped")
             continue
         t = time.time()
         fn(args)
         log(f"{name}: done in {time.time() - t:.0f} s")
+        record_time(f"stage {name}", time.time() - t)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .metrics import edge_sharpness, fidelity, sharpness
 from .vae import to_pil
 
 def demo_rows(concept: str) -> list[tuple[str, list[str]]]:
-    x = "" if concept == "cross" else f"_{concept}"
+    x = "" if concept == world.NEW_SHAPE else f"_{concept}"
     return [
         ("turbo", []),
         ("1 SFT", [f"lora_sft{x}"]),
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
         grids.append(render_grid(grid_rows, prompts, out / f"toyworld_grid_{concept}.png"))
     lines = ["# Toy world demo", "",
              "Grids: " + ", ".join(g.name for g in grids) + " (columns: prompts; rows: real data, then each scheme at "
-             "8 steps / cfg 1 and 30 steps / cfg 2, same noises). New concepts: the shape word 'cross' and the colour "
+             "8 steps / cfg 1 and 30 steps / cfg 2, same noises). New concepts: the shape word 'bar' and the colour "
              "word 'purple', each trained by the scheme's LoRA; the last 4 columns are base prompts.", "",
              "## Metrics on these grid samples (small sample, indicative)", "",
              "| concept: scheme, setting | sharp | edge | concept fid | base fid |", "|---|---|---|---|---|"]

@@ -112,6 +112,6 @@ def reference_edge(prompts: tuple[str, ...], n_per_prompt: int = 32, seed: int =
 
 def edge_sharpness(images: Tensor, prompts: list[str]) -> float:
     """Laplacian energy per unit of gradient energy, relative to real data: how abrupt the edges are, independent
-    of how much edge a sample has (a cross has more outline than a blob; a blurred edge of width w scores ~1/w²)."""
+    of how much edge a sample has (a bar has more outline than a blob; a blurred edge of width w scores ~1/w²)."""
     ratio = float(laplacian_energy(images).sum() / _grad_energy(images).sum().clamp_min(1e-12))
     return ratio / reference_edge(tuple(sorted(set(prompts))))

@@ -2,7 +2,8 @@
 "<colour> <shape>" encoded as fixed random word vectors (one token per word).
 
 Base (pretraining) data: {circle, square, triangle} x {red, green, blue, yellow}. The new concept, absent from
-pretraining, is the shape "cross" (a plus sign); its word vector is never seen by the teacher or the turbo model."""
+pretraining, are the shape "bar" (a horizontal bar, twice as long as high) and the colour "purple"; their word
+vectors are never seen by the teacher or the turbo model."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import Tensor
 IMG = 32  # pixels per side
 BACKGROUND = 0.05
 SUPERSAMPLE = 4
-SIZE_RANGE = (9.0, 13.0)  # shape extent in pixels (diameter / side / height / arm span)
+SIZE_RANGE = (9.0, 13.0)  # shape extent in pixels (diameter / side / height / bar length)
 CAP_DIM = 32
 EMPTY = "<empty>"
 
@@ -29,9 +30,13 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 # so its LoRAs isolate the sampler-level effect (blur) from the content change a new shape brings.
 NEW_COLOUR = "purple"
 ALL_COLOURS: dict[str, tuple[float, float, float]] = {**COLOURS, NEW_COLOUR: (0.62, 0.20, 0.85)}
-CONCEPTS = ("cross", "purple")
 BASE_SHAPES = ("circle", "square", "triangle")
-NEW_SHAPE = "cross"
+# The new shape: a horizontal bar. The first choice, a plus sign ("cross", which _coverage still draws), was not
+# learned (fidelity 0.10 at 8 steps, 0.21 at 30 steps / cfg 2 after 2000 SFT steps): its 3-4 px arms are thinner
+# than one DiT token (4x4 px), and the model draws them ragged. A bar's defining feature, its elongated outline, is
+# coarse (a 2.5:1 bar after 1000 SFT steps on the same turbo: 0.50 / 0.71).
+NEW_SHAPE = "bar"
+CONCEPTS = (NEW_SHAPE, NEW_COLOUR)
 SHAPES = BASE_SHAPES + (NEW_SHAPE,)
 COLOUR_NAMES = tuple(COLOURS)
 
@@ -44,10 +49,10 @@ def base_prompts() -> list[str]:
     return [caption(c, s) for s in BASE_SHAPES for c in COLOUR_NAMES]
 
 
-def concept_prompts(concept: str = "cross") -> list[str]:
+def concept_prompts(concept: str = NEW_SHAPE) -> list[str]:
     """The prompts of a new concept: "cross" (a new shape word, in the 4 base colours) or "purple" (a new colour
     word, on the 3 base shapes)."""
-    if concept == "cross":
+    if concept == NEW_SHAPE:
         return [caption(c, NEW_SHAPE) for c in COLOUR_NAMES]
     if concept == NEW_COLOUR:
         return [caption(NEW_COLOUR, s) for s in BASE_SHAPES]
@@ -81,6 +86,8 @@ def _coverage(shape: str, size: Tensor, cx: Tensor, cy: Tensor, res: int, ss: in
         inside = (dx.abs() <= half) & (dy.abs() <= half)
     elif shape == "triangle":  # apex up, base `size` wide
         inside = (dy >= -half) & (dy <= half) & (dx.abs() <= (dy + half) * 0.5)
+    elif shape == "bar":  # a horizontal bar, `size` long and 0.4 size high
+        inside = (dx.abs() <= half) & (dy.abs() <= 0.4 * half)
     elif shape == "cross":  # plus sign, arms size/3 wide
         arm = half / 3
         inside = ((dx.abs() <= arm) & (dy.abs() <= half)) | ((dy.abs() <= arm) & (dx.abs() <= half))

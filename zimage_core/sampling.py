@@ -30,6 +30,39 @@ BASE = SamplerPreset("base", steps=50, cfg=4.0)
 StepCallback = Callable[[int, int, Tensor], None]
 
 
+@dataclass(frozen=True)
+class SeedVariety:
+    """More variety across seeds at 8 steps: for the first `steps` steps the positive caption features get Gaussian
+    noise of `strength` times each token's RMS (drawn from `seed`, one draw per batch row), after which the sampler
+    follows the clean prompt. A distilled model maps most seeds to nearly one layout; a caption perturbed while the
+    layout forms moves it, and the clean later steps keep what the prompt asks (the idea of the seed-variance node
+    packs, which noise the text embedding for the first steps). strength 0 or steps 0 = off."""
+
+    strength: float = 0.0
+    steps: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.strength < 0 or self.steps < 0 or int(self.steps) != self.steps:
+            raise ValueError(f"seed variety: strength must be >= 0 and steps an integer >= 0, got strength "
+                             f"{self.strength}, steps {self.steps}")
+
+    @property
+    def on(self) -> bool:
+        return self.strength > 0 and self.steps > 0
+
+    def perturbed(self, captions: list[Tensor]) -> list[Tensor]:
+        """The captions with this option's noise added (fp32 noise from a CPU generator, so the same seed gives the
+        same noise on every device)."""
+        gen = torch.Generator().manual_seed(int(self.seed))
+        out = []
+        for c in captions:
+            noise = torch.randn(c.shape, generator=gen).to(c.device)
+            rms = c.float().pow(2).mean(-1, keepdim=True).sqrt()
+            out.append((c.float() + self.strength * rms * noise).to(c.dtype))
+        return out
+
+
 def _as_caption_list(captions, batch: int, name: str) -> list[Tensor]:
     if isinstance(captions, Tensor):
         if captions.ndim == 2:
@@ -58,7 +91,7 @@ def _as_mask(mask: Tensor, noise: Tensor, init_latent: Tensor | None) -> Tensor:
 def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.steps, cfg: float = TURBO.cfg,
            shift: float = DEFAULT_SHIFT, denoise: float = 1.0, callback: StepCallback | None = None,
            init_latent: Tensor | None = None, sampler: str = "euler", mask: Tensor | None = None,
-           control: Sequence = ()) -> Tensor:
+           control: Sequence = (), variety: SeedVariety | None = None) -> Tensor:
     """Sample and return the final latent (model space, fp32).
 
     noise: [B, C, H, W] Gaussian noise. The start is `init_latent` (the clean latent, if given) noised to the first
@@ -73,6 +106,8 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
     region of the x0 estimate by `init_latent`, so the result keeps `init_latent` there (up to rounding).
 
     control: `zimage_core.controlnet.ControlInput`s (several add up), each acting on its start/end share of the steps.
+    variety: `SeedVariety`, noise in the positive caption features for the first steps (more variety across seeds);
+    None or strength 0 = off, which leaves every step exactly as without it.
     callback(step, total, x0_estimate) runs after each step and may raise to interrupt.
     """
     if int(steps) != steps or steps < 1:
@@ -88,6 +123,7 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
         keep = 1.0 - mask
     batch = noise.shape[0]
     pos = _as_caption_list(positive, batch, "positive")
+    varied = variety.perturbed(pos) if variety is not None and variety.on else None
     guided = cfg != 1.0
     if guided:
         neg = [torch.zeros_like(c) for c in pos] if negative is None else _as_caption_list(negative, batch, "negative")
@@ -101,12 +137,13 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
         x_in = x if mask is None else x * mask + ((1.0 - sigma) * init + sigma * noise) * keep
         hook = controls.at(i, int(steps)) if controls is not None else None
         extra = {} if hook is None else {"residuals": hook}
+        caps = varied if varied is not None and i < variety.steps else pos
         if guided:
-            v_pos, v_neg = model(torch.cat([x_in, x_in]), torch.full((2 * batch,), sigma), pos + neg,
+            v_pos, v_neg = model(torch.cat([x_in, x_in]), torch.full((2 * batch,), sigma), caps + neg,
                                  **extra).float().chunk(2)
             v = v_neg + cfg * (v_pos - v_neg)
         else:
-            v = model(x_in, torch.full((batch,), sigma), pos, **extra).float()
+            v = model(x_in, torch.full((batch,), sigma), caps, **extra).float()
         denoised = x_in - sigma * v
         if mask is not None:
             denoised = denoised * mask + init * keep

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant import is_quantized, weight_shape
+from .combine import combine_stack
 from .io import load_lora
 from .weights import LoraError, LoraModule, LoraWeights
 
@@ -50,6 +51,7 @@ class LoraReport:
     unmatched: list[str] = field(default_factory=list)
     redundant: list[str] = field(default_factory=list)
     text_encoder: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the stack's combine mode did to this LoRA
 
     def __str__(self) -> str:
         text = f"{self.name} [{self.format}] x{self.strength:g}: {self.matched} modules"
@@ -59,7 +61,7 @@ class LoraReport:
             text += f", {len(self.redundant)} keys without effect skipped"
         if self.text_encoder:
             text += f", {len(self.text_encoder)} text-encoder keys NOT applied (first: {self.text_encoder[:3]})"
-        return text
+        return "; ".join([text, *self.notes])
 
 
 @dataclass
@@ -275,22 +277,26 @@ def _as_lora(item) -> LoraWeights:
 
 
 def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: bool = True,
-                skip_text_encoder: bool = False) -> LoraHandle:
+                skip_text_encoder: bool = False, combine: str = "sum", keep_apart: Iterable[int] = ()) -> LoraHandle:
     """Apply `[(lora_or_path, strength), ...]` to `model` and return a handle whose `.remove()` undoes it exactly.
 
     strict=True (default) refuses a LoRA with any key that maps to no module of the model, or with a text-encoder
     part, naming the file, the detected format and the first such keys; strict=False applies the rest and reports
     them in `handle.reports`. skip_text_encoder=True leaves text-encoder keys out (reported by name) while strict
-    still refuses unknown keys. A shape mismatch is always an error. On any error nothing is applied."""
+    still refuses unknown keys. A shape mismatch is always an error. On any error nothing is applied.
+
+    combine: how the stack's LoRAs combine (`combine.COMBINE_MODES`; "sum" = plain sum), computed on the factors
+    before anything is applied; the stack indices in `keep_apart` (the DistillPatch) are never combined. A mode other
+    than "sum" computes new (detached) factors: it is for sampling, not for training through the stack."""
     if mode not in MODES:
         raise ValueError(f"apply_loras: mode must be one of {MODES}, got {mode!r}")
-    stack = [(item, 1.0) if not isinstance(item, tuple) else item for item in loras]
+    stack = [(_as_lora(item), float(strength))
+             for item, strength in ((i, 1.0) if not isinstance(i, tuple) else i for i in loras)]
+    combined = combine_stack(stack, combine, keep_apart)
     modules = dict(model.named_modules())
     reports, patches = [], []
     branches: dict[nn.Linear, list] = {}
-    for item, strength in stack:
-        lora = _as_lora(item)
-        strength = float(strength)
+    for index, (lora, strength) in enumerate(combined.stack):
         unmatched = list(lora.unmatched)
         matched = []
         for path, lmod in lora.modules.items():
@@ -312,7 +318,7 @@ def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: 
                 f"was applied. Pass skip_text_encoder=True (the LoRA stack node: strict off) to apply its "
                 f"{len(matched)} transformer modules and leave the text-encoder part out.")
         reports.append(LoraReport(lora.name, lora.format, strength, len(matched), unmatched, list(lora.redundant),
-                                  list(lora.text_encoder)))
+                                  list(lora.text_encoder), combined.notes.get(index, [])))
         if strength == 0.0:
             continue
         for path, lmod, target in matched:

@@ -22,6 +22,7 @@ import torch
 
 from ..offload import OFFLOAD_MODES
 from ..quant.fp8 import WEIGHT_STORAGE
+from .turbo_check import MEANING, format_check
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
@@ -231,8 +232,8 @@ def run(args: argparse.Namespace) -> int:
                 bar.close()
         if rank == 0:
             print(f"trained {result.step} steps in {result.seconds:.1f} s; LoRA {result.lora_path}")
-            if result.turbo_check:
-                print("turbo check: " + ", ".join(f"{k} {v:.4f}" for k, v in result.turbo_check.items()))
+            if result.turbo_check_detail:
+                print(f"{MEANING}\n  {format_check(result.turbo_check_detail)}")
         return 0
     finally:
         if distributed:

@@ -114,12 +114,19 @@ def grid_png(rows: Sequence[tuple[str, Sequence[Image.Image]]], columns: Sequenc
     return path
 
 
-def report_json(path: str | os.PathLike, steps: int, losses: Sequence[float], turbo_check: dict[str, float]) -> Path:
-    """The run's figures for scripts: the step count, every step's loss and the turbo check."""
+def report_json(path: str | os.PathLike, steps: int, losses: Sequence[float], turbo_check: dict[str, float],
+                turbo_check_detail: dict[str, dict[str, float]] | None = None) -> Path:
+    """The run's figures for scripts: the step count, every step's loss and the turbo check (score per candidate,
+    higher keeps the Turbo; its match / sharpness parts and what it means: zimage_core/training/turbo_check.py)."""
+    from .turbo_check import MEANING
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"steps": steps, "losses": list(losses), "turbo_check": turbo_check}))
+    figures = {"steps": steps, "losses": list(losses), "turbo_check": turbo_check}
+    if turbo_check:
+        figures.update(turbo_check_detail=turbo_check_detail or {}, turbo_check_meaning=MEANING)
+    tmp.write_text(json.dumps(figures))
     os.replace(tmp, path)
     return path
 

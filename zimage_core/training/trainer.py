@@ -39,6 +39,7 @@ from .losses import SigmaSampler, sft_loss, student_step_weights, teacher_trajec
 from .optimizers import build_optimizer
 from .report import grid_png, latent_preview, loss_curve_png, report_json
 from .schedules import lr_factor
+from .turbo_check import MEANING, format_check, turbo_check
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
 ShouldStop = Callable[[], bool]  # True (or raising) interrupts; a checkpoint is written first
@@ -65,7 +66,8 @@ class TrainResult:
     validation_grids: list[Path] = field(default_factory=list)  # one per validation point of this call
     snapshot_paths: list[Path] = field(default_factory=list)  # intermediate LoRA files kept (save_every)
     report_path: Path | None = None  # <name>.report.json: steps, losses, turbo check
-    turbo_check: dict[str, float] = field(default_factory=dict)
+    turbo_check: dict[str, float] = field(default_factory=dict)  # score per candidate (turbo_check.py; higher keeps it)
+    turbo_check_detail: dict[str, dict[str, float]] = field(default_factory=dict)  # score, match, sharpness
     teacher_forwards: int = 0  # sample-forwards of the teacher (a cfg-2 step of one sample counts 2)
     student_forwards: int = 0  # sample-forwards of the student with grad
     seconds: float = 0.0
@@ -573,27 +575,30 @@ class _Run:
                 rows.append((f"after EMA, {fast}", after["ema"]))
             images = [(name, [render(x) for x in latents]) for name, latents in rows]
             result.grid_path = grid_png(images, [p for p, _ in validation], cfg.output_path(".grid.png"))
-            check = {"base": _gap(before.get("base_turbo", before["turbo"]), before.get("base_quality",
-                                                                                           before["quality"])),
-                     "trained": _gap(after["turbo"], after["quality"])}
-            if cfg.scheme == "trajectory":
-                check["sft"] = _gap(before["turbo"], before["quality"])
-            if "patched" in after:
-                check["trained+distillpatch"] = _gap(after["patched"], after["quality"])
-            result.turbo_check = check
-            self.log(f"turbo check on {model_name} (RMS distance between {fast} and {slow} samples; smaller keeps "
-                     f"the Turbo; 'base' = {model_name} without the trained LoRA): "
-                     + ", ".join(f"{k} {v:.4f}" for k, v in check.items()))
-        result.report_path = report_json(cfg.output_path(".report.json"), self.step, self.losses, result.turbo_check)
+            result.turbo_check_detail = self._turbo_check(before, after)
+            result.turbo_check = {name: v["score"] for name, v in result.turbo_check_detail.items()}
+            self.log(f"{MEANING} On {model_name} ('base' = without the trained LoRA): "
+                     + format_check(result.turbo_check_detail))
+        result.report_path = report_json(cfg.output_path(".report.json"), self.step, self.losses, result.turbo_check,
+                                         result.turbo_check_detail)
+
+    def _turbo_check(self, before: dict, after: dict) -> dict[str, dict[str, float]]:
+        """Every 8-step / cfg-1 candidate against one full-quality reference: the trained LoRA's own reference-recipe
+        samples (trajectory imitation: its SFT teacher's, what it imitates), preset removed."""
+        trajectory = self.cfg.scheme == "trajectory"
+        reference = before["quality"] if trajectory else after["quality"]
+        candidates = {"base": before["base_turbo"] if trajectory else before["turbo"]}
+        if trajectory:
+            candidates["sft"] = before["turbo"]
+        candidates["trained"] = after["turbo"]
+        if "patched" in after:
+            candidates["trained+distillpatch"] = after["patched"]
+        return turbo_check(candidates, reference)
 
 
 def trajectory_pool_noise(seed: int, entry: int, k: int, shape) -> Tensor:
     """Noise k of the fixed trajectory-imitation pool of dataset entry `entry` (trajectory_noises > 0)."""
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_mix(seed, entry, k, 2)))
-
-
-def _gap(a: list[Tensor], b: list[Tensor]) -> float:
-    return float(torch.stack([(x.float() - y.float()).pow(2).mean() for x, y in zip(a, b)]).mean().sqrt())
 
 
 @torch.no_grad()
