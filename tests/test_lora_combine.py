@@ -9,7 +9,7 @@ import torch
 
 from zimage_core.lora import LoraModule, LoraWeights, apply_loras, new_lora
 from zimage_core.lora.combine import COMBINE_MODES, combine_stack
-from zimage_core.quantization import Fp8Linear, to_fp8_storage
+from zimage_core.quant.fp8 import Fp8Linear, to_fp8_storage
 from zimage_core.testing import tiny_model
 
 INPUTS = (torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), 0.4, [torch.ones(5, 48)])
