@@ -55,7 +55,9 @@ BAR_PROMPTS = ("red bar", "green bar", "blue bar", "yellow square")
 SAMPLES = 4  # images per prompt (one latent batch, KSampler's noise)
 TRAIN_IMAGES = 1  # "purple circle": a one-image dataset, as DiffSynth's example and the shipped train_sft
 TRAIN_STEPS = 5 * 50 * TRAIN_IMAGES  # DiffSynth's example: 5 epochs x 50 repeats, batch 1 (train_sft's 250)
-TRAIN_SETTINGS = {"scheme": "sft", "learning_rate": 5e-4, "rank": 16, "seed": 0, "validation_prompt": "purple circle"}
+# validation: the three purple prompts (one line each), so the turbo check compares three samples, not one
+TRAIN_SETTINGS = {"scheme": "sft", "learning_rate": 5e-4, "rank": 16, "seed": 0,
+                  "validation_prompt": "purple circle\npurple square\npurple triangle"}
 
 
 def place_toy_world(base: Path, train_images: int = TRAIN_IMAGES) -> None:
