@@ -3,7 +3,7 @@
 Without arguments it runs the toy world (toyworld/: a 1.9 M-parameter Z-Image-architecture model this project
 trained to draw coloured shapes, distilled to 8 steps / cfg 1, with a DistillPatch) inside ComfyUI. The pack's
 loader loads the toy turbo model and the LoRA stack its DistillPatch from a private models folder; the demo nodes
-stand in for Qwen3-4B (the toy world's word-vector captions) and the Flux VAE (its linear VAE). Three workflows of
+stand in for Qwen3-4B (the toy world's word-vector captions) and the Flux VAE (its linear VAE). Four workflows of
 the shipped workflows' shape are queued, and written to the output folder as UI-format JSON you can open in ComfyUI:
 
 1. toyworld_t2i: text to image at 8 steps / cfg 1 with the DistillPatch in the stack, for base prompts and for
