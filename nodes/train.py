@@ -203,8 +203,9 @@ class ZImageTurboTrainLora(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the LoRA init, batch order, noise and timesteps."),
                 io.String.Input("validation_prompt", default="", multiline=True,
-                                tooltip="Prompt of the validation grid (before/after, 8 steps and 30 steps); empty "
-                                        "= the first caption."),
+                                tooltip="Prompt(s) of the validation grid and the turbo check (before/after, 8 steps "
+                                        "and 30 steps), one per line; empty = the first caption. More prompts make "
+                                        "the turbo check steadier."),
                 io.String.Input("output_name", default="zimage_turbo_lora",
                                 tooltip="File name of the LoRA in models/loras (no folders). The same name again "
                                         "resumes its checkpoint."),
@@ -331,7 +332,7 @@ class ZImageTurboTrainLora(io.ComfyNode):
         target_list = (target_preset,) if target_preset != TARGETS_CUSTOM else tuple(
             t.strip() for t in targets.split(",") if t.strip())
         work = Path(folder_paths.get_output_directory()) / WORK_SUBDIR / name
-        prompts = [validation_prompt] if validation_prompt.strip() else []
+        prompts = [line.strip() for line in validation_prompt.splitlines() if line.strip()]
 
         # Training base: the incoming stack without its DistillPatch (which only joins the validation grid).
         patches = [s for s in model.loras if s.role == ROLE_DISTILLPATCH]

@@ -4,6 +4,8 @@ the resumable cache, and the command line end to end (encode -> train -> the LoR
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 import tomllib
@@ -104,7 +106,7 @@ def test_latents_equal_autoencoderkl_encode_with_flux_shift_scale(tiny_encoders)
 
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_cli_encode_both_layouts_then_train_and_load_the_lora(tiny_encoders, tmp_path):
+def test_cli_encode_both_layouts_then_train_and_load_the_lora(tiny_encoders, tmp_path, capsys):
     f = tiny_encoders
     write_images(tmp_path / "dataset")
     save_transformer(tiny_model(0), tmp_path / "base.safetensors")
@@ -132,7 +134,13 @@ def test_cli_encode_both_layouts_then_train_and_load_the_lora(tiny_encoders, tmp
     torch.testing.assert_close(a.prompt_features("a red fox at night"), b.prompt_features("a red fox at night"),
                                atol=1e-5, rtol=1e-5)
 
+    capsys.readouterr()
     assert main(["train", "--config", str(config), "--quiet", "--device", "cpu"]) == 0
+    # the headless trainer prints the turbo check with its meaning (zimage_core/training/turbo_check.py)
+    printed = capsys.readouterr().out
+    assert "turbo check (higher keeps the Turbo)" in printed and "trained " in printed and "(match " in printed
+    report = json.loads((tmp_path / "out" / "fox.report.json").read_text())
+    assert set(report["turbo_check"]) == {"base", "trained"} and report["turbo_check_meaning"]
     lora_path = tmp_path / "out" / "fox.safetensors"
     lora = load_lora(lora_path)
     assert not lora.unmatched and lora.rank == 4

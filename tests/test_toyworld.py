@@ -4,7 +4,8 @@ On the shipped weights (toyworld/weights, built once by `python -m toyworld.buil
 LoRA engine, sampler and turbo check: the turbo draws the base world at 8 steps / cfg 1; an ordinary SFT LoRA learns
 a new shape ("bar") and a new colour ("purple") but is blurry at 8 steps / cfg 1 and recovers at 30 steps / cfg 2;
 each remedy (differential LoRA, trajectory imitation, DistillPatch) draws the concept at 8 steps / cfg 1, sharper,
-with a better turbo check, and keeps the base prompts; trajectory imitation for 4 steps beats the SFT LoRA at 4 steps.
+with a better turbo check; trajectory imitation for 4 and 2 steps beats the SFT LoRA there. Keeping the base
+prompts with a concept LoRA applied is not reached (a strict xfail with the measured reason).
 Every test takes seconds; none trains anything."""
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from toyworld.vae import ToyVAE
 from zimage_core.training.turbo_check import turbo_check
 
 SHIPPED = ["vae", "teacher", "turbo", "training_adapter", "lora_sft", "lora_differential", "lora_trajectory",
-           "lora_trajectory4", "lora_sft_purple", "lora_differential_purple", "lora_trajectory_purple",
-           "lora_trajectory4_purple", "generic_sft", "distill_patch"]
+           "lora_trajectory4", "lora_trajectory2", "lora_sft_purple", "lora_differential_purple",
+           "lora_trajectory_purple", "lora_trajectory4_purple", "lora_trajectory2_purple", "generic_sft", "distill_patch"]
 pytestmark = pytest.mark.skipif(not all((WEIGHTS / f"{n}.safetensors").exists() for n in SHIPPED),
                                 reason="toyworld weights not built (python -m toyworld.build)")
 
@@ -194,9 +195,12 @@ def test_differential_lora_is_blurry_with_its_adapter_and_sharp_without(turbo, c
 
 
 @pytest.mark.parametrize("concept", world.CONCEPTS)
-def test_trajectory_imitation_for_4_steps_beats_sft_at_4_steps(turbo, concept):
-    sft, sft_fid = measure(turbo, names(concept, "lora_sft"), steps=4, which=concept)
-    ti4, fid = measure(turbo, names(concept, "lora_trajectory4"), steps=4, which=concept)
-    assert ti4 > 1.1 * sft and fid >= sft_fid - 0.05, (ti4, sft, fid, sft_fid)
-    assert turbo_score(turbo, names(concept, "lora_trajectory4"), concept, steps=4) > \
-        turbo_score(turbo, names(concept, "lora_sft"), concept, steps=4)
+@pytest.mark.parametrize("steps", [4, 2])
+def test_trajectory_imitation_for_fewer_steps_beats_sft_there(turbo, concept, steps):
+    """Scheme 3 trained for 4 (or 2) student steps, sampled at that many steps / cfg 1, against the SFT LoRA there."""
+    stem = f"lora_trajectory{steps}"
+    sft, sft_fid = measure(turbo, names(concept, "lora_sft"), steps=steps, which=concept)
+    fewer, fid = measure(turbo, names(concept, stem), steps=steps, which=concept)
+    assert fewer > 1.1 * sft and fid >= sft_fid - 0.05, (fewer, sft, fid, sft_fid)
+    assert turbo_score(turbo, names(concept, stem), concept, steps=steps) > \
+        turbo_score(turbo, names(concept, "lora_sft"), concept, steps=steps)

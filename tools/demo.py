@@ -3,7 +3,7 @@
 Without arguments it runs the toy world (toyworld/: a 1.9 M-parameter Z-Image-architecture model this project
 trained to draw coloured shapes, distilled to 8 steps / cfg 1, with a DistillPatch) inside ComfyUI. The pack's
 loader loads the toy turbo model and the LoRA stack its DistillPatch from a private models folder; the demo nodes
-stand in for Qwen3-4B (the toy world's word-vector captions) and the Flux VAE (its linear VAE). Three workflows of
+stand in for Qwen3-4B (the toy world's word-vector captions) and the Flux VAE (its linear VAE). Four workflows of
 the shipped workflows' shape are queued, and written to the output folder as UI-format JSON you can open in ComfyUI:
 
 1. toyworld_t2i: text to image at 8 steps / cfg 1 with the DistillPatch in the stack, for base prompts and for
@@ -55,7 +55,9 @@ BAR_PROMPTS = ("red bar", "green bar", "blue bar", "yellow square")
 SAMPLES = 4  # images per prompt (one latent batch, KSampler's noise)
 TRAIN_IMAGES = 1  # "purple circle": a one-image dataset, as DiffSynth's example and the shipped train_sft
 TRAIN_STEPS = 5 * 50 * TRAIN_IMAGES  # DiffSynth's example: 5 epochs x 50 repeats, batch 1 (train_sft's 250)
-TRAIN_SETTINGS = {"scheme": "sft", "learning_rate": 5e-4, "rank": 16, "seed": 0, "validation_prompt": "purple circle"}
+# validation: the three purple prompts (one line each), so the turbo check compares three samples, not one
+TRAIN_SETTINGS = {"scheme": "sft", "learning_rate": 5e-4, "rank": 16, "seed": 0,
+                  "validation_prompt": "purple circle\npurple square\npurple triangle"}
 
 
 def place_toy_world(base: Path, train_images: int = TRAIN_IMAGES) -> None:
