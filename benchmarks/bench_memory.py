@@ -147,10 +147,11 @@ def _train_peak(tracker: LiveBytes, params, step, watch=nullcontext) -> dict:
     return tracker.summary()
 
 
-def _trainable(impl: str, model, device: str) -> list:
+def _trainable(impl: str, model, device: str, host_inputs: bool = False) -> list:
     model.requires_grad_(False)  # the base is frozen, as the trainer and peft freeze it
     if impl == "ours":
         model.gradient_checkpointing = True
+        model.checkpoint_inputs_on_host = host_inputs  # the trainer's checkpoint_inputs_on_host
         lora = ours_lora(model, device)
         params = list(lora.parameters())
         for p in params:
@@ -169,10 +170,11 @@ def _trainable(impl: str, model, device: str) -> list:
 
 
 def sft_step(impl: str, config: ZImageConfig, size: int, storage: str, offload: bool, device: str = "meta",
-             watch=nullcontext, caption_tokens: int = CAPTION_TOKENS) -> dict:
-    """One rank-32 LoRA SFT step with gradient checkpointing: velocity loss, backward, AdamW."""
+             watch=nullcontext, caption_tokens: int = CAPTION_TOKENS, host_inputs: bool = False) -> dict:
+    """One rank-32 LoRA SFT step with gradient checkpointing: velocity loss, backward, AdamW. host_inputs: the
+    checkpointed block inputs wait in host RAM (zimage_core.host_checkpoint)."""
     model, fn = _build(impl, config, storage, offload, device)
-    params = _trainable(impl, model, device)
+    params = _trainable(impl, model, device, host_inputs)
     tracker = _start(model, device, params)
     noise, caps = inputs(size, config, device, caption_tokens)
     x0 = torch.randn_like(noise)

@@ -135,7 +135,7 @@ class _Run:
         self.teacher_cache: dict[tuple[int, int], Tensor] = {}
 
         _own_inference_tensors(model)
-        self.saved_checkpointing = model.gradient_checkpointing
+        self.saved_checkpointing = (model.gradient_checkpointing, model.checkpoint_inputs_on_host)
         self.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
 
@@ -210,10 +210,11 @@ class _Run:
                      f"for {cfg.steps} steps from step {self.step}, {len(self.data)} images, "
                      f"{self.world} process(es)")
             self.model.gradient_checkpointing = cfg.gradient_checkpointing
+            self.model.checkpoint_inputs_on_host = cfg.checkpoint_inputs_on_host
             self.stack.set(self.training_loras())
             interrupted = self._loop()
             self.stack.set([])
-            self.model.gradient_checkpointing = self.saved_checkpointing
+            self.model.gradient_checkpointing, self.model.checkpoint_inputs_on_host = self.saved_checkpointing
             result = TrainResult(lora=self.lora, step=self.step, losses=list(self.losses), interrupted=interrupted,
                                  checkpoint_path=self.checkpoint_path, teacher_forwards=self.teacher_forwards,
                                  student_forwards=self.student_forwards,
@@ -226,7 +227,7 @@ class _Run:
             return result
         finally:
             self.stack.set([])
-            self.model.gradient_checkpointing = self.saved_checkpointing
+            self.model.gradient_checkpointing, self.model.checkpoint_inputs_on_host = self.saved_checkpointing
             for p in self.params:
                 p.requires_grad_(False)
             for name, p in self.model.named_parameters():
