@@ -131,6 +131,7 @@ class _Run:
                               f"{self.world} processes")
         self.local_batch = self.cfg.batch_size // self.world
         self.device = model.x_pad_token.device
+        self.base_format = base_format(model)
         self.teacher_forwards = self.student_forwards = 0
         self.teacher_cache: dict[tuple[int, int], Tensor] = {}
 
@@ -406,7 +407,7 @@ class _Run:
             save_checkpoint(self.checkpoint_path, {
                 "step": self.step, "lora": lora_state(self.lora), "optimizer": self.optimizer.state_dict(),
                 "losses": list(self.losses), "rng": rng_states(), "config": self.cfg.to_dict(),
-                "lora_alpha": {p: m.alpha for p, m in self.lora.modules.items()},
+                "lora_alpha": {p: m.alpha for p, m in self.lora.modules.items()}, "base_format": self.base_format,
                 **({"ema": lora_state(self.ema.lora)} if self.ema is not None else {})})
             self._checkpoint_step = self.step
         if self.distributed:
@@ -430,6 +431,11 @@ class _Run:
             if saved.get(key, TrainConfig.__dataclass_fields__[key].default) != now:  # older files: defaults
                 raise ConfigError(f"cannot resume from {path}: it was trained with {key} = {saved.get(key)!r}, "
                                   f"this run has {now!r}")
+        saved_format = state.get("base_format", self.base_format)  # older checkpoints: not recorded
+        if saved_format != self.base_format:
+            raise ConfigError(f"cannot resume from {path}: it was trained on a base stored as {saved_format}, this "
+                              f"base is stored as {self.base_format} (load the same file with the same weight "
+                              "storage, or start a new run)")
         load_lora_state(self.lora, state["lora"])
         if self.ema is not None:
             load_lora_state(self.ema.lora, state["ema"])
@@ -501,7 +507,8 @@ class _Run:
                     "model_variant": cfg.model_variant, "preset_lora": str(cfg.preset_lora or ""),
                     "init_lora": str(cfg.init_lora or ""), "targets": ",".join(cfg.targets), "lr": str(cfg.lr),
                     "seed": str(cfg.seed), "loss_weighting": cfg.loss_weighting, "optimizer": cfg.optimizer,
-                    "lr_schedule": cfg.lr_schedule, "trainer": "zimage_core.training"}
+                    "lr_schedule": cfg.lr_schedule, "trainer": "zimage_core.training",
+                    "base_format": self.base_format}
         if cfg.scheme == "trajectory":
             metadata.update(teacher_steps=str(cfg.teacher_steps), teacher_cfg=str(cfg.teacher_cfg),
                             student_steps=str(cfg.student_steps))
@@ -586,6 +593,21 @@ class _Run:
                      f"the Turbo; 'base' = {model_name} without the trained LoRA): "
                      + ", ".join(f"{k} {v:.4f}" for k, v in check.items()))
         result.report_path = report_json(cfg.output_path(".report.json"), self.step, self.losses, result.turbo_check)
+
+
+def base_format(model) -> str:
+    """How the frozen base's weights are stored, for the LoRA's metadata and the resume check: the sorted formats of
+    its quantized Linears (e.g. "gguf:Q4_K,gguf:Q5_K,gguf:Q6_K" for a Q4_K_M file, "comfy:nvfp4"), or, without any,
+    the dtype of its weights ("bfloat16"). Quantized Linears name their format in `fmt`; one-byte float weights
+    without it are fp8 storage ("float8_e4m3fn")."""
+    formats, dtypes = set(), set()
+    for module in model.modules():
+        fmt, weight = getattr(module, "fmt", None), getattr(module, "weight", None)
+        if isinstance(fmt, str):
+            formats.add(fmt)
+        elif isinstance(weight, Tensor) and weight.is_floating_point():
+            (formats if weight.element_size() == 1 else dtypes).add(str(weight.dtype).removeprefix("torch."))
+    return ",".join(sorted(formats or dtypes))
 
 
 def trajectory_pool_noise(seed: int, entry: int, k: int, shape) -> Tensor:
