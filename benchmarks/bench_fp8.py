@@ -1,4 +1,4 @@
-"""The output error of fp8 weight storage (zimage_core.quantization) against the same model in bf16.
+"""The output error of fp8 weight storage (zimage_core.quant.fp8) against the same model in bf16.
 
 Figures are relative RMS errors, ||y_fp8 - y_bf16|| / ||y_bf16||, with the bf16 model as the reference and bf16
 compute on both sides:
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from zimage_core import ZImageConfig, ZImageTransformer, sample
-from zimage_core.quantization import QUANTIZED_MODULES, quantize_fp8, to_fp8_storage
+from zimage_core.quant.fp8 import QUANTIZED_MODULES, quantize_fp8, to_fp8_storage
 from zimage_core.testing import init_random_, tiny_model
 from zimage_core.transformer import TransformerBlock, rope_cos_sin
 

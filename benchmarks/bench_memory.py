@@ -38,7 +38,7 @@ from memtrack import LiveBytes, flash_attention, host_homes  # noqa: E402
 from zimage_core import ZImageConfig, ZImageTransformer, sample  # noqa: E402
 from zimage_core.lora import apply_loras, new_lora  # noqa: E402
 from zimage_core.offload import enable_block_offload, is_offloaded  # noqa: E402
-from zimage_core.quantization import to_fp8_storage  # noqa: E402
+from zimage_core.quant.fp8 import to_fp8_storage  # noqa: E402
 from zimage_core.training.config import DEFAULT_TARGETS, TrainConfig  # noqa: E402
 from zimage_core.training.losses import sft_loss, teacher_trajectory, trajectory_grids, trajectory_loss  # noqa: E402
 from zimage_core.training.optimizers import build_optimizer  # noqa: E402

@@ -73,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DiffusersVelocity  # noqa: E402
 from zimage_core import ZImageConfig, ZImageTransformer, apply_loras, new_lora, sample  # noqa: E402
 from zimage_core.offload import enable_block_offload  # noqa: E402
-from zimage_core.quantization import check_fp8_support, to_fp8_storage  # noqa: E402
+from zimage_core.quant.fp8 import check_fp8_support, to_fp8_storage  # noqa: E402
 from zimage_core.sampling import TURBO  # noqa: E402
 from zimage_core.testing import init_random_  # noqa: E402
 from zimage_core.training.config import TrainConfig  # noqa: E402

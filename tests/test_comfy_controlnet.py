@@ -225,7 +225,7 @@ def test_controlnet_follows_the_model_block_offload(comfy_host, comfy_models, cn
 
 
 def test_fp8_model_and_controlnet(comfy_host, comfy_models, cn_files):
-    has_fp8_storage = comfy_host.pack_module("zimage_core.quantization").has_fp8_storage  # the pack's own classes
+    has_fp8_storage = comfy_host.pack_module("zimage_core.quant.fp8").has_fp8_storage  # the pack's own classes
     m = comfy_models
     prompt = control_prompt(m, [dict(controlnet=CN_21)], weight_dtype="fp8_e4m3fn")
     prompt["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"  # the model too: both compute in bf16

@@ -21,7 +21,7 @@ def _patcher_for(result):
 
 
 def test_fp8_loader_lora_stack_and_sampler(comfy_host, comfy_models):
-    Fp8Linear = comfy_host.pack_module("zimage_core.quantization").Fp8Linear  # the pack's own copy of the module
+    Fp8Linear = comfy_host.pack_module("zimage_core.quant.fp8").Fp8Linear  # the pack's own copy of the module
     m = comfy_models
     prompt = t2i_prompt(m, loras=[(m.user_lora, 0.8)], distillpatch=m.distillpatch, weight_dtype="fp8_e4m3fn",
                         seed=3, size=32, save=False)

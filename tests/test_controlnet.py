@@ -309,7 +309,7 @@ def test_velocity_equals_diffsynth(model, inpaint):
 # ---------------------------------------------------------------------------------------------- storage and offload
 def test_fp8_storage_and_block_offload_as_the_transformer(tmp_path, model):
     from zimage_core.offload import disable_block_offload, enable_block_offload
-    from zimage_core.quantization import has_fp8_storage, to_fp8_storage
+    from zimage_core.quant.fp8 import has_fp8_storage, to_fp8_storage
 
     path = tmp_path / "cn.safetensors"
     save_file(_net("2.1").state_dict(), str(path))

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from zimage_core import load_transformer, save_transformer
 from zimage_core.checkpoint import comfyui_state_dict
-from zimage_core.quantization import Fp8Linear, QUANTIZED_MODULES, quantize_fp8, to_fp8_storage
+from zimage_core.quant.fp8 import Fp8Linear, QUANTIZED_MODULES, quantize_fp8, to_fp8_storage
 from zimage_core.testing import tiny_model
 
 G = torch.Generator().manual_seed(5)
@@ -236,7 +236,7 @@ def test_training_a_lora_on_a_frozen_fp8_base(tmp_path):
 
 
 def test_gradient_through_an_fp8_linear_equals_the_dequantised_linear():
-    from zimage_core.quantization import Fp8Linear as Lin
+    from zimage_core.quant.fp8 import Fp8Linear as Lin
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(24, 16, generator=gen) * 0.05
     lin = Lin(16, 24, compute_dtype=torch.float32)

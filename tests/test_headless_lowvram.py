@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from zimage_core import save_transformer
 from zimage_core.__main__ import main
-from zimage_core.quantization import Fp8Linear
+from zimage_core.quant.fp8 import Fp8Linear
 from zimage_core.testing import tiny_model
 from zimage_core.training import build_cache
 from zimage_core.training.toy import make_toy_dataset, toy_encoders

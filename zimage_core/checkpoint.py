@@ -5,7 +5,7 @@ folders, and ComfyUI's single file (fused `attention.qkv`, `attention.out`, `q_n
 or without a `model.diffusion_model.` / `diffusion_model.` prefix; bf16/fp16/fp32 storage and fp8 (e4m3fn or e5m2,
 plain, with ComfyUI's per-tensor `scale_weight` or with this pack's per-channel `weight_scale`). fp8 tensors are
 up-cast to the compute dtype, or, with `weight_storage="fp8_e4m3fn"`, kept as they are in fp8 storage
-(zimage_core.quantization), where a bf16 file is quantised on the way in. The config is read from `config.json` when
+(zimage_core.quant.fp8), where a bf16 file is quantised on the way in. The config is read from `config.json` when
 there is one, else inferred from the tensor shapes. Tensors stream from disk into the parameters one at a time.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .config import ZImageConfig
-from .quantization import FP8_DTYPES, SCALE_NAME, STORABLE_FP8, WEIGHT_STORAGE, Fp8Linear, check_fp8_support, \
+from .quant import FAMILIES, READERS, QuantizedFile, QuantizedLinear, detect_family, install_quantized
+from .quant.fp8 import FP8_DTYPES, SCALE_NAME, STORABLE_FP8, WEIGHT_STORAGE, Fp8Linear, check_fp8_support, \
     quantize_fp8, use_fp8_structure
 from .safetensors_io import SafetensorsFile, describe_lookalike
 from .transformer import ZImageTransformer
@@ -298,7 +300,7 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     """Load a Z-Image transformer from a `.safetensors` file or a diffusers folder, computing in `dtype` on `device`.
 
     weight_storage "same" holds every weight in `dtype` (fp8 files are up-cast); "fp8_e4m3fn" holds the blocks'
-    attention and SwiGLU Linears in fp8 (zimage_core.quantization): fp8 e4m3fn tensors load as stored with their
+    attention and SwiGLU Linears in fp8 (zimage_core.quant.fp8): fp8 e4m3fn tensors load as stored with their
     scales, anything else is quantised per output channel as it is read. The model is built on the meta device and
     every parameter is filled straight from disk, so peak memory stays near one copy of the weights as stored.
     Raises FileNotFoundError / ValueError naming the file (or option) and the culprit, before allocating anything.
@@ -313,6 +315,9 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
         check_fp8_support(device, fp8_dtype, option=f"weight_storage={weight_storage!r}")
     path = Path(path)
     files, config_json = checkpoint_files(path)
+    family = detect_family(path)
+    if family != "safetensors":
+        return _load_quantized_file(path, family, dtype, device, weight_storage)
     st_files = [SafetensorsFile(f) for f in files]
     sources, shapes, layout = map_sources(st_files, str(path))
     config = ZImageConfig.from_diffusers(config_json) if config_json else config_from_shapes(shapes)
@@ -332,6 +337,39 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     return model.eval().requires_grad_(False)
 
 
+def _read_quantized_file(path: Path, family: str) -> QuantizedFile:
+    reader = READERS.get(family)
+    if reader is None:
+        raise ValueError(f"{path} is {FAMILIES[family]}, which this version of the pack cannot load")
+    return reader(path)
+
+
+def _load_quantized_file(path: Path, family: str, dtype: torch.dtype, device, weight_storage: str):
+    """A quantized file (GGUF, ...): its quantized Linears become QuantizedLinears holding the file's tensors as
+    stored, everything else is read in `dtype`. The family's reader checks the whole file before this builds
+    anything, and the shapes are checked against the model before any tensor is read."""
+    if weight_storage != "same":
+        raise ValueError(f"weight_storage={weight_storage!r} re-quantizes bf16/fp16/fp32 files; {path} is "
+                         f"{FAMILIES[family]} and already quantized: load it with weight_storage 'same'")
+    qfile = _read_quantized_file(path, family)
+    shapes = {**{f"{p}.weight": tuple(w.shape) for p, w in qfile.quantized.items()},
+              **{name: tuple(shape) for name, (shape, _) in qfile.plain.items()}}
+    config = config_from_shapes(shapes)
+    with torch.device("meta"):
+        model = ZImageTransformer(config)
+    _check_against_model(model, shapes, str(path))
+    model = model.to(dtype=dtype)
+    paths = set(install_quantized(model, qfile.quantized, device))
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name.rpartition(".")[0] not in paths:
+                tensor.data.copy_(qfile.plain[name][1]())
+    formats = sorted({w.format.name for w in qfile.quantized.values()})
+    log.info("loaded %s (%s, %s parameters, %d quantized Linears: %s; the rest in %s)", path, qfile.layout,
+             parameter_count(sum(math.prod(shape) for shape in shapes.values())), len(paths), ", ".join(formats), dtype)
+    return model.eval().requires_grad_(False)
+
+
 def parameter_count(n: int) -> str:
     """A parameter count for logs, with three significant digits: 6.15 B, 1.94 M, 12.3 K, 950."""
     rounded = float(f"{n:.3g}")  # first, so that 999 999 reads "1 M", not "1e+03 K"
@@ -342,14 +380,18 @@ def parameter_count(n: int) -> str:
 
 
 def _storage_state_dict(model: ZImageTransformer, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """model.state_dict(), with fp8 weights (and their scales) as stored, or dequantised when `dtype` is given."""
+    """model.state_dict(), with fp8 weights (and their scales) as stored, or every quantized weight dequantised when
+    `dtype` is given."""
     state = model.state_dict()
-    if dtype is None:
-        return state
     for path, module in model.named_modules():
-        if isinstance(module, Fp8Linear):
-            state[f"{path}.weight"] = module.dequantized(torch.float32)
-            del state[f"{path}.{SCALE_NAME}"]
+        if not isinstance(module, QuantizedLinear) or (dtype is None and isinstance(module, Fp8Linear)):
+            continue
+        if dtype is None:  # only fp8 storage has a safetensors form this loader reads back
+            raise ValueError(f"{path} holds a {module.fmt} weight, which cannot be saved as stored: pass a dtype "
+                             f"to save the model dequantized")
+        for name in module.stored_names:
+            del state[f"{path}.{name}"]
+        state[f"{path}.weight"] = module.dequantized(torch.float32)
     return state
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import LOOKALIKES, WeightSource, checkpoint_files, fill_from_source, map_sources
-from .quantization import FP8_DTYPES, WEIGHT_STORAGE, check_fp8_support
+from .quant.fp8 import FP8_DTYPES, WEIGHT_STORAGE, check_fp8_support
 from .config import ZImageConfig
 from .safetensors_io import SafetensorsFile
 from .transformer import StreamStage, TransformerBlock, ZImageTransformer, patchify

@@ -10,10 +10,10 @@ LoraWeights tensors themselves (cast to x's dtype and device at call time), so g
 training uses. Full-size deltas (ComfyUI .diff/.diff_b, LoKr, LoHa) have no cheap side branch and are merged in both
 modes; the handle restores them the same way.
 
-fp8 storage (zimage_core.quantization): a Linear whose weight is stored in fp8 is never merged into, whatever the
-mode, since the sum would be rounded to fp8. Its LoRAs run as the runtime branches above, and full-size deltas as a
-branch x @ delta.T whose delta is rebuilt in the compute dtype at call time (one layer at a time, like the fp8
-weight itself). Removing them only removes hooks: the fp8 bits are never touched.
+Quantized weights (zimage_core.quant: fp8 storage, GGUF, ...): a QuantizedLinear is never merged into, whatever the
+mode, since the sum would be re-quantized. Its LoRAs run as the runtime branches above, and full-size deltas as a
+branch x @ delta.T whose delta is rebuilt in the compute dtype at call time (one layer at a time, like the
+dequantized weight itself). Removing them only removes hooks: the stored bits are never touched.
 
 Everything is checked (every key matched, every shape right) before the first tensor is touched."""
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quantization import is_fp8
+from ..quant import is_quantized, weight_shape
 from .io import load_lora
 from .weights import LoraError, LoraModule, LoraWeights
 
@@ -264,9 +264,9 @@ def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: 
         for path, lmod, target in matched:
             name = _model_path(path, model)
             changes_weight = lmod.kind != "diff" or lmod.diff is not None
-            if lmod.kind == "lora" and isinstance(target, nn.Linear) and (mode == "runtime" or is_fp8(target)):
+            if lmod.kind == "lora" and isinstance(target, nn.Linear) and (mode == "runtime" or is_quantized(target)):
                 branches.setdefault(target, []).append(_low_rank_branch(lmod.down, lmod.up, strength * lmod.scale))
-            elif changes_weight and is_fp8(target):
+            elif changes_weight and is_quantized(target):
                 branches.setdefault(target, []).append(_full_delta_branch(lmod, strength))
             elif changes_weight:
                 patches.append(_Patch(f"{name}.weight", lmod, strength, "weight"))
@@ -291,14 +291,14 @@ def _model_path(path: str, model: nn.Module) -> str:
 def _check_shapes(lora: LoraWeights, path: str, lmod: LoraModule, target: nn.Module) -> None:
     keys = f" (keys {list(lmod.keys[:2])})" if lmod.keys else ""
     where = f"{lora.name} (format {lora.format}), module {path}{keys}"
-    weight = getattr(target, "weight", None)
+    shape = weight_shape(target)  # a quantized Linear's logical [out, in], not its stored bytes' shape
     expected = lmod.delta_shape()
     if expected is not None:
-        if not isinstance(weight, Tensor):
+        if shape is None:
             raise LoraError(f"{where}: the model's module {path} has no weight to patch")
-        if tuple(weight.shape) != tuple(expected):
+        if tuple(shape) != tuple(expected):
             raise LoraError(f"{where}: the LoRA changes a weight of shape {list(expected)} but the model's weight is "
-                            f"{list(weight.shape)}; is this LoRA for another model?")
+                            f"{list(shape)}; is this LoRA for another model?")
     if lmod.diff_b is not None:
         bias = getattr(target, "bias", None)
         if not isinstance(bias, Tensor) or tuple(bias.shape) != tuple(lmod.diff_b.shape):

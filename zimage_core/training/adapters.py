@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..lora import LoraWeights, new_lora
+from ..quant import weight_shape
 
 
 class LoraMismatch(ValueError):
@@ -24,14 +25,13 @@ def check_lora_fits(model: nn.Module, lora: LoraWeights, label: str) -> LoraWeig
                            "another model?")
     named = dict(model.named_modules())
     for path, module in lora.modules.items():
-        target = named.get(path)
-        weight = getattr(target, "weight", None)
-        if weight is None:
+        have = weight_shape(named[path]) if path in named else None  # quantized Linears: the logical [out, in]
+        if have is None:
             raise LoraMismatch(f"{label} {lora.name} patches {path!r}, which this model does not have")
         shape = module.delta_shape()
-        if shape is not None and tuple(shape) != tuple(weight.shape):
+        if shape is not None and tuple(shape) != tuple(have):
             raise LoraMismatch(f"{label} {lora.name} was made for another model: {path} expects a weight of shape "
-                               f"{list(shape)}, this model's is {list(weight.shape)}")
+                               f"{list(shape)}, this model's is {list(have)}")
     return lora
 
 

@@ -7,7 +7,7 @@ batch_size of the config is split evenly over the processes.
 
 Two command-line options trade speed for accelerator memory (both are how the base is held, not what is trained, so
 they are not TrainConfig settings: in ComfyUI the same choices are the model loader's weight_dtype and offload):
-`--weight-storage fp8_e4m3fn` (zimage_core.quantization) and `--offload block` (zimage_core.offload). Under torchrun
+`--weight-storage fp8_e4m3fn` (zimage_core.quant.fp8) and `--offload block` (zimage_core.offload). Under torchrun
 every process loads its own base the same way.
 """
 
@@ -21,7 +21,7 @@ import textwrap
 import torch
 
 from ..offload import OFFLOAD_MODES
-from ..quantization import WEIGHT_STORAGE
+from ..quant.fp8 import WEIGHT_STORAGE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,7 +114,7 @@ def resolve_device_dtype(device: str, dtype: str, local_rank: int = 0) -> tuple[
 def check_weight_storage(weight_storage: str, device: torch.device) -> None:
     """Refuse fp8 storage before anything loads when this build cannot cast float8 on the compute device (the error
     names the option); "same" needs nothing."""
-    from ..quantization import FP8_DTYPES, check_fp8_support
+    from ..quant.fp8 import FP8_DTYPES, check_fp8_support
 
     if weight_storage != "same":
         check_fp8_support(device, FP8_DTYPES[weight_storage], option=f"--weight-storage {weight_storage}")
@@ -131,7 +131,7 @@ def load_base_model(name: str, dtype: torch.dtype, device, weight_storage: str =
         raise ValueError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
     load_device = "cpu" if offload == "block" else device
     if name.startswith("tiny:"):
-        from ..quantization import FP8_DTYPES, to_fp8_storage
+        from ..quant.fp8 import FP8_DTYPES, to_fp8_storage
         from ..testing import tiny_model
         model = tiny_model(int(name.split(":", 1)[1] or 0), dtype=dtype).requires_grad_(False)
         if weight_storage != "same":
@@ -150,7 +150,7 @@ def load_base_model(name: str, dtype: torch.dtype, device, weight_storage: str =
 def describe_base(model, dtype: torch.dtype) -> str:
     """One log line: how the base is held (compute dtype, fp8 storage, block offload)."""
     from ..offload import is_offloaded
-    from ..quantization import FP8_DTYPES, Fp8Linear
+    from ..quant.fp8 import FP8_DTYPES, Fp8Linear
 
     fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     names = {dtype: name for name, dtype in FP8_DTYPES.items()}

@@ -13,13 +13,15 @@ per-tensor scales of ComfyUI's "scaled fp8" files, which load into the same layo
 
 The fp8 weight and its scale are frozen parameters of the module, so `.to(device)`, `module.parameters()` and block
 offload move them with the block. Do not `.to(dtype)` a model with fp8 storage: that would cast the fp8 tensors.
+An Fp8Linear is the QuantizedLinear (zimage_core.quant.linear) of format "fp8_channel".
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .linear import Format, QuantizedLinear, replace_module
 
 WEIGHT_STORAGE = ("same", "fp8_e4m3fn")
 FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn}
@@ -35,45 +37,24 @@ def dequantize(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return weight.to(dtype, copy=True).mul_(scale.to(dtype))
 
 
-class _Fp8Matmul(torch.autograd.Function):
-    """x @ dequantize(W).T that saves the fp8 weight, not the up-cast one, for the backward pass: a frozen fp8 base
-    under training then keeps no bf16 copy of any layer alive between forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
-        ctx.save_for_backward(weight, scale)
-        return F.linear(x, dequantize(weight, scale, x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        weight, scale = ctx.saved_tensors
-        grad_x = grad @ dequantize(weight, scale, grad.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+def _dequantize_stored(tensors: dict[str, Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    return dequantize(tensors["weight"], tensors[SCALE_NAME], dtype)
 
 
-class Fp8Linear(nn.Linear):
-    """A frozen nn.Linear whose weight is stored in float8 with a float32 scale per output channel ([out, 1]).
+FP8_CHANNEL = Format("fp8_channel", ("weight", SCALE_NAME), _dequantize_stored)
+FORMATS = {FP8_CHANNEL.name: FP8_CHANNEL}
 
-    A subclass of nn.Linear so that everything that addresses Linears (LoRA branches, `new_lora`, offload) treats it
-    as one; its weight is never written to (LoRAs run beside it, see zimage_core.lora.apply)."""
+
+class Fp8Linear(QuantizedLinear):
+    """A QuantizedLinear of format "fp8_channel": the weight in float8 with a float32 scale per output channel
+    ([out, 1]). Built empty (filled by the loader or `to_fp8_storage`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, fp8_dtype=torch.float8_e4m3fn,
                  compute_dtype: torch.dtype = torch.bfloat16, device=None):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=fp8_dtype, device=device),
-                                   requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.ones(out_features, 1, dtype=torch.float32, device=device),
-                                         requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device),
-                                 requires_grad=False) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = _Fp8Matmul.apply(x, self.weight, self.weight_scale)
-        return out if self.bias is None else out + self.bias.to(x.dtype)
-
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize(self.weight, self.weight_scale, dtype)
+        stored = {"weight": torch.empty(out_features, in_features, dtype=fp8_dtype, device=device),
+                  SCALE_NAME: torch.ones(out_features, 1, dtype=torch.float32, device=device)}
+        super().__init__(in_features, out_features, FP8_CHANNEL, stored,
+                         torch.empty(out_features, dtype=compute_dtype, device=device) if bias else None)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, storage={str(self.weight.dtype).removeprefix('torch.')}"
@@ -99,19 +80,15 @@ def quantized_paths(model: nn.Module) -> list[str]:
             and any(path.endswith("." + suffix) for suffix in QUANTIZED_MODULES)]
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-
-
 def use_fp8_structure(model: nn.Module, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> list[str]:
     """Swap the covered Linears for empty Fp8Linears on the same device (used on a meta model before loading);
     returns their paths."""
     paths = quantized_paths(model)
     for path in paths:
         old = model.get_submodule(path)
-        _replace(model, path, Fp8Linear(old.in_features, old.out_features, old.bias is not None, fp8_dtype=fp8_dtype,
-                                        compute_dtype=old.weight.dtype, device=old.weight.device))
+        replace_module(model, path, Fp8Linear(old.in_features, old.out_features, old.bias is not None,
+                                              fp8_dtype=fp8_dtype, compute_dtype=old.weight.dtype,
+                                              device=old.weight.device))
     return paths
 
 
@@ -129,12 +106,8 @@ def to_fp8_storage(model: nn.Module, fp8_dtype: torch.dtype = torch.float8_e4m3f
         new.weight.data, new.weight_scale.data = quantize_fp8(old.weight, fp8_dtype)
         if old.bias is not None:
             new.bias.copy_(old.bias)
-        _replace(model, path, new)
+        replace_module(model, path, new)
     return model
-
-
-def is_fp8(module: nn.Module) -> bool:
-    return isinstance(module, Fp8Linear)
 
 
 def has_fp8_storage(model: nn.Module) -> bool:
