@@ -15,6 +15,8 @@ encoder and the VAE run before and after it (ComfyUI unloads them while the tran
     ... --validate   the tracker on a small model: meta run == real CPU run (same bytes), and vs the process RSS
     ... --growth     checkpointed training memory per block (20 vs 30 layers) against one block's input
     ... --encoders   the headless encode step: Qwen3-4B (bf16) on a prompt, the Flux VAE encoder (fp32) on an image
+    ... --quant      the quantized files users download (GGUF Q8_0 / Q4_K_M / Q3_K_S, comfy_quant nvfp4 / int8,
+                     svdq-int4 r32; benchmarks/quant_formats.py) next to bf16 and fp8: resident bytes as stored
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DiffusersVelocity, RssPeak, run_worker  # noqa: E402
 from memtrack import LiveBytes, flash_attention, host_homes  # noqa: E402
+from quant_formats import FILE_GB, FILES, linear_types, stored_shapes  # noqa: E402
 
 from zimage_core import ZImageConfig, ZImageTransformer, sample  # noqa: E402
 from zimage_core.lora import apply_loras, new_lora  # noqa: E402
 from zimage_core.offload import enable_block_offload, is_offloaded  # noqa: E402
+from zimage_core.quant import Format, QuantizedLinear  # noqa: E402
+from zimage_core.quant.linear import replace_module  # noqa: E402
 from zimage_core.quant.fp8 import to_fp8_storage  # noqa: E402
 from zimage_core.training.config import DEFAULT_TARGETS, TrainConfig  # noqa: E402
 from zimage_core.training.losses import sft_loss, teacher_trajectory, trajectory_grids, trajectory_loss  # noqa: E402
@@ -55,6 +60,8 @@ def ours(config: ZImageConfig, storage: str, offload: bool, device: str = "meta"
         model = ZImageTransformer(config).to(torch.bfloat16)
     if storage == "fp8":
         to_fp8_storage(model)
+    elif storage in FILES:
+        quantized_meta(model, storage)
     if offload:
         if device == "meta":
             host_homes(model.blocks())
@@ -75,6 +82,30 @@ def diffusers_model(config: ZImageConfig, storage: str, offload: bool):
         ref.enable_group_offload(onload_device=torch.device("meta"), offload_device=torch.device("cpu"),
                                  offload_type="block_level", num_blocks_per_group=1, use_stream=False)
     return ref.eval()
+
+
+def _per_call_dequantize(tensors: dict, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """What a per-call dequantization allocates, for shape-only runs: a float32 working copy of the weight, then the
+    weight in the compute dtype (the fp32 copy is freed on return). Conservative: fp8 and int8 scale in place in the
+    compute dtype (zimage_core.quant.fp8.dequantize), i.e. without the fp32 copy."""
+    if any(t.device.type != "meta" for t in tensors.values()):
+        raise RuntimeError("the benchmark's stored-bytes stand-in only runs on the meta device")
+    return torch.empty(shape, dtype=torch.float32, device="meta").to(dtype)
+
+
+def quantized_meta(model: ZImageTransformer, file: str) -> list[str]:
+    """Swap the Linears that `file` (benchmarks/quant_formats.py) quantizes for QuantizedLinears holding meta stored
+    tensors of that type's shapes and dtypes (the resident bytes), computing through the pack's own QuantizedLinear
+    autograd path with `_per_call_dequantize` standing in for the format's dequantizer."""
+    types = linear_types(model, file)
+    for path, kind in types.items():
+        old = model.get_submodule(path)
+        shapes = stored_shapes(kind, old.out_features, old.in_features)
+        stored = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}
+        fmt = Format(f"bench:{kind}", tuple(shapes), _per_call_dequantize)
+        bias = None if old.bias is None else old.bias.detach()
+        replace_module(model, path, QuantizedLinear(old.in_features, old.out_features, fmt, stored, bias))
+    return list(types)
 
 
 def ours_lora(model, device: str, seed: int = 0, dtype=torch.float32):
@@ -391,6 +422,43 @@ def markdown(rows, sizes) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- quantized files
+QUANT_STORAGES = ("bf16", "fp8", *FILES)
+
+
+def run_quant(sizes, log=print) -> list[dict]:
+    """8-step sampling and a rank-32 SFT step (plain, and with the checkpointed block inputs in host RAM) per stored
+    format, offload none / block."""
+    config, rows = ZImageConfig(), []
+    for storage in QUANT_STORAGES:
+        for offload in (False, True):
+            row = {"storage": storage, "offload": "block" if offload else "none"}
+            for size in sizes:
+                row[f"sample {size}"] = _safe(sampling, "ours", config, size, storage, offload)
+                row[f"sft {size}"] = _safe(sft_step, "ours", config, size, storage, offload)
+                row[f"sft host {size}"] = _safe(sft_step, "ours", config, size, storage, offload, "meta", nullcontext,
+                                                CAPTION_TOKENS, True)
+            rows.append(row)
+            log(" ".join(f"{k} {_gib(v)}" if isinstance(v, (dict, str)) and k not in ("storage", "offload")
+                         else f"{v}" for k, v in row.items()))
+    return rows
+
+
+def quant_markdown(rows, sizes) -> str:
+    cols = [f"{w} {s}" for w in ("sample", "sft", "sft host") for s in sizes]
+    names = {"sample": "8-step sampling", "sft": "SFT step", "sft host": "SFT step, inputs in host RAM"}
+    head = ["file", "offload", "resident weights GiB (file GiB)",
+            *[f"{names[c.rsplit(' ', 1)[0]]} {c.rsplit(' ', 1)[1]}²" for c in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        first = r[f"sample {sizes[0]}"]
+        resident = f"{first['weights_gib']:.2f}" if isinstance(first, dict) else "n/a"
+        if r["storage"] in FILE_GB and r["offload"] == "none":
+            resident += f" ({FILE_GB[r['storage']] * 1e9 / GIB:.2f})"
+        lines.append("| " + " | ".join([r["storage"], r["offload"], resident, *[_gib(r[c]) for c in cols]]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
@@ -398,6 +466,8 @@ def main() -> None:
     parser.add_argument("--validate", action="store_true")
     parser.add_argument("--growth", action="store_true")
     parser.add_argument("--encoders", action="store_true", help="Qwen3-4B and Flux-VAE encode memory (headless)")
+    parser.add_argument("--quant", action="store_true", help="the quantized files (benchmarks/quant_formats.py) next "
+                                                             "to bf16 and fp8, with the host-RAM block inputs")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=2, metavar=("DEVICE", "OFFLOAD"))
     args = parser.parse_args()
@@ -415,7 +485,11 @@ def main() -> None:
                   f"(one block's bf16 input: {g['block_input_gib'] * 1024:.1f} MiB)")
     if args.encoders:
         report["encoders"] = encoders(args.sizes)
-    if not (args.validate or args.growth or args.encoders):
+    if args.quant:
+        report["quant"] = run_quant(args.sizes)
+        print()
+        print(quant_markdown(report["quant"], args.sizes))
+    if not (args.validate or args.growth or args.encoders or args.quant):
         rows = run_all(args.sizes, not args.skip_diffusers)
         report["rows"] = rows
         print()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from zimage_core.quantization import to_fp8_storage
+from zimage_core.quant.fp8 import to_fp8_storage
 from zimage_core.testing import tiny_model
 
 CONFIG = dict(dim=256, ffn_hidden_dim=512, n_heads=2, axes_dims=(32, 48, 48))
@@ -15,7 +15,7 @@ CONFIG = dict(dim=256, ffn_hidden_dim=512, n_heads=2, axes_dims=(32, 48, 48))
 # format key -> what the trained LoRA's metadata records as the base's format
 BASES = {
     "fp32": "float32",
-    "fp8": "float8_e4m3fn",
+    "fp8": "fp8_channel",
 }
 
 
