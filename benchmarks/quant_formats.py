@@ -91,11 +91,12 @@ def stored_bytes(kind: str, out: int, inp: int) -> int:
     return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in stored_shapes(kind, out, inp).values())
 
 
-def linear_types(model: torch.nn.Module, file: str) -> dict[str, str]:
-    """Linear path -> stored type for `file` on `model` (a ZImageTransformer)."""
+def linear_types(model: torch.nn.Module, file: str, prefix: str = "") -> dict[str, str]:
+    """Linear path -> stored type for `file` on `model` (a ZImageTransformer; or a standalone block whose paths
+    the model would prefix with `prefix`, e.g. "layers.0.")."""
     pick = FILES[file]
     return {path: kind for path, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and (kind := pick(path)) is not None}
+            if isinstance(m, torch.nn.Linear) and (kind := pick(prefix + path)) is not None}
 
 
 def file_bytes(file: str, config: ZImageConfig | None = None) -> int:
