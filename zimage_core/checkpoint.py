@@ -180,7 +180,7 @@ def map_sources(files: list[SafetensorsFile], label: str, required=_REQUIRED, wh
         raise ValueError(
             f"{label} is not {what}: missing {missing}{describe_lookalike(keys, lookalikes)} "
             f"(first keys: {sorted(keys)[:4]})")
-    comfy = any(n.endswith("attention.qkv.weight") or n.startswith("x_embedder.") for n in stripped)
+    comfy = is_comfy_layout(stripped)
     sources: dict[str, _Source] = {}
     shapes: dict[str, tuple] = {}
     for file, key in entries:
@@ -188,18 +188,24 @@ def map_sources(files: list[SafetensorsFile], label: str, required=_REQUIRED, wh
         if _IGNORED.match(name) or name.endswith(_SCALE_SUFFIXES):
             continue
         scale = _scale_key(file, key, label)
-        shape = file.tensors[key].shape
-        if name.endswith("attention.qkv.weight"):
-            dim = shape[0] // 3
-            for i, proj in enumerate(("to_q", "to_k", "to_v")):
-                target = name.replace("attention.qkv.weight", f"attention.{proj}.weight")
-                sources[target] = _Source(file, key, slice(i * dim, (i + 1) * dim), scale)
-                shapes[target] = (dim, *shape[1:])
-            continue
-        target = _to_diffusers_name(name) if comfy else name
-        sources[target] = _Source(file, key, None, scale)
-        shapes[target] = shape
+        for target, rows, shape in model_targets(name, file.tensors[key].shape, comfy):
+            sources[target] = _Source(file, key, rows, scale)
+            shapes[target] = shape
     return sources, shapes, ("comfyui" if comfy else "diffusers") + (f" (prefix {prefix!r})" if prefix else "")
+
+
+def is_comfy_layout(names) -> bool:
+    return any(n.endswith("attention.qkv.weight") or n.startswith("x_embedder.") for n in names)
+
+
+def model_targets(name: str, shape: tuple, comfy: bool) -> list[tuple[str, slice | None, tuple]]:
+    """The model parameter(s) one stored tensor (prefix stripped) provides: (diffusers name, rows of the stored
+    tensor or None for all, shape). A fused qkv weight gives to_q / to_k / to_v, a third of its rows each."""
+    if name.endswith("attention.qkv.weight"):
+        dim = shape[0] // 3
+        return [(name.replace("attention.qkv.weight", f"attention.{proj}.weight"), slice(i * dim, (i + 1) * dim),
+                 (dim, *shape[1:])) for i, proj in enumerate(("to_q", "to_k", "to_v"))]
+    return [(_to_diffusers_name(name) if comfy else name, None, tuple(shape))]
 
 
 def _scale_key(file: SafetensorsFile, key: str, label: str) -> str | None:
@@ -362,7 +368,8 @@ def _load_quantized_file(path: Path, family: str, dtype: torch.dtype, device, we
     paths = set(install_quantized(model, qfile.quantized, device))
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
-            if name.rpartition(".")[0] not in paths:
+            path_, _, leaf = name.rpartition(".")
+            if path_ not in paths or leaf not in model.get_submodule(path_).stored_names:  # biases are plain
                 tensor.data.copy_(qfile.plain[name][1]())
     formats = sorted({w.format.name for w in qfile.quantized.values()})
     log.info("loaded %s (%s, %s parameters, %d quantized Linears: %s; the rest in %s)", path, qfile.layout,

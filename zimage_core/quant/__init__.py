@@ -3,7 +3,7 @@ one table of formats (`FORMATS`, merged from the family modules), the detection 
 code that swaps a model's Linears for QuantizedLinears holding a file's tensors.
 
 Families (one module each): `fp8` (this pack's fp8 storage and ComfyUI's scaled fp8, also made from bf16 at load
-with `weight_storage="fp8_e4m3fn"`). A family module exposes `FORMATS` (format key -> Format) and, where it reads
+with `weight_storage="fp8_e4m3fn"`), `gguf` (llama.cpp's container: city96 / stable-diffusion.cpp files). A family module exposes `FORMATS` (format key -> Format) and, where it reads
 its own files, a reader registered in `READERS`: `reader(path) -> QuantizedFile`. Families that are detected but
 have no reader are refused by name when loaded (see `zimage_core.checkpoint.load_transformer`).
 """
@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from . import fp8
+from . import fp8, gguf
 from .linear import COMPUTE_PATHS, Format, QuantizedLinear, is_quantized, replace_module, weight_shape
+from .stored import QuantizedFile, StoredWeight
 
-FORMATS: dict[str, Format] = {**fp8.FORMATS}
+FORMATS: dict[str, Format] = {**fp8.FORMATS, **gguf.FORMATS}
 
 # family -> what a user calls such a file (error messages)
 FAMILIES = {
@@ -32,29 +32,7 @@ FAMILIES = {
 }
 
 
-@dataclass(frozen=True)
-class StoredWeight:
-    """One Linear weight as a file stores it: its format, its stored tensors (as named by the format) and its
-    logical shape (out, in)."""
-
-    format: Format
-    tensors: dict[str, Tensor]
-    shape: tuple[int, int]
-
-
-@dataclass
-class QuantizedFile:
-    """What a family reader makes of a file: per model parameter name (diffusers naming), either a quantized Linear
-    weight (`quantized`, keyed by the Linear's module path) or a plain tensor to be read in the compute dtype
-    (`plain`: name -> (shape, read() -> Tensor))."""
-
-    path: Path
-    quantized: dict[str, StoredWeight] = field(default_factory=dict)
-    plain: dict[str, tuple[tuple[int, ...], Callable[[], Tensor]]] = field(default_factory=dict)
-    layout: str = ""
-
-
-READERS: dict[str, Callable[[Path], QuantizedFile]] = {}
+READERS: dict[str, Callable[[Path], QuantizedFile]] = {"gguf": gguf.read_gguf}
 
 
 def detect_family(path: str | os.PathLike) -> str:
@@ -94,7 +72,7 @@ def install_quantized(model: nn.Module, weights: dict[str, StoredWeight], device
     for path, stored in weights.items():
         old = model.get_submodule(path)
         bias = None if old.bias is None else torch.empty_like(old.bias, device=device)
-        tensors = {name: t.to(device) for name, t in stored.tensors.items()}
+        tensors = {name: t.to(device, copy=True) for name, t in stored.tensors.items()}  # off the file map
         replace_module(model, path, QuantizedLinear(old.in_features, old.out_features, stored.format, tensors, bias))
     for module in model.modules():
         for name, param in list(module._parameters.items()):
