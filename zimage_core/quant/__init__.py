@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import fp8, gguf
+from . import comfy_quant, fp8, gguf, svdquant
 from .linear import COMPUTE_PATHS, Format, QuantizedLinear, is_quantized, replace_module, weight_shape
 from .stored import QuantizedFile, StoredWeight
 
-FORMATS: dict[str, Format] = {**fp8.FORMATS, **gguf.FORMATS}
+FORMATS: dict[str, Format] = {**fp8.FORMATS, **gguf.FORMATS, **comfy_quant.FORMATS, **svdquant.FORMATS}
 
 # family -> what a user calls such a file (error messages)
 FAMILIES = {
@@ -32,7 +32,9 @@ FAMILIES = {
 }
 
 
-READERS: dict[str, Callable[[Path], QuantizedFile]] = {"gguf": gguf.read_gguf}
+READERS: dict[str, Callable[[Path], QuantizedFile]] = {"gguf": gguf.read_gguf,
+                                                         "comfy_quant": comfy_quant.read_comfy_quant,
+                                                         "svdquant": svdquant.read_svdquant}
 
 
 def detect_family(path: str | os.PathLike) -> str:
@@ -69,10 +71,12 @@ def install_quantized(model: nn.Module, weights: dict[str, StoredWeight], device
         if (old.out_features, old.in_features) != tuple(stored.shape):
             raise ValueError(f"quantized weight {path}.weight has shape {list(stored.shape)}, the model's Linear "
                              f"is [{old.out_features}, {old.in_features}]")
+    moved: dict[int, Tensor] = {}  # a tensor shared by the parts of a fused weight is moved (and held) once
     for path, stored in weights.items():
         old = model.get_submodule(path)
         bias = None if old.bias is None else torch.empty_like(old.bias, device=device)
-        tensors = {name: t.to(device, copy=True) for name, t in stored.tensors.items()}  # off the file map
+        tensors = {name: moved.get(id(t)) if id(t) in moved else moved.setdefault(id(t), t.to(device, copy=True))
+                   for name, t in stored.tensors.items()}  # off the file map; shared parts moved once
         replace_module(model, path, QuantizedLinear(old.in_features, old.out_features, stored.format, tensors, bias))
     for module in model.modules():
         for name, param in list(module._parameters.items()):
