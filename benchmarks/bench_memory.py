@@ -426,22 +426,22 @@ def markdown(rows, sizes) -> str:
 QUANT_STORAGES = ("bf16", "fp8", *FILES)
 
 
-def run_quant(sizes, log=print) -> list[dict]:
+def run_quant(sizes, storages=QUANT_STORAGES, log=print) -> list[dict]:
     """8-step sampling and a rank-32 SFT step (plain, and with the checkpointed block inputs in host RAM) per stored
-    format, offload none / block."""
-    config, rows = ZImageConfig(), []
-    for storage in QUANT_STORAGES:
-        for offload in (False, True):
-            row = {"storage": storage, "offload": "block" if offload else "none"}
-            for size in sizes:
-                row[f"sample {size}"] = _safe(sampling, "ours", config, size, storage, offload)
-                row[f"sft {size}"] = _safe(sft_step, "ours", config, size, storage, offload)
-                row[f"sft host {size}"] = _safe(sft_step, "ours", config, size, storage, offload, "meta", nullcontext,
-                                                CAPTION_TOKENS, True)
-            rows.append(row)
-            log(" ".join(f"{k} {_gib(v)}" if isinstance(v, (dict, str)) and k not in ("storage", "offload")
-                         else f"{v}" for k, v in row.items()))
-    return rows
+    format, offload none / block; the first size for every format before the next size (each line is logged as it
+    is measured: a real-size run takes a minute or more here)."""
+    config = ZImageConfig()
+    rows = {(s, o): {"storage": s, "offload": "block" if o else "none"} for s in storages for o in (False, True)}
+    works = {"sample": lambda s, o, size: sampling("ours", config, size, s, o),
+             "sft": lambda s, o, size: sft_step("ours", config, size, s, o),
+             "sft host": lambda s, o, size: sft_step("ours", config, size, s, o, host_inputs=True)}
+    for size in sizes:
+        for (storage, offload), row in rows.items():
+            for work, fn in works.items():
+                row[f"{work} {size}"] = result = _safe(fn, storage, offload, size)
+                log(f"{storage:<14} offload {row['offload']:<6} {work:<9} {size}²  {_gib(result)} GiB"
+                    + (f" (weights {result['weights_gib']:.3f})" if isinstance(result, dict) else ""))
+    return list(rows.values())
 
 
 def quant_markdown(rows, sizes) -> str:
@@ -468,6 +468,7 @@ def main() -> None:
     parser.add_argument("--encoders", action="store_true", help="Qwen3-4B and Flux-VAE encode memory (headless)")
     parser.add_argument("--quant", action="store_true", help="the quantized files (benchmarks/quant_formats.py) next "
                                                              "to bf16 and fp8, with the host-RAM block inputs")
+    parser.add_argument("--storages", nargs="+", choices=QUANT_STORAGES, help="--quant: only these")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=2, metavar=("DEVICE", "OFFLOAD"))
     args = parser.parse_args()
@@ -486,7 +487,8 @@ def main() -> None:
     if args.encoders:
         report["encoders"] = encoders(args.sizes)
     if args.quant:
-        report["quant"] = run_quant(args.sizes)
+        report["quant"] = run_quant(args.sizes, args.storages or QUANT_STORAGES,
+                                    log=lambda line: print(line, flush=True))
         print()
         print(quant_markdown(report["quant"], args.sizes))
     if not (args.validate or args.growth or args.encoders or args.quant):
