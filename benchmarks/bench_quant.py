@@ -219,6 +219,69 @@ def toy_world() -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- 4. forward time
+def _write(file: str, model, path: Path) -> Path:
+    """`model` saved as `file` by the formats' reference writers (the test fixtures: gguf-py's GGUFWriter with
+    city96's rules, comfy-kitchen's quantizers, nunchaku's packing); K-quant values are random, which costs the
+    same time to dequantize."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    if file in ("Q8_0", "Q4_K_M", "Q3_K_S"):
+        from gguf_fixtures import write_gguf
+
+        mix = {"Q4_K_M": lambda name: "Q5_K" if ".attention.qkv." in name else (
+            "Q6_K" if ".feed_forward.w2." in name else "Q4_K"), "Q3_K_S": "Q3_K", "Q8_0": "Q8_0"}[file]
+        return write_gguf(path.with_suffix(".gguf"), model, mix)
+    if file in ("nvfp4", "int8"):
+        from comfy_quant_fixtures import write_file
+
+        write_file(model, path, recipes=({"nvfp4": "nvfp4", "int8": "int8_convrot"}[file],))
+        return path
+    from svdquant_fixtures import write_file
+
+    write_file(model, path, rank=32)
+    return path
+
+
+@torch.no_grad()
+def timing(repeats: int = 3, files=("Q8_0", "Q4_K_M", "nvfp4", "int8", "svdq-int4 r32"), config=None,
+           sides=(64, 128)) -> dict:
+    """Forward time with every quantized Linear dequantizing per call, relative to the same model in plain fp32,
+    on bench_transformer's mid config (dim 768, 8 layers + 2+2 refiners, fp32 CPU), 1024 and 4096 image tokens."""
+    import tempfile
+
+    from bench_transformer import CONFIG, call
+    from common import median, timed
+
+    from zimage_core import ZImageTransformer
+    from zimage_core.checkpoint import load_transformer
+    from zimage_core.testing import init_random_
+
+    config = config or CONFIG
+    plain = init_random_(ZImageTransformer(config), seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    caption = [torch.randn(77, config.cap_feat_dim, generator=gen)]
+    out = {}
+    print(f"\n4. forward time, dim {config.dim}, {config.n_layers} layers, fp32 CPU, "
+          f"{torch.get_num_threads()} threads, median of {repeats} alternating calls; quantized / plain")
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in files:
+            model = load_transformer(_write(file, plain, Path(tmp) / f"mid_{file.replace(' ', '_')}.safetensors"),
+                                     dtype=torch.float32)
+            out[file] = {}
+            for side in sides:
+                data = (torch.randn(1, 16, side, side, generator=gen), torch.tensor([0.6]), caption)
+                t_plain, t_quant = [], []
+                for _ in range(repeats):
+                    t_plain += timed(lambda: call("ours", plain, *data), 1)
+                    t_quant += timed(lambda: call("ours", model, *data), 1)
+                tokens = (side // 2) ** 2
+                out[file][tokens] = ratio = median(t_quant) / median(t_plain)
+                print(f"   {file:<14} {tokens} tokens: plain {median(t_plain):6.2f} s, quantized "
+                      f"{median(t_quant):6.2f} s, ratio {ratio:.3f}", flush=True)
+            del model
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-real", action="store_true", help="skip the real-width parts (minutes of CPU)")
