@@ -44,11 +44,10 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fp8 import real_block, real_width_model, rel  # noqa: E402
+from bench_fp8 import block_inputs, real_block, real_width_model, rel  # noqa: E402
 from quant_formats import FILES, linear_types  # noqa: E402
 
 from zimage_core import ZImageConfig, sample  # noqa: E402
-from zimage_core.transformer import rope_cos_sin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,15 +152,9 @@ def quantize_weights_(model: torch.nn.Module, file: str, prefix: str = "", pad: 
 # ---------------------------------------------------------------------------------------------- 1. one block
 @torch.no_grad()
 def block_error(tokens: int = 256) -> dict:
-    cfg = ZImageConfig.turbo()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, tokens, cfg.dim, generator=gen).bfloat16()
-    adaln = torch.randn(1, cfg.adaln_dim, generator=gen).bfloat16() * 0.1
-    pos = torch.zeros(1, tokens, 3, dtype=torch.long)
-    pos[0, :, 1], pos[0, :, 2] = torch.arange(tokens) // 16, torch.arange(tokens) % 16
-    rope = rope_cos_sin(pos, cfg.axes_dims, cfg.rope_theta)
+    x, rope, adaln = block_inputs(tokens)
     out = {}
-    print(f"\n1. one real-width block (dim {cfg.dim}), {tokens} tokens, bf16 compute: block output rel RMS")
+    print(f"\n1. one real-width block (dim {ZImageConfig.turbo().dim}), {tokens} tokens, bf16 compute: block output rel RMS")
     for file in FILES:
         block = real_block(1, False)
         ref = block(x, rope, None, adaln)
