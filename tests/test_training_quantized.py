@@ -132,3 +132,32 @@ def test_resume_on_a_quantized_base_is_bit_identical(workspace, runs, fmt, offlo
     # the same checkpoint on the full-precision base is another run: refused, naming both formats
     with pytest.raises(ConfigError, match=f"stored as {BASES[fmt]}.*stored as float32"):
         train(base_model("fp32", tmp), config(tmp, "sft", name, steps=4, resume="auto"), cache, log=None)
+
+
+def test_headless_cli_trains_on_a_gguf_file_with_offload_and_host_inputs(workspace, runs, capsys):
+    """`python -m zimage_core train` with base_model = a Q4_K GGUF file, --offload block and
+    --checkpoint-inputs-on-host: the LoRA the core trainer makes on the same base, to the bit."""
+    from zimage_core.__main__ import main
+    from zimage_core.training.checkpoint import load_checkpoint
+
+    tmp, _ = workspace
+    path = tmp / "tiny_Q4_K.gguf"
+    base_model("Q4_K", tmp)  # writes the file
+    toml = tmp / "cli_q4k.toml"
+    toml.write_text("\n".join([
+        'scheme = "sft"', f'base_model = "{path.as_posix()}"', f'cache_dir = "{(tmp / "cache").as_posix()}"',
+        f'output_dir = "{(tmp / "out").as_posix()}"', 'output_name = "cli_q4k"', "rank = 4", "lr = 3e-3",
+        "steps = 3", "checkpoint_every = 0", "log_every = 0", "validate = false", 'save_dtype = "fp32"']) + "\n")
+    code = main(["train", "--config", str(toml), "--device", "cpu", "--dtype", "fp32", "--quiet", "--offload",
+                 "block", "--checkpoint-inputs-on-host"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert metadata(tmp / "out" / "cli_q4k.safetensors")["base_format"] == "gguf:Q4_K"
+    assert load_checkpoint(tmp / "out" / "cli_q4k.ckpt.safetensors")["config"]["checkpoint_inputs_on_host"] is True
+    core = runs("Q4_K", "sft", False)
+    from safetensors.torch import load_file
+
+    core_file, cli_file = (load_file(str(tmp / "out" / f"{n}.safetensors")) for n in ("Q4_K_sft_none", "cli_q4k"))
+    assert core_file.keys() == cli_file.keys() and len(core_file) > 0
+    assert all(torch.equal(core_file[k], cli_file[k]) for k in core_file)
+    assert core.lora_path.name == "Q4_K_sft_none.safetensors"
