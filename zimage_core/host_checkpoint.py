@@ -5,8 +5,9 @@ backward. Those inputs are what is left of the activations: one [B, S, dim] tens
 1024², 1 GiB over the 34 blocks). With this option each checkpointed block's input is copied to host memory as soon
 as the block has it, the accelerator copy is freed, and the recompute in backward copies it back. The block runs on
 the very same values (a copy is exact), so losses and gradients are bit-identical to the plain checkpointed path;
-the cost is one device-to-host copy per block in forward and one host-to-device copy per block in backward (as many
-bytes as the input, a few ms each over PCIe, against the block's own compute of 30-100 ms at 1024²).
+the cost is copies of the input's size per block and step: device to host in forward, host to device for the
+backward recompute, and the input's gradient once each way in backward (autograd hands a host input its gradient
+on the host), each a few ms over PCIe at 1024² against the block's own 30-100 ms of compute.
 
 Only the block input moves: rope, mask and the adaLN input are shared by every block of a call (one copy in all).
 Host buffers are pinned when the accelerator is CUDA, so both copies are asynchronous on the compute stream (which

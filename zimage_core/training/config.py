@@ -80,7 +80,7 @@ class TrainConfig:
     loss_weighting: str = "bell"  # DiffSynth's bell weight over the training grid, or "none"
     gradient_checkpointing: bool = True
     # checkpointed blocks keep their input in host RAM between forward and backward (zimage_core.host_checkpoint):
-    # about 1 GiB less accelerator memory at 1024² (benchmarks/bench_memory.py), same losses; two copies per block
+    # 0.7 GiB less accelerator memory for a rank-32 step at 1024² (benchmarks/bench_memory.py --quant), same losses
     checkpoint_inputs_on_host: bool = False
 
     # trajectory imitation (scheme 3)
