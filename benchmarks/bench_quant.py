@@ -24,7 +24,8 @@ Figures are relative RMS errors ||y_q - y_bf16|| / ||y_bf16||:
    Its widths (128, FFN 341) are not multiples of the block sizes: for it alone each row is zero-padded to whole
    blocks before quantizing (a real file would keep such tensors in F16);
 4. --timing: forward time on bench_transformer's mid CPU config with every block Linear a QuantizedLinear that
-   dequantizes per call (fp32 compute, as bench_transformer), relative to the plain model, at 1024 and 4096 tokens.
+   dequantizes per call (fp32 compute, as bench_transformer), relative to the plain model, at 4096 image tokens
+   (a 128x128 latent; `sides` of timing() sets others).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_quant.py [--skip-real] [--skip-toy] [--timing] [--threads 2]
 """
@@ -237,9 +238,10 @@ def _write(file: str, model, path: Path) -> Path:
 
 @torch.no_grad()
 def timing(repeats: int = 3, files=("Q8_0", "Q4_K_M", "nvfp4", "int8", "svdq-int4 r32"), config=None,
-           sides=(64, 128)) -> dict:
+           sides=(128,)) -> dict:
     """Forward time with every quantized Linear dequantizing per call, relative to the same model in plain fp32,
-    on bench_transformer's mid config (dim 768, 8 layers + 2+2 refiners, fp32 CPU), 1024 and 4096 image tokens."""
+    on bench_transformer's mid config (dim 768, 8 layers + 2+2 refiners, fp32 CPU); latent sides 128 = 4096 image
+    tokens."""
     import tempfile
 
     from bench_transformer import CONFIG, call
