@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DiffusersVelocity, RssPeak, run_worker  # noqa: E402
 from memtrack import LiveBytes, flash_attention, host_homes  # noqa: E402
-from quant_formats import FILE_GB, FILES, linear_types, stored_shapes  # noqa: E402
+from quant_formats import FILE_GB, FILES, FORMAT_KEYS, linear_types, stored_shapes  # noqa: E402
 
 from zimage_core import ZImageConfig, ZImageTransformer, sample  # noqa: E402
 from zimage_core.lora import apply_loras, new_lora  # noqa: E402
 from zimage_core.offload import enable_block_offload, is_offloaded  # noqa: E402
-from zimage_core.quant import Format, QuantizedLinear  # noqa: E402
+from zimage_core.quant import FORMATS, QuantizedLinear  # noqa: E402
 from zimage_core.quant.linear import replace_module  # noqa: E402
 from zimage_core.quant.fp8 import to_fp8_storage  # noqa: E402
 from zimage_core.training.config import DEFAULT_TARGETS, TrainConfig  # noqa: E402
@@ -84,25 +84,18 @@ def diffusers_model(config: ZImageConfig, storage: str, offload: bool):
     return ref.eval()
 
 
-def _per_call_dequantize(tensors: dict, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """What a per-call dequantization allocates, for shape-only runs: a float32 working copy of the weight, then the
-    weight in the compute dtype (the fp32 copy is freed on return). Conservative: fp8 and int8 scale in place in the
-    compute dtype (zimage_core.quant.fp8.dequantize), i.e. without the fp32 copy."""
-    if any(t.device.type != "meta" for t in tensors.values()):
-        raise RuntimeError("the benchmark's stored-bytes stand-in only runs on the meta device")
-    return torch.empty(shape, dtype=torch.float32, device="meta").to(dtype)
-
-
 def quantized_meta(model: ZImageTransformer, file: str) -> list[str]:
     """Swap the Linears that `file` (benchmarks/quant_formats.py) quantizes for QuantizedLinears holding meta stored
     tensors of that type's shapes and dtypes (the resident bytes), computing through the pack's own QuantizedLinear
-    autograd path with `_per_call_dequantize` standing in for the format's dequantizer."""
+    autograd path and the format's own dequantizer (zimage_core.quant.FORMATS), whose temporaries are counted."""
     types = linear_types(model, file)
     for path, kind in types.items():
         old = model.get_submodule(path)
         shapes = stored_shapes(kind, old.out_features, old.in_features)
+        fmt = FORMATS[FORMAT_KEYS[kind]]
+        if set(fmt.stored_names) != set(shapes):
+            raise ValueError(f"{fmt.name} stores {fmt.stored_names}, quant_formats models {tuple(shapes)}")
         stored = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}
-        fmt = Format(f"bench:{kind}", tuple(shapes), _per_call_dequantize)
         bias = None if old.bias is None else old.bias.detach()
         replace_module(model, path, QuantizedLinear(old.in_features, old.out_features, fmt, stored, bias))
     return list(types)

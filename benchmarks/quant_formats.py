@@ -68,6 +68,11 @@ FILE_SOURCE = {"Q8_0": "jayn7 z_image_turbo-Q8_0.gguf", "Q4_K_M": "jayn7 z_image
                "int8": "Comfy-Org z_image_turbo_int8_convrot", "svdq-int4 r32": "nunchaku svdq-int4_r32-z-image-turbo"}
 
 
+# stored type -> the pack's format key (zimage_core.quant.FORMATS), whose dequantizer the memory rows run
+FORMAT_KEYS = {**{k: f"gguf:{k}" for k in GGUF_BLOCKS}, "nvfp4": "comfy:nvfp4",
+               "int8": "comfy:int8_tensorwise_convrot256", "svdq_r32": "svdq:int4"}
+
+
 def stored_shapes(kind: str, out: int, inp: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The stored tensors of one [out, in] weight in type `kind`: name -> (shape, dtype)."""
     if kind in GGUF_BLOCKS:
