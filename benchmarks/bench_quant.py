@@ -25,7 +25,8 @@ Figures are relative RMS errors ||y_q - y_bf16|| / ||y_bf16||:
    blocks before quantizing (a real file would keep such tensors in F16);
 4. --timing: forward time on bench_transformer's mid CPU config with every block Linear a QuantizedLinear that
    dequantizes per call (fp32 compute, as bench_transformer), relative to the plain model, at 4096 image tokens
-   (a 128x128 latent; `sides` of timing() sets others).
+   (a 128x128 latent; `sides` of timing() sets others); and the dequantizations' own time per forward against
+   the plain forward (5.), which a busy machine disturbs less than whole forwards.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_quant.py [--skip-real] [--skip-toy] [--timing] [--threads 2]
 """
@@ -277,6 +278,51 @@ def timing(repeats: int = 3, files=("Q8_0", "Q4_K_M", "nvfp4", "int8", "svdq-int
     return out
 
 
+@torch.no_grad()
+def dequant_share(repeats: int = 3, files=("Q8_0", "Q4_K_M", "nvfp4", "int8", "svdq-int4 r32"), config=None,
+                  side: int = 128) -> dict:
+    """The per-call dequantization cost by itself, less sensitive to a busy machine than whole forwards: the sum
+    over a model's QuantizedLinears of each one's fastest of `repeats` dequantizations (once per forward), against
+    the fastest of `repeats` plain forwards at `side`² / 4 image tokens (bench_transformer's mid config, fp32)."""
+    import tempfile
+
+    from bench_transformer import CONFIG, call
+
+    from zimage_core import ZImageTransformer
+    from zimage_core.checkpoint import load_transformer
+    from zimage_core.quant import QuantizedLinear
+    from zimage_core.testing import init_random_
+
+    config = config or CONFIG
+    plain = init_random_(ZImageTransformer(config), seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randn(1, 16, side, side, generator=gen), torch.tensor([0.6]),
+            [torch.randn(77, config.cap_feat_dim, generator=gen)])
+    forward = min(_seconds(lambda: call("ours", plain, *data)) for _ in range(repeats))
+    tokens = (side // 2) ** 2
+    print(f"\n5. dequantization per forward, dim {config.dim}, {config.n_layers} layers, fp32 CPU, "
+          f"{torch.get_num_threads()} threads: plain forward at {tokens} tokens {forward:.2f} s (fastest of {repeats})")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in files:
+            model = load_transformer(_write(file, plain, Path(tmp) / f"mid_{file.replace(' ', '_')}.safetensors"),
+                                     dtype=torch.float32)
+            linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+            seconds = sum(min(_seconds(lambda: m.dequantized(torch.float32)) for _ in range(repeats))
+                          for m in linears)
+            out[file] = seconds / forward
+            print(f"   {file:<14} {len(linears)} Linears: {seconds:.2f} s per forward = {100 * out[file]:.1f} % of "
+                  "the plain forward", flush=True)
+            del model
+    return out
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-real", action="store_true", help="skip the real-width parts (minutes of CPU)")
@@ -293,6 +339,7 @@ def main() -> None:
         toy_world()
     if args.timing:
         timing()
+        dequant_share()
 
 
 if __name__ == "__main__":

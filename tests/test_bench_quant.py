@@ -44,3 +44,8 @@ def test_timing_path_runs_through_every_file_family():
     out = bench_quant.timing(repeats=1, files=("Q4_K_M", "int8", "svdq-int4 r32"), config=tiny_256(0).config,
                              sides=(16,))
     assert set(out) == {"Q4_K_M", "int8", "svdq-int4 r32"} and all(r[64] > 0 for r in out.values())
+
+
+def test_dequant_share_path_runs():
+    out = bench_quant.dequant_share(repeats=1, files=("Q8_0", "nvfp4"), config=tiny_256(0).config, side=16)
+    assert set(out) == {"Q8_0", "nvfp4"} and all(v > 0 for v in out.values())
