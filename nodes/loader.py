@@ -22,6 +22,7 @@ from .types import OFFLOAD_MODES, ZIMAGE_MODEL, LoadedBase, ZImageModel, log
 DTYPES = {"bf16": (torch.bfloat16, "same"), "fp16": (torch.float16, "same"), "fp32": (torch.float32, "same"),
           "fp8_e4m3fn": (torch.bfloat16, "fp8_e4m3fn")}
 FOLDER = "diffusion_models"
+GGUF_FOLDERS = ("diffusion_models", "unet", "unet_gguf")  # unet_gguf: registered by ComfyUI-GGUF when installed
 AUTO = "auto"
 
 _cache: KeepLastCache[LoadedBase] = KeepLastCache()  # (path, mtime, dtype, storage, offload) -> LoadedBase
@@ -41,15 +42,41 @@ def _diffusers_folders() -> dict[str, str]:
     return found
 
 
+def _gguf_files() -> dict[str, str]:
+    """GGUF transformers: option name (path under its folder) -> absolute path. ComfyUI's diffusion_models list
+    filters .gguf out, so the folders are walked here: diffusion_models, unet (models/unet) and unet_gguf where
+    ComfyUI-GGUF registered it, each only if this host knows the folder name; the first folder wins a name."""
+    found: dict[str, str] = {}
+    for folder in GGUF_FOLDERS:
+        try:
+            roots = folder_paths.get_folder_paths(folder)
+        except KeyError:  # a host without this folder name
+            continue
+        for root in roots:
+            if not os.path.isdir(root):
+                continue
+            for dirpath, _dirs, files in os.walk(root, followlinks=True):
+                for file in files:
+                    if file.lower().endswith(".gguf"):
+                        full = os.path.join(dirpath, file)
+                        found.setdefault(os.path.relpath(full, root).replace(os.sep, "/"), full)
+    return found
+
+
 def model_options() -> list[str]:
-    """Single files, plus each diffusers folder as one entry ('name/') instead of its shards."""
+    """Single files, each diffusers folder as one entry ('name/') instead of its shards, and GGUF files."""
     folders = _diffusers_folders()
     files = [f for f in folder_paths.get_filename_list(FOLDER)
              if not any(f.replace(os.sep, "/").startswith(d) for d in folders)]
-    return sorted(files + list(folders))
+    return sorted(set(files) | set(folders) | set(_gguf_files()))
 
 
 def resolve(name: str) -> str:
+    if name.lower().endswith(".gguf"):
+        ggufs = _gguf_files()
+        if name not in ggufs:
+            raise FileNotFoundError(f"Z-Image GGUF '{name}' not found in the {', '.join(GGUF_FOLDERS)} folders")
+        return ggufs[name]
     if name.endswith("/"):
         folders = _diffusers_folders()
         if name not in folders:
@@ -118,14 +145,17 @@ class ZImageTurboModelLoader(io.ComfyNode):
             display_name="Z-Image Turbo Model Loader",
             category="ZImageTurbo",
             description="Loads a Z-Image / Z-Image-Turbo transformer from models/diffusion_models: a single "
-                        ".safetensors in diffusers or ComfyUI (fused qkv) layout, with or without key prefixes, or a "
-                        "diffusers folder. fp8 files are up-cast to the chosen dtype (with a quality warning), or "
-                        "kept in fp8 with weight_dtype fp8_e4m3fn. The "
+                        ".safetensors in diffusers or ComfyUI (fused qkv) layout, with or without key prefixes, a "
+                        "diffusers folder, or a GGUF file (Q8_0 ... Q2_K, also from models/unet; needs the gguf "
+                        "package), whose quantized weights stay as stored. fp8 files are up-cast to the chosen dtype "
+                        "(with a quality warning), or kept in fp8 with weight_dtype fp8_e4m3fn. The "
                         "model is cached across runs and takes part in ComfyUI's memory management.",
             inputs=[
                 io.Combo.Input("model_name", options=model_options(),
                                tooltip="Transformer file (or diffusers folder, shown as 'name/') in "
-                                       "models/diffusion_models, e.g. z_image_turbo_bf16.safetensors."),
+                                       "models/diffusion_models, e.g. z_image_turbo_bf16.safetensors, or a .gguf "
+                                       "in models/diffusion_models or models/unet (its weight_dtype is the compute "
+                                       "dtype: bf16, fp16 or fp32)."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Precision the weights are held and run in. bf16 is the released precision; "
                                        "fp16 for GPUs without bf16; fp32 for reference/CPU runs; fp8_e4m3fn stores "

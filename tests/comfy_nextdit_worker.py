@@ -2,7 +2,8 @@
 
 Runs in its own process (ComfyUI's imports and global args stay out of the pytest process). Usage:
     python comfy_nextdit_worker.py COMFY_DIR STUB_DIR WEIGHTS.safetensors INPUTS.safetensors OUT.safetensors
-WEIGHTS are in ComfyUI's single-file naming; INPUTS hold `latents`, `sigmas` and `caption`."""
+WEIGHTS are in ComfyUI's single-file naming (optionally a mixed-precision file whose header names its quantized layers:
+then ComfyUI's mixed-precision ops load them); INPUTS hold `latents`, `sigmas` and `caption`."""
 
 import sys
 
@@ -25,11 +26,15 @@ from comfy.ldm.modules.diffusionmodules.mmdit import TimestepEmbedder  # noqa: E
 
 state = load_file(weights)
 data = load_file(inputs)
+with open(weights, "rb") as f:  # a mixed-precision file (header `_quantization_metadata`) loads with ComfyUI's own ops
+    header = __import__("json").loads(f.read(int.from_bytes(f.read(8), "little")))
+quant = header.get("__metadata__", {}).get("_quantization_metadata")
 dim, cap_feat_dim = state["cap_embedder.1.weight"].shape
 head_dim = state["layers.0.attention.q_norm.weight"].shape[0]
 n_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
 n_refiner = len({k.split(".")[1] for k in state if k.startswith("noise_refiner.")})
-ops = comfy.ops.disable_weight_init
+ops = comfy.ops.disable_weight_init if quant is None else \
+    comfy.ops.mixed_precision_ops(__import__("json").loads(quant)["layers"], compute_dtype=torch.float32)
 # The arguments comfy.model_detection uses for Z-Image (it only recognises dim 3840, so they are given here).
 model = NextDiT(patch_size=2, in_channels=16, dim=dim, n_layers=n_layers, n_refiner_layers=n_refiner,
                 n_heads=dim // head_dim, n_kv_heads=dim // head_dim, ffn_dim_multiplier=8.0 / 3.0, qk_norm=True,

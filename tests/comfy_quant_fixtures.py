@@ -44,6 +44,9 @@ def quantize(w: torch.Tensor, fmt: str, group: int = 16, block: int = 32) -> tup
         q, s = eager.quantize_int8_convrot_weight(w, group)
         return {"weight": q, "weight_scale": s}, {"format": "int8_tensorwise", "convrot": True,
                                                   "convrot_groupsize": group}
+    if fmt == "convrot_w4a4":
+        q, s = ck.quantize_convrot_w4a4_weight(w, convrot_groupsize=group)
+        return {"weight": q, "weight_scale": s}, {"format": fmt, "convrot_groupsize": group}
     if fmt == "float8_e4m3fn_rowwise":
         scale = w.abs().amax(dim=1) / FP8_MAX
         return {"weight": (w / scale[:, None]).to(torch.float8_e4m3fn), "weight_scale": scale}, {"format": fmt}
@@ -70,6 +73,8 @@ def reference(stored: dict, conf: dict, shape, dtype: torch.dtype) -> torch.Tens
         return eager.dequantize_int8_convrot_weight(q, s, conf["convrot_groupsize"]).to(dtype)
     if fmt == "int8_tensorwise":
         return eager.dequantize_int8_simple(q, s).to(dtype)
+    if fmt == "convrot_w4a4":
+        return ck.dequantize_convrot_w4a4_weight(q, s, convrot_groupsize=conf["convrot_groupsize"], output_dtype=dtype)
     # convert_to_quant's RowWiseFP8Layout / BlockWiseFP8Layout.dequantize: fp8 -> dtype, times the scale in dtype
     if fmt == "float8_e4m3fn_rowwise":
         return q.to(dtype) * s.to(dtype)[:, None]
@@ -80,17 +85,20 @@ def reference(stored: dict, conf: dict, shape, dtype: torch.dtype) -> torch.Tens
 
 
 QUANTIZABLE = (".attention.qkv.weight", ".attention.out.weight", ".feed_forward.w1.weight",
-               ".feed_forward.w2.weight", ".feed_forward.w3.weight")
+               ".feed_forward.w2.weight", ".feed_forward.w3.weight",
+               "layers.0.adaLN_modulation.0.weight", "x_embedder.weight")  # files may quantize more (with bias)
 RECIPES = ("float8_e4m3fn", "nvfp4", "mxfp8", "int8_tensorwise", "int8_convrot", "float8_e5m2", "int8_rowwise",
-           "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise")
+           "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise", "convrot_w4a4")
 
 
-def write_file(model, path, recipes=RECIPES, header: bool = False, prefix: str = "", pre_quant_every: int = 0):
+def write_file(model, path, recipes=RECIPES, header: bool = False, prefix: str = "", pre_quant_every: int = 0,
+               input_scale: bool = True):
     """Save `model` (a tiny Z-Image) as a ComfyUI mixed-precision file: its block Linears (ComfyUI names, fused
-    qkv) quantized by comfy-kitchen, formats cycling through `recipes`, every `pre_quant_every`-th one with a
-    `pre_quant_scale`; the rest in bf16. `header` puts the formats in `_quantization_metadata` (layer names without
-    the key prefix, as kitchen's converters write) instead of per-layer `.comfy_quant` tensors. Returns
-    {ComfyUI weight key: reference fp32 weight}: what the loaded model must compute with."""
+    qkv; plus one adaLN and the x_embedder) quantized by comfy-kitchen, formats cycling through `recipes`, every
+    `pre_quant_every`-th one with a `pre_quant_scale`, each with an `input_scale` unless `input_scale` is False; the
+    rest in bf16. `header` puts the formats in `_quantization_metadata` (layer names without the key prefix, as
+    kitchen's converters write) instead of per-layer `.comfy_quant` tensors. Returns {ComfyUI weight key: reference
+    fp32 weight}: what the loaded model must compute with."""
     from safetensors.torch import save_file
 
     from zimage_core.checkpoint import comfyui_state_dict
@@ -101,13 +109,16 @@ def write_file(model, path, recipes=RECIPES, header: bool = False, prefix: str =
     for i, key in enumerate(keys):
         w = state.pop(key).float()
         recipe = recipes[i % len(recipes)]
+        if recipe == "convrot_w4a4" and w.shape[1] % 64:  # W4A4 needs K % 64: narrower layers take nvfp4
+            recipe = "nvfp4"
         stored, conf = quantize(w, recipe, group=16 if w.shape[1] % 64 else 64)
         layer = key[: -len(".weight")]
         ref = reference(stored, conf, tuple(w.shape), torch.float32)
         if pre_quant_every and i % pre_quant_every == 0:
             stored["pre_quant_scale"] = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(i)) + 0.5
             ref = ref * stored["pre_quant_scale"]
-        stored["input_scale"] = torch.tensor(1.0)  # an activation scale: carried by fp8 files, unused here
+        if input_scale:  # an activation scale: carried by fp8 files for ComfyUI's fp8 GEMM, unused here
+            stored["input_scale"] = torch.tensor(1.0)
         out.update({f"{prefix}{layer}.{name}": t for name, t in stored.items()})
         if header:
             layers[layer] = conf
@@ -125,6 +136,8 @@ def reference_model(model, refs: dict):
     replaced by the reference dequantization (fused qkv split into q/k/v): the model a loader must reproduce."""
     import copy
 
+    from zimage_core.checkpoint import _to_diffusers_name
+
     ref_model = copy.deepcopy(model).to(torch.bfloat16).float()
     with torch.no_grad():
         for key, w in refs.items():
@@ -133,6 +146,6 @@ def reference_model(model, refs: dict):
                 for part, proj in zip(w.chunk(3), ("to_q", "to_k", "to_v")):
                     ref_model.get_submodule(stem[: -len("qkv")] + proj).weight.copy_(part)
             else:
-                path = stem.replace(".attention.out", ".attention.to_out.0")
+                path = _to_diffusers_name(key)[: -len(".weight")]
                 ref_model.get_submodule(path).weight.copy_(w)
     return ref_model

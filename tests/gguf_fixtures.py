@@ -76,6 +76,8 @@ def write_gguf(path, model, quant: str | Callable[[str], str] = "Q8_0", arch: st
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for name, value in comfyui_state_dict(model, dtype=torch.float32).items():
         kind = rules(name, value, quant)
+        if rules is sdcpp_type and value.ndim == 2 and value.shape[0] == 1:
+            value = value.reshape(-1)  # ggml drops trailing unit dims: sd.cpp writes the [1, dim] pad tokens as [dim]
         data = encode(value.float().numpy(), kind, rng)
         writer.add_tensor(prefix + name, data, raw_dtype=T[kind] if kind not in ("F32", "F16") else None)
     for name, (data, kind) in (extra or {}).items():
@@ -94,6 +96,8 @@ def dequantized_reference(path, out_path):
     state = {}
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if t.name.endswith("pad_token"):
+            shape = (1, -1)  # the model's [1, dim], whatever unit dims the writer dropped
         state[t.name] = torch.from_numpy(np.ascontiguousarray(
             gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape).astype(np.float32))
     save_file(state, str(out_path))

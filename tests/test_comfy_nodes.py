@@ -137,16 +137,18 @@ def test_text_to_image_with_user_lora_and_distillpatch(comfy_host, comfy_models)
     assert texts and "DistillPatch" in texts[-1]
 
 
-def _core_reference(host, m, text, seed, steps, cfg, latent=None, denoise=1.0, negative_text=None, loras=()):
+def _core_reference(host, m, text, seed, steps, cfg, latent=None, denoise=1.0, negative_text=None, loras=(),
+                    model=None):
     """What the sampler node must return, computed with zimage_core and ComfyUI's helpers directly: the noise of
-    comfy.sample.prepare_noise (KSampler's), Flux process_in/out, zimage_core.sample on the same weights."""
+    comfy.sample.prepare_noise (KSampler's), Flux process_in/out, zimage_core.sample on the same weights (`model`,
+    default the tiny model the loader reads)."""
     import comfy.latent_formats
     import comfy.sample
     from zimage_core import sample
     from zimage_core.lora import apply_loras, load_lora
     from zimage_core.testing import tiny_model
 
-    model = tiny_model(0)
+    model = tiny_model(0) if model is None else model
     handle = apply_loras(model, [(load_lora(p), s) for p, s in loras]) if loras else None
     fmt = comfy.latent_formats.Flux()
     raw = latent if latent is not None else torch.zeros(1, 16, 4, 4)

@@ -126,8 +126,10 @@ def test_a_gguf_model_equals_the_model_rebuilt_from_the_reference_dequantizer(fi
         assert module.fmt == f"gguf:{types[comfy + '.weight']}", path_
     if which == "mixed":
         assert {m.fmt for m in linears.values()} == {f"gguf:{k}" for k in MIX}
-    if which == "sdcpp":  # sd.cpp quantizes the refiners and embedders too
+    if which == "sdcpp":  # sd.cpp quantizes the refiners and embedders too, and stores the pad tokens 1-D
         assert any(p.startswith("noise_refiner.") for p in linears) and types["x_embedder.weight"] == "Q4_0"
+        shapes = {t.name: tuple(t.shape) for t in gguf.GGUFReader(str(path)).tensors}
+        assert shapes[prefix + "x_pad_token"] == (256,) and model.x_pad_token.shape == (1, 256)
 
 
 def test_fused_qkv_is_split_by_rows_of_stored_blocks(files, tiny):
@@ -194,3 +196,15 @@ def test_without_the_gguf_package_a_gguf_load_names_the_install(files, monkeypat
 def test_fp8_storage_is_refused_for_an_already_quantized_file(files):
     with pytest.raises(ValueError, match=r"weight_storage='fp8_e4m3fn' .*z-Q8_0.gguf is a GGUF file"):
         load_transformer(files["Q8_0"], weight_storage="fp8_e4m3fn")
+
+
+def test_inspect_and_save_a_gguf_model(files, tiny, tmp_path):
+    from zimage_core import inspect_checkpoint, save_transformer
+
+    config, layout = inspect_checkpoint(files["sdcpp"])
+    assert config == tiny.config and "compat" in layout and "model.diffusion_model." in layout
+    model = load_transformer(files["Q4_K"], dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"layers.0.attention.to_q holds a gguf:Q4_K weight, .* pass a dtype"):
+        save_transformer(model, tmp_path / "x.safetensors")
+    saved = save_transformer(model, tmp_path / "deq.safetensors", dtype=torch.float32)  # dequantized
+    assert torch.equal(_out(load_transformer(saved, dtype=torch.float32)), _out(model))

@@ -20,7 +20,7 @@ def test_unpacking_inverts_nunchakus_layout_exactly(rank):
     16 x 16 low-rank fragments) comes back bit for bit in the natural layout."""
     lin = fx.random_linear(384, 256, rank, torch.Generator().manual_seed(rank))
     packed = fx.nunchaku_tensors(lin)
-    natural = sq.unpack_linear(packed, "layer")
+    natural = sq.unpack_linear(packed)
     assert torch.equal(sq.unpack_natural_int4(natural["qweight"]), lin["values"])
     assert torch.equal(natural["wscales"], lin["scales"].t())
     assert torch.equal(natural["smooth_factor"], lin["smooth"])
@@ -39,7 +39,7 @@ def test_weight_equals_comfy_kitchen_and_the_float_formula():
 
     n, k, rank = 384, 256, 32
     lin = fx.random_linear(n, k, rank, torch.Generator().manual_seed(1))
-    t = {name: v.float() for name, v in sq.unpack_linear(fx.nunchaku_tensors(lin), "layer").items()}
+    t = {name: v.float() for name, v in sq.unpack_linear(fx.nunchaku_tensors(lin)).items()}
     t["qweight"] = t["qweight"].to(torch.int8)
     ours = sq.dequantize(t, (n, k), torch.float32)
     exact = fx.float_weight(lin)
@@ -84,7 +84,8 @@ def test_nunchaku_file_loads_and_computes_like_the_reference(base, tmp_path, ran
     refs = fx.write_file(base, path, rank=rank, skip_refiners=skip_refiners)
     model = load_transformer(path, torch.float32)
     quantized = {p for p, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    assert quantized == set(refs) and {m.fmt for m in model.modules() if isinstance(m, QuantizedLinear)} == {"svdq:int4"}
+    assert quantized == set(refs)
+    assert {m.fmt for m in model.modules() if isinstance(m, QuantizedLinear)} == {"svdq:int4"}
     assert len(quantized) == 7 * (2 if skip_refiners else 4)
     expected = fx.reference_model(base, refs)
     with torch.no_grad():
@@ -92,6 +93,18 @@ def test_nunchaku_file_loads_and_computes_like_the_reference(base, tmp_path, ran
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     ratio = _unique_bytes(load_transformer(path, torch.bfloat16)) / path.stat().st_size
     assert 0.95 < ratio <= 1.0, ratio
+
+
+def test_inspect_reads_the_layout_without_unpacking(base, tmp_path, monkeypatch):
+    """inspect_checkpoint gives the config and the rank from the header; no Linear is unpacked for it."""
+    from zimage_core import inspect_checkpoint
+
+    path = tmp_path / "svdq-int4_r32.safetensors"
+    fx.write_file(base, path)
+    monkeypatch.setattr(sq, "unpack_linear", lambda tensors: pytest.fail("unpacked while inspecting"))
+    config, layout = inspect_checkpoint(path)
+    assert (config.dim, config.n_layers, config.ffn_hidden_dim) == (128, 2, 384)
+    assert layout == "nunchaku SVDQuant int4 r32"
 
 
 def test_svdq_fp4_is_refused_by_name(base, tmp_path):

@@ -275,6 +275,10 @@ def _check_against_model(model: ZImageTransformer, shapes: dict[str, tuple], lab
 def inspect_checkpoint(path: str | os.PathLike) -> tuple[ZImageConfig, str]:
     """(config, layout description) of a checkpoint, reading only headers."""
     files, config_json = checkpoint_files(Path(path))
+    family = detect_family(path)
+    if family != "safetensors":
+        qfile = _read_quantized_file(Path(path), family)
+        return config_from_shapes(_quantized_shapes(qfile)), qfile.layout
     _, shapes, layout = map_sources([SafetensorsFile(f) for f in files], str(path))
     config = ZImageConfig.from_diffusers(config_json) if config_json else config_from_shapes(shapes)
     return config, layout
@@ -303,7 +307,9 @@ def fill_from_source(model: torch.nn.Module, source: WeightSource, dtype: torch.
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                      device: str | torch.device = "cpu", weight_storage: str = "same") -> ZImageTransformer:
-    """Load a Z-Image transformer from a `.safetensors` file or a diffusers folder, computing in `dtype` on `device`.
+    """Load a Z-Image transformer from a `.safetensors` file, a diffusers folder or a quantized file (GGUF: told
+    from the file itself, see zimage_core.quant), computing in `dtype` on `device`. A quantized file's block Linears
+    keep the file's bytes (QuantizedLinear) and are dequantized one layer at a time when they run.
 
     weight_storage "same" holds every weight in `dtype` (fp8 files are up-cast); "fp8_e4m3fn" holds the blocks'
     attention and SwiGLU Linears in fp8 (zimage_core.quant.fp8): fp8 e4m3fn tensors load as stored with their
@@ -350,6 +356,21 @@ def _read_quantized_file(path: Path, family: str) -> QuantizedFile:
     return reader(path)
 
 
+def _quantized_shapes(qfile: QuantizedFile) -> dict[str, tuple]:
+    return {**{f"{p}.weight": tuple(w.shape) for p, w in qfile.quantized.items()},
+            **{name: tuple(shape) for name, (shape, _) in qfile.plain.items()}}
+
+
+def _fit_unit_dims(qfile: QuantizedFile, model: torch.nn.Module) -> None:
+    """Give plain tensors that differ from the model's only by dimensions of size 1 the model's shape: ggml drops
+    trailing unit dimensions, so stable-diffusion.cpp's GGUFs store the [1, dim] pad tokens as [dim]."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, (shape, read) in list(qfile.plain.items()):
+        want = expected.get(name)
+        if want is not None and want != shape and [d for d in want if d != 1] == [d for d in shape if d != 1]:
+            qfile.plain[name] = (want, lambda read=read, want=want: read().reshape(want))
+
+
 def _load_quantized_file(path: Path, family: str, dtype: torch.dtype, device, weight_storage: str):
     """A quantized file (GGUF, ...): its quantized Linears become QuantizedLinears holding the file's tensors as
     stored, everything else is read in `dtype`. The family's reader checks the whole file before this builds
@@ -358,11 +379,11 @@ def _load_quantized_file(path: Path, family: str, dtype: torch.dtype, device, we
         raise ValueError(f"weight_storage={weight_storage!r} re-quantizes bf16/fp16/fp32 files; {path} is "
                          f"{FAMILIES[family]} and already quantized: load it with weight_storage 'same'")
     qfile = _read_quantized_file(path, family)
-    shapes = {**{f"{p}.weight": tuple(w.shape) for p, w in qfile.quantized.items()},
-              **{name: tuple(shape) for name, (shape, _) in qfile.plain.items()}}
-    config = config_from_shapes(shapes)
+    config = config_from_shapes(_quantized_shapes(qfile))
     with torch.device("meta"):
         model = ZImageTransformer(config)
+    _fit_unit_dims(qfile, model)
+    shapes = _quantized_shapes(qfile)
     _check_against_model(model, shapes, str(path))
     model = model.to(dtype=dtype)
     paths = set(install_quantized(model, qfile.quantized, device))

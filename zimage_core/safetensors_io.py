@@ -117,6 +117,17 @@ class SafetensorsFile:
             with torch.no_grad():
                 out.copy_(self.read(key, rows))
 
+    def mapped(self, key: str) -> torch.Tensor:
+        """A tensor as a copy-on-write map of its bytes in the file (nothing is read until used): for readers whose
+        loader copies each tensor to its final place once, so the whole file is never in memory twice."""
+        import numpy as np
+
+        info = self.tensors[key]
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=info.start, shape=(info.nbytes,))
+        return torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
+
     def _read_bytes(self, start: int, end: int, out: torch.Tensor) -> None:
         buffer = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
         if buffer is None:

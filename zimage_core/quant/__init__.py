@@ -3,14 +3,17 @@ one table of formats (`FORMATS`, merged from the family modules), the detection 
 code that swaps a model's Linears for QuantizedLinears holding a file's tensors.
 
 Families (one module each): `fp8` (this pack's fp8 storage and ComfyUI's scaled fp8, also made from bf16 at load
-with `weight_storage="fp8_e4m3fn"`), `gguf` (llama.cpp's container: city96 / stable-diffusion.cpp files). A family module exposes `FORMATS` (format key -> Format) and, where it reads
-its own files, a reader registered in `READERS`: `reader(path) -> QuantizedFile`. Families that are detected but
-have no reader are refused by name when loaded (see `zimage_core.checkpoint.load_transformer`).
+with `weight_storage="fp8_e4m3fn"`), `gguf` (llama.cpp's container: city96 / stable-diffusion.cpp files),
+`comfy_quant` (ComfyUI's mixed-precision safetensors) and `svdquant` (nunchaku's SVDQuant int4). A family module
+exposes `FORMATS` (format key -> Format) and, where it reads its own files, a reader registered in `READERS`:
+`reader(path) -> QuantizedFile`. Families that are detected but have no reader are refused by name when loaded (see
+`zimage_core.checkpoint.load_transformer`).
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,9 +35,8 @@ FAMILIES = {
 }
 
 
-READERS: dict[str, Callable[[Path], QuantizedFile]] = {"gguf": gguf.read_gguf,
-                                                         "comfy_quant": comfy_quant.read_comfy_quant,
-                                                         "svdquant": svdquant.read_svdquant}
+READERS: dict[str, Callable[[Path], QuantizedFile]] = {
+    "gguf": gguf.read_gguf, "comfy_quant": comfy_quant.read_comfy_quant, "svdquant": svdquant.read_svdquant}
 
 
 def detect_family(path: str | os.PathLike) -> str:
@@ -71,12 +73,19 @@ def install_quantized(model: nn.Module, weights: dict[str, StoredWeight], device
         if (old.out_features, old.in_features) != tuple(stored.shape):
             raise ValueError(f"quantized weight {path}.weight has shape {list(stored.shape)}, the model's Linear "
                              f"is [{old.out_features}, {old.in_features}]")
-    moved: dict[int, Tensor] = {}  # a tensor shared by the parts of a fused weight is moved (and held) once
+    moved: dict[int, tuple[weakref.ref, Tensor]] = {}  # a tensor shared by the parts of a fused weight: moved once
+
+    def move(t: Tensor) -> Tensor:  # copied off the file map; the weak reference guards against a reused id()
+        entry = moved.get(id(t))
+        if entry is None or entry[0]() is not t:
+            entry = moved[id(t)] = (weakref.ref(t), t.to(device, copy=True))
+        return entry[1]
+
     for path, stored in weights.items():
         old = model.get_submodule(path)
         bias = None if old.bias is None else torch.empty_like(old.bias, device=device)
-        tensors = {name: moved.get(id(t)) if id(t) in moved else moved.setdefault(id(t), t.to(device, copy=True))
-                   for name, t in stored.tensors.items()}  # off the file map; shared parts moved once
+        tensors = {name: move(t) for name, t in stored.tensors.items()}
+        stored.tensors.clear()  # a reader's own tensors (e.g. SVDQuant's unpacked ones) are freed as we go
         replace_module(model, path, QuantizedLinear(old.in_features, old.out_features, stored.format, tensors, bias))
     for module in model.modules():
         for name, param in list(module._parameters.items()):

@@ -6,15 +6,17 @@ put the same objects in the safetensors header instead, as `_quantization_metada
 `{"format_version": "1.0", "layers": {"<layer>": {"format": ...}}}`. The suffix `weight_scale` means something
 different per format, so the format is read first and the scales are interpreted from it:
 
-| format (`comfy:` key)          | `weight`                 | scales                                                      |
-|--------------------------------|--------------------------|-------------------------------------------------------------|
-| float8_e4m3fn / float8_e5m2    | fp8 [N, K]               | `weight_scale` f32 scalar (or [N, 1])                       |
-| float8_e4m3fn_rowwise          | fp8 [N, K]               | `weight_scale` f32 [N]  (silveroxides' convert_to_quant)    |
-| float8_e4m3fn_blockwise        | fp8 [N, K]               | `weight_scale` f32 [N/b, K/b], b x b tiles (convert_to_quant)|
-| nvfp4                          | uint8 [N, K/2], E2M1, even element in the HIGH nibble | `weight_scale` fp8 e4m3 per 16, cuBLAS-swizzled; `weight_scale_2` f32 scalar |
-| mxfp8                          | fp8 e4m3 [N, K]          | `weight_scale` e8m0 per 32, cuBLAS-swizzled                 |
-| int8_tensorwise                | int8 [N, K]              | `weight_scale` f32 scalar or [N, 1]                         |
-| int8_tensorwise + convrot      | int8 [N, K], rotated     | `weight_scale` f32 [N, 1]; un-rotate by a regular Hadamard per group of g columns |
+- float8_e4m3fn / float8_e5m2: fp8 [N, K]; `weight_scale` f32 scalar (or [N, 1])
+- float8_e4m3fn_rowwise (silveroxides' convert_to_quant): fp8 [N, K]; `weight_scale` f32 [N]
+- float8_e4m3fn_blockwise (convert_to_quant): fp8 [N, K]; `weight_scale` f32 [N/b, K/b], one per b x b tile
+- nvfp4: uint8 [N, K/2] of E2M1 codes, the even element in the HIGH nibble; `weight_scale` fp8 e4m3 per 16 columns in
+  the cuBLAS-swizzled layout; `weight_scale_2` f32 scalar
+- mxfp8: fp8 e4m3 [N, K]; `weight_scale` e8m0 per 32 columns, swizzled
+- int8_tensorwise: int8 [N, K]; `weight_scale` f32 scalar or [N, 1]
+- int8_tensorwise + convrot: int8 [N, K], rotated; `weight_scale` f32 [N, 1]; un-rotated by a regular Hadamard matrix
+  per group of g input columns
+- convrot_w4a4: int8 [N, K/2] of signed int4, the even element in the LOW nibble, rotated as above; `weight_scale` f32
+  [N]
 
 Any layer may also carry `pre_quant_scale` [K] (AWQ-style smoothing: ComfyUI multiplies the input by it before the
 matmul, so the weight it computes with is W·diag(pre_quant_scale); it is folded into the dequantized weight here)
@@ -29,9 +31,9 @@ scales included); only a fused `attention.qkv` is cut into q/k/v by rows, withou
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,8 @@ import torch
 from torch import Tensor
 
 from .linear import Format
+from .stored import BLOCK_PREFIXES, QuantizedFile, StoredWeight
+from .svdquant import unpack_natural_int4
 
 log = logging.getLogger("zimage_core")
 
@@ -48,7 +52,7 @@ HEADER_KEY = "_quantization_metadata"
 CONF_SUFFIX = ".comfy_quant"
 PQS = "pre_quant_scale"
 # Formats ComfyUI (<= 0.38) knows that this pack refuses by name rather than as "unknown".
-KNOWN_UNSUPPORTED = ("convrot_w4a4", "awq_w4a16", "asym_w4a8_int8", "int8_blockwise", "hybrid_mxfp8")
+KNOWN_UNSUPPORTED = ("awq_w4a16", "asym_w4a8_int8", "int8_blockwise", "hybrid_mxfp8")
 # Stored tensors of a layer this loader reads (anything else under the layer is an error: it would be lost).
 _LAYER_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale", PQS, "comfy_quant", "bias")
 
@@ -76,15 +80,25 @@ def swizzle(grid: Tensor) -> Tensor:
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+@functools.lru_cache(maxsize=None)
+def _e2m1_pairs(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[256, 2]: the two E2M1 values of each byte, high nibble first (one gather per byte instead of per nibble),
+    made once per dtype and device."""
+    codes = torch.arange(256)
+    return torch.tensor(_E2M1, dtype=dtype)[torch.stack([codes >> 4, codes & 0x0F], dim=-1)].to(device)
+
+
 def _e8m0_to_f32(scales: Tensor) -> Tensor:
     """e8m0 bytes -> 2^(e - 127) in fp32, with e = 0 read as 0 (comfy-kitchen's convention)."""
     e = scales.view(torch.uint8).to(torch.int32)
     return torch.where(e == 0, 0, e << 23).view(torch.float32)
 
 
-def hadamard(size: int, device=None) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def hadamard(size: int, device: torch.device | None = None) -> Tensor:
     """ConvRot's regular Hadamard matrix of `size` (a power of 4): Kronecker powers of a symmetric 4 x 4 +-1 matrix,
-    over sqrt(size). Symmetric and orthogonal, so the rotation that made the stored weight also undoes it."""
+    over sqrt(size). Symmetric and orthogonal, so the rotation that made the stored weight also undoes it. Cached per
+    size and device (callers must not write to it)."""
     h4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float32,
                       device=device)
     h = h4
@@ -93,7 +107,7 @@ def hadamard(size: int, device=None) -> Tensor:
     return h / size ** 0.5
 
 
-# ---------------------------------------------------------------------------------------------- one dequantizer per format
+# ---------------------------------------------------------------------------------------------- dequantizers
 # Each takes (stored tensors, logical shape (N, K), dtype) and returns the [N, K] weight in dtype.
 def _float8(t: dict[str, Tensor], shape, dtype) -> Tensor:
     return t["weight"].to(dtype) * t["weight_scale"].to(dtype)
@@ -113,8 +127,8 @@ def _float8_blockwise(t, shape, dtype) -> Tensor:
 def _nvfp4(t, shape, dtype) -> Tensor:
     packed = t["weight"]
     rows, cols = packed.shape[0], packed.shape[1] * 2
-    codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(rows, cols)  # even element: high nibble
-    values = torch.tensor(_E2M1, dtype=dtype, device=packed.device)[codes.int()]
+    # even element in the high nibble; embedding is a faster gather than indexing on CPU
+    values = torch.nn.functional.embedding(packed.int(), _e2m1_pairs(dtype, packed.device)).reshape(rows, cols)
     blocks = unswizzle(t["weight_scale"].view(torch.float8_e4m3fn), rows, cols // 16)
     scale = t["weight_scale_2"].to(dtype) * blocks.to(dtype)
     return (values.reshape(rows, -1, 16) * scale.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
@@ -132,12 +146,22 @@ def _int8(t, shape, dtype) -> Tensor:
     return (t["weight"].float() * t["weight_scale"]).to(dtype)
 
 
+def _unrotate(w: Tensor, shape, group: int, dtype) -> Tensor:
+    """Undo ConvRot on the fp32 weight [N, K]: right-multiply each group of `group` columns by the Hadamard matrix."""
+    n, k = shape
+    return torch.matmul(w.reshape(n, k // group, group), hadamard(group, w.device).T).reshape(n, k).to(dtype)
+
+
 def _int8_convrot(group: int) -> Callable:
     def dequantize(t, shape, dtype) -> Tensor:
-        n, k = shape
-        h = hadamard(group, t["weight"].device)
-        w = (t["weight"].float() * t["weight_scale"]).reshape(n, k // group, group)
-        return torch.matmul(w, h.T).reshape(n, k).to(dtype)
+        return _unrotate(t["weight"].float() * t["weight_scale"], shape, group, dtype)
+    return dequantize
+
+
+def _convrot_w4a4(group: int) -> Callable:
+    def dequantize(t, shape, dtype) -> Tensor:
+        w = unpack_natural_int4(t["weight"]).float() * t["weight_scale"].float().reshape(-1, 1)
+        return _unrotate(w, shape, group, dtype)
     return dequantize
 
 
@@ -183,6 +207,7 @@ class _Kind:
     scales: tuple[str, ...]
     weight_dtypes: tuple[torch.dtype, ...]
     rows: Callable = _rows_plain
+    per_byte: int = 1  # weights per stored element (2 for 4-bit formats)
 
 
 _FP8 = (torch.float8_e4m3fn,)
@@ -191,22 +216,23 @@ KINDS: dict[str, _Kind] = {
     "float8_e5m2": _Kind(_float8, ("weight_scale",), (torch.float8_e5m2,)),
     "float8_e4m3fn_rowwise": _Kind(_float8_rowwise, ("weight_scale",), _FP8),
     "float8_e4m3fn_blockwise": _Kind(_float8_blockwise, ("weight_scale",), _FP8, _rows_blockwise),
-    "nvfp4": _Kind(_nvfp4, ("weight_scale", "weight_scale_2"), (torch.uint8,), _rows_swizzled(16, 16)),
+    "nvfp4": _Kind(_nvfp4, ("weight_scale", "weight_scale_2"), (torch.uint8,), _rows_swizzled(16, 16), 2),
     "mxfp8": _Kind(_mxfp8, ("weight_scale",), _FP8, _rows_swizzled(32, 32)),
     "int8_tensorwise": _Kind(_int8, ("weight_scale",), (torch.int8,)),
 }
 CONVROT_GROUPS = tuple(4 ** i for i in range(1, 7))  # 4 ... 4096
 
 
-_CONVROT = "int8_tensorwise_convrot"
+_CONVROT, _W4A4 = "int8_tensorwise_convrot", "convrot_w4a4_g"
 
 
-def _convrot_name(group: int) -> str:
-    return f"{_CONVROT}{group}"
+def _convrot_name(group: int, base: str = _CONVROT) -> str:
+    return f"{base}{group}"
 
 
 for _g in CONVROT_GROUPS:
     KINDS[_convrot_name(_g)] = _Kind(_int8_convrot(_g), ("weight_scale",), (torch.int8,))
+    KINDS[_convrot_name(_g, _W4A4)] = _Kind(_convrot_w4a4(_g), ("weight_scale",), (torch.int8,), per_byte=2)
 
 
 def _formats() -> dict[str, Format]:
@@ -226,13 +252,15 @@ def format_key(conf: dict) -> str:
     """The KINDS key of one layer's comfy_quant object: its `format`, with int8 ConvRot as its own kind per group."""
     name = conf.get("format")
     params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+    group = int(conf.get("convrot_groupsize", params.get("convrot_groupsize", 256)))
     if name == "int8_tensorwise" and conf.get("convrot", params.get("convrot", False)):
-        return _convrot_name(int(conf.get("convrot_groupsize", params.get("convrot_groupsize", 256))))
-    return name
+        return _convrot_name(group)
+    return _convrot_name(group, _W4A4) if name == "convrot_w4a4" else name
 
 
 def supported_formats() -> list[str]:
-    return sorted({k for k in KINDS if not k.startswith(_CONVROT)} | {"int8_tensorwise+convrot"})
+    return sorted({k for k in KINDS if not k.startswith((_CONVROT, _W4A4))} | {"int8_tensorwise+convrot",
+                                                                                "convrot_w4a4"})
 
 
 # ---------------------------------------------------------------------------------------------- reading a file
@@ -274,8 +302,8 @@ def _check_layer(file, layer: str, conf: dict, label: str) -> tuple[Format, tupl
     name = format_key(conf)
     if name not in KINDS:
         fmt = conf.get("format")
-        if name and name.startswith(_CONVROT):
-            why = f"its ConvRot group {name[len(_CONVROT):]} is not a power of 4 up to 4096"
+        if name and name.startswith((_CONVROT, _W4A4)):
+            why = f"its ConvRot group {name.removeprefix(_CONVROT).removeprefix(_W4A4)} is not a power of 4 up to 4096"
         else:
             why = "a ComfyUI format this pack does not load" if fmt in KNOWN_UNSUPPORTED else "an unknown format"
         raise ValueError(f"{label}: layer {layer} has comfy_quant format {fmt!r}: {why} "
@@ -292,7 +320,7 @@ def _check_layer(file, layer: str, conf: dict, label: str) -> tuple[Format, tupl
             raise ValueError(f"{label}: layer {layer} ({conf['format']}) has no {layer}.{scale}: the file is "
                              f"incomplete")
     rows, cols = weight.shape
-    shape = (rows, cols * 2) if name == "nvfp4" else (rows, cols)
+    shape = (rows, cols * kind.per_byte)
     expected = _scale_shapes(name, shape, tensors[layer + ".weight_scale"].shape)
     for scale, allowed in expected.items():
         got = tuple(tensors[layer + "." + scale].shape)
@@ -303,8 +331,9 @@ def _check_layer(file, layer: str, conf: dict, label: str) -> tuple[Format, tupl
     if stored and tuple(tensors[layer + "." + PQS].shape) != (shape[1],):
         raise ValueError(f"{label}: {layer}.{PQS} has shape {list(tensors[layer + '.' + PQS].shape)}, the layer "
                          f"has {shape[1]} input columns")
-    if name.startswith(_CONVROT) and shape[1] % int(name[len(_CONVROT):]):
-        raise ValueError(f"{label}: layer {layer} has ConvRot group {name[len(_CONVROT):]}, "
+    group = name.removeprefix(_CONVROT).removeprefix(_W4A4)
+    if group.isdigit() and shape[1] % int(group):
+        raise ValueError(f"{label}: layer {layer} has ConvRot group {group}, "
                          f"which does not divide its {shape[1]} input columns")
     return FORMATS[PREFIX + name + stored], shape
 
@@ -326,7 +355,9 @@ def _scale_shapes(name: str, shape: tuple[int, int], block_shape) -> dict[str, t
         return {"weight_scale": ((-(-n // 128) * 128, -(-(k // 32) // 4) * 4),)}
     if name == "int8_tensorwise":
         return {"weight_scale": (*scalar, (n, 1))}
-    return {"weight_scale": ((n, 1),)}  # ConvRot: one scale per row
+    if name.startswith(_W4A4):
+        return {"weight_scale": ((n,), (n, 1))}
+    return {"weight_scale": ((n, 1),)}  # int8 ConvRot: one scale per row
 
 
 def read_comfy_quant(path: str | Path):
@@ -335,9 +366,8 @@ def read_comfy_quant(path: str | Path):
     checked (formats, scales, shapes) before any tensor is read."""
     import copy
 
-    from ..checkpoint import WeightSource, _strip_prefix, _to_diffusers_name, map_sources
+    from ..checkpoint import WeightSource, _strip_prefix, _to_diffusers_name, map_sources  # (imports this package)
     from ..safetensors_io import SafetensorsFile
-    from . import QuantizedFile, StoredWeight
 
     path = Path(path)
     file = SafetensorsFile(path)
@@ -355,24 +385,29 @@ def read_comfy_quant(path: str | Path):
     prefix = _strip_prefix(file.keys())
     comfy_layout = any(k.endswith("attention.qkv.weight") or k[len(prefix):].startswith("x_embedder.")
                        for k in file.keys())
-    quantized = {}
+    parts = {}  # model Linear path -> StoredWeight
     for layer, (fmt, shape) in checked.items():
-        tensors = {name: file.read(f"{layer}.{name}") for name in fmt.stored_names}
+        tensors = {name: file.mapped(f"{layer}.{name}") for name in fmt.stored_names}  # read when installed
         name = layer[len(prefix):]
         if name.endswith("attention.qkv"):
             dim, rows = shape[0] // 3, KINDS[fmt.name[len(PREFIX):].split("+")[0]].rows
             for i, proj in enumerate(("to_q", "to_k", "to_v")):
                 part = rows(tensors, shape, i * dim, (i + 1) * dim)
-                quantized[name[: -len("qkv")] + proj] = StoredWeight(fmt, part, (dim, shape[1]))
+                parts[name[: -len("qkv")] + proj] = StoredWeight(fmt, part, (dim, shape[1]))
         else:
             target = _to_diffusers_name(name + ".weight")[: -len(".weight")] if comfy_layout else name
-            quantized[target] = StoredWeight(fmt, tensors, shape)
+            parts[target] = StoredWeight(fmt, tensors, shape)
+    # Linears outside the blocks (embedders, final layer) are dequantized at load (zimage_core.quant.stored)
+    quantized = {path: w for path, w in parts.items() if path.startswith(BLOCK_PREFIXES)}
 
     plain_file = copy.copy(file)
     plain_file.tensors = {k: v for k, v in file.tensors.items() if k not in consumed}
     sources, shapes, layout = map_sources([plain_file], label, required=())
     source = WeightSource(sources, torch.float32, layout, [path])
     plain = {name: (shapes[name], lambda name=name: source.read(name)) for name in sources}
-    formats = sorted({w.format.name for w in quantized.values()})
+    for target, w in parts.items():
+        if target not in quantized:
+            plain[target + ".weight"] = (w.shape, lambda w=w: w.format.dequantize(w.tensors, w.shape, torch.float32))
+    formats = sorted({w.format.name.split("+")[0] for w in quantized.values()})
     where = "per-layer comfy_quant" if any(k.endswith(CONF_SUFFIX) for k in file.keys()) else HEADER_KEY
     return QuantizedFile(path, quantized, plain, f"{layout}, ComfyUI mixed precision ({where}: {', '.join(formats)})")

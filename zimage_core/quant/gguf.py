@@ -30,47 +30,62 @@ def _f16(raw: Tensor) -> Tensor:
     return raw.contiguous().view(torch.float16).to(torch.float32)
 
 
-def _shifts(values, like: Tensor, shape) -> Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(shape)
+def _fields(raw: Tensor, width: int, count: int, dim: int) -> Tensor:
+    """The `count` bit fields of `width` bits of each integer, low bits first, concatenated along `dim` (a size-1
+    dimension of `raw`). One shift per field: cheaper than one broadcast shift on CPU."""
+    mask = (1 << width) - 1
+    return torch.cat([(raw >> (i * width)) & mask for i in range(count)], dim=dim)
 
 
 def _nibbles(qs: Tensor, group: int) -> Tensor:
     """[n, k] bytes -> [n, k / group, 2, group]: per run of `group` bytes, their low nibbles then their high ones."""
-    return (qs.reshape(qs.shape[0], -1, 1, group) >> _shifts((0, 4), qs, (1, 1, 2, 1))) & 0x0F
+    return _fields(qs.reshape(qs.shape[0], -1, 1, group), 4, 2, dim=2)
 
 
 def _bits(raw: Tensor) -> Tensor:
     """[n, k] bytes -> [n, k * 8] bits, bit j = bit j % 8 of byte j // 8 (a little-endian bit field)."""
-    return ((raw.unsqueeze(-1) >> _shifts(range(8), raw, (1, 1, 8))) & 1).reshape(raw.shape[0], -1)
+    return _fields(raw.unsqueeze(-1), 1, 8, dim=-1).reshape(raw.shape[0], -1)
+
+
+def _float(q: Tensor) -> Tensor:
+    """A new fp32 tensor of integer codes, for the in-place arithmetic below: each in-place op rounds exactly as the
+    reference's out-of-place one (same operation, same order), without a full-size temporary per op."""
+    return q.to(torch.float32)
+
+
+_CODEBOOKS: dict[torch.device, Tensor] = {}  # one copy per device: no host-to-device copy per layer call
 
 
 def _codebook(index: Tensor) -> Tensor:
-    return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=index.device)[index.long()]
+    table = _CODEBOOKS.get(index.device)
+    if table is None:
+        table = _CODEBOOKS[index.device] = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=index.device)
+    return table[index.long()]
 
 
 # ------------------------------------------------------------------ one function per type: [n, bytes] -> [n, elems]
 def _q8_0(b: Tensor) -> Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _f16(b[:, :2])
+    return _float(b[:, 2:].contiguous().view(torch.int8)).mul_(_f16(b[:, :2]))
 
 
 def _q4_0(b: Tensor) -> Tensor:
     q = _nibbles(b[:, 2:], 16).reshape(b.shape[0], -1)
-    return _f16(b[:, :2]) * (q.to(torch.int8) - 8).to(torch.float32)
+    return _float(q.to(torch.int8) - 8).mul_(_f16(b[:, :2]))
 
 
 def _q4_1(b: Tensor) -> Tensor:
-    q = _nibbles(b[:, 4:], 16).reshape(b.shape[0], -1).to(torch.float32)
-    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+    q = _nibbles(b[:, 4:], 16).reshape(b.shape[0], -1)
+    return _float(q).mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
 
 
 def _q5_0(b: Tensor) -> Tensor:
     q = _nibbles(b[:, 6:], 16).reshape(b.shape[0], -1) | (_bits(b[:, 2:6]) << 4)
-    return _f16(b[:, :2]) * (q.to(torch.int8) - 16).to(torch.float32)
+    return _float(q.to(torch.int8) - 16).mul_(_f16(b[:, :2]))
 
 
 def _q5_1(b: Tensor) -> Tensor:
     q = _nibbles(b[:, 8:], 16).reshape(b.shape[0], -1) | (_bits(b[:, 4:8]) << 4)
-    return _f16(b[:, :2]) * q.to(torch.float32) + _f16(b[:, 2:4])
+    return _float(q).mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
 
 
 def _q2_k(b: Tensor) -> Tensor:
@@ -78,21 +93,21 @@ def _q2_k(b: Tensor) -> Tensor:
     scales, qs = b[:, :16], b[:, 16:80]
     dl = (_f16(b[:, 80:82]) * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (_f16(b[:, 82:84]) * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
-    q = ((qs.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), qs, (1, 1, 4, 1))) & 3).reshape(n, 16, 16)
-    return (dl * q.to(torch.float32) - ml).reshape(n, QK_K)
+    q = _fields(qs.reshape(n, -1, 1, 32), 2, 4, dim=2).reshape(n, 16, 16)
+    return _float(q).mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 def _q3_k(b: Tensor) -> Tensor:
     n = b.shape[0]
     hmask, qs, scales = b[:, :32], b[:, 32:96], b[:, 96:108]
-    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts((0, 4), b, (1, 2, 1))).reshape(n, 16) & 0x0F
-    high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts((0, 2, 4, 6), b, (1, 4, 1))).reshape(n, 16) & 0x03
+    low = _fields(scales[:, :8].reshape(n, 1, 8), 4, 2, dim=1).reshape(n, 16)
+    high = _fields(scales[:, 8:].reshape(n, 1, 4), 2, 4, dim=1).reshape(n, 16)
     sc = ((low | (high << 4)).to(torch.int8) - 32).to(torch.float32)
     dl = (_f16(b[:, 108:110]) * sc).reshape(n, 16, 1)
-    ql = ((qs.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b, (1, 1, 4, 1))).reshape(n, 16, 16)) & 3
-    qh = ((hmask.reshape(n, -1, 1, 32) >> _shifts(range(8), b, (1, 1, 8, 1))).reshape(n, 16, 16) & 1) ^ 1
-    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).to(torch.float32)  # a clear high bit subtracts 4
-    return (dl * q).reshape(n, QK_K)
+    ql = _fields(qs.reshape(n, -1, 1, 32), 2, 4, dim=2).reshape(n, 16, 16)
+    qh = _fields(hmask.reshape(n, -1, 1, 32), 1, 8, dim=2).reshape(n, 16, 16) ^ 1
+    q = ql.to(torch.int8) - (qh << 2).to(torch.int8)  # a clear high bit subtracts 4
+    return _float(q).mul_(dl).reshape(n, QK_K)
 
 
 def _k_scales(raw: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,23 +120,24 @@ def _k_scales(raw: Tensor) -> tuple[Tensor, Tensor]:
     return sc.to(torch.float32), mn.to(torch.float32)
 
 
-def _q4_k(b: Tensor) -> Tensor:
+def _k_dequant(b: Tensor, q: Tensor) -> Tensor:
+    """Q4_K / Q5_K: d·scale·q − dmin·min per 32-element sub-block, from codes q [n, 8, 32]."""
     n = b.shape[0]
     sc, mn = _k_scales(b[:, 4:16])
     d = (_f16(b[:, :2]) * sc).reshape(n, -1, 1)
     dm = (_f16(b[:, 2:4]) * mn).reshape(n, -1, 1)
-    q = _nibbles(b[:, 16:], 32).reshape(n, -1, 32).to(torch.float32)
-    return (d * q - dm).reshape(n, QK_K)
+    return _float(q).mul_(d).sub_(dm).reshape(n, QK_K)
+
+
+def _q4_k(b: Tensor) -> Tensor:
+    return _k_dequant(b, _nibbles(b[:, 16:], 32).reshape(b.shape[0], -1, 32))
 
 
 def _q5_k(b: Tensor) -> Tensor:
     n = b.shape[0]
-    sc, mn = _k_scales(b[:, 4:16])
-    d = (_f16(b[:, :2]) * sc).reshape(n, -1, 1)
-    dm = (_f16(b[:, 2:4]) * mn).reshape(n, -1, 1)
     ql = _nibbles(b[:, 48:], 32).reshape(n, -1, 32)
-    qh = ((b[:, 16:48].reshape(n, -1, 1, 32) >> _shifts(range(8), b, (1, 1, 8, 1))) & 1).reshape(n, -1, 32)
-    return (d * (ql | (qh << 4)).to(torch.float32) - dm).reshape(n, QK_K)
+    qh = _fields(b[:, 16:48].reshape(n, -1, 1, 32), 1, 8, dim=2).reshape(n, -1, 32)
+    return _k_dequant(b, ql | (qh << 4))
 
 
 def _q6_k(b: Tensor) -> Tensor:
@@ -129,24 +145,23 @@ def _q6_k(b: Tensor) -> Tensor:
     scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
     d = (_f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
     ql = _nibbles(b[:, :128], 64).reshape(n, -1, 32)
-    qh = ((b[:, 128:192].reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b, (1, 1, 4, 1))) & 3).reshape(n, -1, 32)
-    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
-    return (d * q).reshape(n, QK_K)
+    qh = _fields(b[:, 128:192].reshape(n, -1, 1, 32), 2, 4, dim=2).reshape(n, -1, 32)
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16)
+    return _float(q).mul_(d).reshape(n, QK_K)
 
 
 def _iq4_nl(b: Tensor) -> Tensor:
-    return _f16(b[:, :2]) * _codebook(_nibbles(b[:, 2:], 16).reshape(b.shape[0], -1))
+    return _codebook(_nibbles(b[:, 2:], 16).reshape(b.shape[0], -1)).mul_(_f16(b[:, :2]))
 
 
 def _iq4_xs(b: Tensor) -> Tensor:
     n = b.shape[0]
     high_bits = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)  # a little-endian u16
-    low = (b[:, 4:8].reshape(n, -1, 1) >> _shifts((0, 4), b, (1, 1, 2))).reshape(n, -1) & 0x0F
-    high = (high_bits.reshape(n, 1) >> _shifts(range(0, 16, 2), high_bits, (1, 8))) & 0x03
+    low = _fields(b[:, 4:8].reshape(n, -1, 1), 4, 2, dim=2).reshape(n, -1)
+    high = _fields(high_bits.reshape(n, 1), 2, 8, dim=1)
     scales = ((low.to(torch.int32) | (high << 4)) - 32).to(torch.float32)
     dl = (_f16(b[:, :2]) * scales).reshape(n, -1, 1)
-    q = _codebook(_nibbles(b[:, 8:], 16).reshape(n, -1, 32))
-    return (dl * q).reshape(n, -1)
+    return _codebook(_nibbles(b[:, 8:], 16).reshape(n, -1, 32)).mul_(dl).reshape(n, -1)
 
 
 def _bf16(b: Tensor) -> Tensor:  # the top half of an fp32, as the reference builds it (NaN payloads kept)
@@ -173,14 +188,9 @@ TYPES: dict[str, tuple[int, int, Callable[[Tensor], Tensor]]] = {
 FLOAT_TYPES = ("F32", "F16", "BF16")  # loaded as plain tensors in the compute dtype
 
 
-def row_bytes(kind: str, in_features: int) -> int:
-    elems, nbytes, _ = TYPES[kind]
-    return in_features // elems * nbytes
-
-
 def dequantize(raw: Tensor, kind: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
     """The bytes of one tensor of ggml type `kind` (uint8, any shape holding whole blocks) as `shape` in `dtype`."""
-    elems, nbytes, fn = TYPES[kind]
+    _, nbytes, fn = TYPES[kind]
     values = fn(raw.reshape(-1, nbytes))
     return values.reshape(shape).to(dtype)
 
@@ -227,8 +237,8 @@ def _as_bytes(data: np.ndarray, rows: slice | None) -> Tensor:
 def read_gguf(path: str | os.PathLike) -> QuantizedFile:
     """Every tensor of a Z-Image GGUF as the model needs it: quantized 2-D `.weight` tensors of the blocks as
     StoredWeights of format `gguf:<type>` (their bytes, a fused qkv split by rows), everything else (F32 / F16 /
-    BF16, a quantized embedder) as a plain tensor dequantized to fp32 when read. The whole file is checked (readable, architecture, Z-Image
-    keys, every type supported, block-aligned rows) before anything is read."""
+    BF16, a quantized embedder) as a plain tensor dequantized to fp32 when read. The whole file is checked
+    (readable, architecture, Z-Image keys, every type supported) before anything is read."""
     from ..checkpoint import _IGNORED, _REQUIRED, LOOKALIKES, _strip_prefix, is_comfy_layout, model_targets
     from ..safetensors_io import describe_lookalike
 

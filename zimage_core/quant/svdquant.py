@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .linear import Format
+from .stored import BLOCK_PREFIXES, QuantizedFile, StoredWeight
 
 log = logging.getLogger("zimage_core")
 
@@ -73,24 +75,29 @@ def _unpermute(packed: Tensor, logical_view: tuple[int, ...], perm: tuple[int, .
 def unpack_int4(qweight: Tensor) -> Tensor:
     """nunchaku qweight int8 [N, K/2] -> signed int4 values int8 [N, K] in natural order."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    words = qweight.contiguous().view(torch.int32).reshape(-1, 1)
-    nibbles = (words >> torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)) & 0xF
-    values = torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
+    # nibble i of each little-endian int32 word is the low (even i) or high (odd i) half of its byte i // 2; bytes
+    # keep the temporaries at one byte per value
+    b = qweight.contiguous().view(torch.uint8)
+    values = _signed(torch.stack([b & 0xF, b >> 4], dim=-1))
     view = (n // TILE_N, 8, 2, 8, 1, k // 64, 1, 2, 4, 8)
     return _unpermute(values, view, _QWEIGHT_PERM).reshape(n, k)
 
 
+def _signed(nibbles: Tensor) -> Tensor:
+    """uint8 nibbles 0..15 -> their two's-complement int4 values as int8 (-8..7)."""
+    return (nibbles ^ 8).view(torch.int8) - 8
+
+
 def pack_natural_int4(values: Tensor) -> Tensor:
     """int4 values [N, K] -> comfy-kitchen's natural packing int8 [N, K/2] (low nibble = even column)."""
-    v = values.to(torch.int32) & 0xF
-    return (v[:, 0::2] | (v[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    v = values.view(torch.uint8) & 0xF
+    return (v[:, 0::2] | (v[:, 1::2] << 4)).view(torch.int8)
 
 
 def unpack_natural_int4(packed: Tensor) -> Tensor:
     """comfy-kitchen's natural int8 [N, K/2] -> signed int4 values int8 [N, K]."""
-    b = packed.view(torch.uint8).to(torch.int16)
-    nibbles = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(packed.shape[0], -1)
-    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
+    b = packed.view(torch.uint8)
+    return _signed(torch.stack([b & 0xF, b >> 4], dim=-1)).reshape(packed.shape[0], -1)
 
 
 def unpack_scales(wscales: Tensor, n: int) -> Tensor:
@@ -117,22 +124,27 @@ def unpack_lowrank(weight: Tensor, down: bool) -> Tensor:
     return tiles.permute(0, 2, 1, 3).reshape(rows, cols)  # (N tile, R tile, n, r)
 
 
-def unpack_linear(tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
-    """One nunchaku Linear's stored tensors -> the natural form stored by format "svdq:int4"."""
-    qweight = tensors["qweight"]
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    if n % TILE_N or k % (2 * GROUP):
-        raise ValueError(f"{where}: qweight of shape {list(qweight.shape)} is not nunchaku's int4 layout "
+def check_shapes(shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """The stored shapes of one nunchaku int4 Linear (from a header): qweight [N, K/2] with N, K multiples of 128,
+    wscales [K/64, N], smooth_factor [K], proj_down [K, R], proj_up [N, R], R a multiple of 16."""
+    n, k = shapes["qweight"][0], shapes["qweight"][1] * 2
+    if len(shapes["qweight"]) != 2 or n % TILE_N or k % (2 * GROUP):
+        raise ValueError(f"{where}: qweight of shape {list(shapes['qweight'])} is not nunchaku's int4 layout "
                          f"(N and K must be multiples of 128)")
-    expected = {"wscales": (k // GROUP, n), "smooth_factor": (k,)}
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{where}: {name} has shape {list(tensors[name].shape)}, a [{n}, {k}] int4 weight "
-                             f"needs {list(shape)}")
-    down, up = tensors["proj_down"], tensors["proj_up"]
-    if down.shape[0] != k or up.shape[0] != n or down.shape[1] != up.shape[1] or down.shape[1] % LOWRANK_TILE:
-        raise ValueError(f"{where}: proj_down {list(down.shape)} / proj_up {list(up.shape)} do not fit a "
-                         f"[{n}, {k}] weight (need [{k}, R] and [{n}, R], R a multiple of 16)")
+    for name, shape in {"wscales": (k // GROUP, n), "smooth_factor": (k,)}.items():
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"{where}: {name} has shape {list(shapes[name])}, a [{n}, {k}] int4 weight needs "
+                             f"{list(shape)}")
+    down, up = shapes["proj_down"], shapes["proj_up"]
+    if len(down) != 2 or len(up) != 2 or down[0] != k or up[0] != n or down[1] != up[1] or down[1] % LOWRANK_TILE:
+        raise ValueError(f"{where}: proj_down {list(down)} / proj_up {list(up)} do not fit a [{n}, {k}] weight "
+                         f"(need [{k}, R] and [{n}, R], R a multiple of 16)")
+
+
+def unpack_linear(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One nunchaku Linear's stored tensors (shapes as `check_shapes` wants) -> the natural form of "svdq:int4"."""
+    qweight, down, up = tensors["qweight"], tensors["proj_down"], tensors["proj_up"]
+    n = qweight.shape[0]
     return {
         "qweight": pack_natural_int4(unpack_int4(qweight)),
         "wscales": unpack_scales(tensors["wscales"], n),
@@ -225,19 +237,64 @@ def _check_linear(file, stem: str, label: str) -> None:
         raise ValueError(f"{label}: SVDQuant layer {stem} holds {extra[0]}, which an int4 SVDQuant Linear does not "
                          f"have (an AWQ W4A16 layer, or another nunchaku format): not supported")
     q = keys[f"{stem}.qweight"]
-    if q.dtype != torch.int8 or len(q.shape) != 2:
+    if q.dtype != torch.int8:
         raise ValueError(f"{label}: {stem}.qweight must be int8 [N, K/2], got {q.dtype} {list(q.shape)}")
+    check_shapes({name: keys[f"{stem}.{name}"].shape for name in STORED}, f"{label}: {stem}")
     if len(_targets(stem)) > 1 and q.shape[0] % len(_targets(stem)):
         raise ValueError(f"{label}: fused {stem}.qweight has {q.shape[0]} rows, not {len(_targets(stem))} equal parts")
+
+
+class _Unpacked(MutableMapping):
+    """The natural-form tensors of one model Linear, unpacked from the file only when first used: reading a file's
+    layout (inspect_checkpoint) unpacks nothing, and loading unpacks one Linear at a time, freed once installed."""
+
+    def __init__(self, make: Callable[[], dict[str, Tensor]]):
+        self._make, self._tensors = make, None
+
+    def _get(self) -> dict[str, Tensor]:
+        if self._tensors is None:
+            self._tensors = self._make()
+        return self._tensors
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._get()[name]
+
+    def __setitem__(self, name: str, value: Tensor) -> None:
+        self._get()[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._get()[name]
+
+    def __iter__(self):
+        return iter(STORED if self._tensors is None else self._tensors)
+
+    def __len__(self) -> int:
+        return len(STORED if self._tensors is None else self._tensors)
+
+    def clear(self) -> None:  # once installed: drop this Linear's tensors (without unpacking them first)
+        self._make, self._tensors = None, {}
+
+
+class _LastLinear:
+    """Unpacks one nunchaku Linear and keeps only the last one asked for: the parts of a fused Linear (installed one
+    after another) share its smooth_factor and proj_down tensors, and nothing else stays in memory."""
+
+    def __init__(self, file):
+        self.file, self.stem, self.natural = file, None, None
+
+    def __call__(self, stem: str) -> dict[str, Tensor]:
+        if stem != self.stem:
+            self.stem, self.natural = stem, None  # the previous Linear is freed before the next is unpacked
+            self.natural = unpack_linear({name: self.file.mapped(f"{stem}.{name}") for name in STORED})
+        return self.natural
 
 
 def read_svdquant(path: str | Path):
     """A nunchaku SVDQuant int4 file as a QuantizedFile: each quantized Linear unpacked to the natural layout
     (fused q/k/v and w3/w1 cut by rows), every other tensor for the plain loader (refiner FFNs that nunchaku kept in
     bf16 as a fused `net.0.proj` are cut the same way). svdq-fp4 files are refused by name."""
-    from ..checkpoint import _strip_prefix
+    from ..checkpoint import _strip_prefix  # (imports this package)
     from ..safetensors_io import SafetensorsFile
-    from . import QuantizedFile, StoredWeight
 
     path = Path(path)
     file = SafetensorsFile(path)
@@ -247,24 +304,27 @@ def read_svdquant(path: str | Path):
     stems = sorted(k[: -len(".qweight")] for k in file.keys() if k.endswith(".qweight"))
     for stem in stems:
         _check_linear(file, stem, label)
-    prefix = _strip_prefix(file.keys())
-    quantized = {}
     for stem in stems:
-        stored = {name: file.read(f"{stem}.{name}") for name in (*STORED, "bias") if f"{stem}.{name}" in file.tensors}
-        bias = stored.pop("bias", None)
-        if bias is not None and bias.count_nonzero():
+        if f"{stem}.bias" in file.tensors and file.mapped(f"{stem}.bias").count_nonzero():
             raise ValueError(f"{label}: {stem}.bias is not zero, but Z-Image's {stem.rpartition('.')[2]} Linear "
                              f"has no bias")
-        natural = unpack_linear(stored, f"{label}: {stem}")
+    prefix = _strip_prefix(file.keys())
+    unpacked = _LastLinear(file)
+    quantized, plain = {}, {}
+    for stem in stems:
         targets = _targets(stem[len(prefix):])
-        n, k = natural["qweight"].shape[0], natural["qweight"].shape[1] * 2
+        n, k = file.tensors[f"{stem}.qweight"].shape[0], file.tensors[f"{stem}.qweight"].shape[1] * 2
         rows = n // len(targets)
         for i, target in enumerate(targets):
-            part = natural if len(targets) == 1 else take_rows(natural, i * rows, (i + 1) * rows)
-            quantized[target] = StoredWeight(INT4, part, (rows, k))
+            part = _Unpacked(lambda stem=stem, a=i * rows, b=(i + 1) * rows, whole=len(targets) == 1:
+                             unpacked(stem) if whole else take_rows(unpacked(stem), a, b))
+            if target.startswith(BLOCK_PREFIXES):
+                quantized[target] = StoredWeight(INT4, part, (rows, k))
+            else:  # outside the blocks: dequantized at load (zimage_core.quant.stored)
+                plain[target + ".weight"] = ((rows, k), lambda part=part, shape=(rows, k): dequantize(dict(part), shape,
+                                                                                                     torch.float32))
 
     consumed = {f"{stem}.{name}" for stem in stems for name in _SUBKEYS}
-    plain = {}
     for key, info in file.tensors.items():
         if key in consumed:
             continue
@@ -275,6 +335,6 @@ def read_svdquant(path: str | Path):
             part = slice(i * rows, (i + 1) * rows) if len(targets) > 1 else None
             shape = (rows, *info.shape[1:]) if part else tuple(info.shape)
             plain[f"{target}{dot}{leaf}"] = (shape, lambda key=key, part=part: file.read(key, part))
-    rank = max((w.tensors["proj_up"].shape[1] for w in quantized.values()), default=0)
+    rank = max((file.tensors[f"{stem}.proj_up"].shape[1] for stem in stems), default=0)
     return QuantizedFile(path, quantized, plain, f"nunchaku SVDQuant int4 r{rank}"
                                                  f"{f' (prefix {prefix!r})' if prefix else ''}")
