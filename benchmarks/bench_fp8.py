@@ -81,15 +81,21 @@ def real_block(seed: int, outliers: bool) -> TransformerBlock:
     return block
 
 
-@torch.no_grad()
-def granularity(tokens: int = 256) -> None:
+def block_inputs(tokens: int = 256):
+    """Seeded inputs of one real-width block: x [1, tokens, dim] and adaLN input in bf16, rope of a 16-wide grid."""
     cfg = ZImageConfig.turbo()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, tokens, cfg.dim, generator=gen).bfloat16()
     adaln = torch.randn(1, cfg.adaln_dim, generator=gen).bfloat16() * 0.1
     pos = torch.zeros(1, tokens, 3, dtype=torch.long)
     pos[0, :, 1], pos[0, :, 2] = torch.arange(tokens) // 16, torch.arange(tokens) % 16
-    rope = rope_cos_sin(pos, cfg.axes_dims, cfg.rope_theta)
+    return x, rope_cos_sin(pos, cfg.axes_dims, cfg.rope_theta), adaln
+
+
+@torch.no_grad()
+def granularity(tokens: int = 256) -> None:
+    cfg = ZImageConfig.turbo()
+    x, rope, adaln = block_inputs(tokens)
     print(f"\n1. scale granularity, one real-width block (dim {cfg.dim}), {tokens} tokens, bf16 compute")
     print(f"   {'weights':<22} {'scales':<28} {'weight rel RMS':>15} {'block output rel RMS':>21}")
     for outliers in (False, True):

@@ -15,6 +15,8 @@ encoder and the VAE run before and after it (ComfyUI unloads them while the tran
     ... --validate   the tracker on a small model: meta run == real CPU run (same bytes), and vs the process RSS
     ... --growth     checkpointed training memory per block (20 vs 30 layers) against one block's input
     ... --encoders   the headless encode step: Qwen3-4B (bf16) on a prompt, the Flux VAE encoder (fp32) on an image
+    ... --quant      the quantized files users download (GGUF Q8_0 / Q4_K_M / Q3_K_S, comfy_quant nvfp4 / int8,
+                     svdq-int4 r32; benchmarks/quant_formats.py) next to bf16 and fp8: resident bytes as stored
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DiffusersVelocity, RssPeak, run_worker  # noqa: E402
 from memtrack import LiveBytes, flash_attention, host_homes  # noqa: E402
+from quant_formats import FILE_GB, FILES, FORMAT_KEYS, linear_types, stored_shapes  # noqa: E402
 
 from zimage_core import ZImageConfig, ZImageTransformer, sample  # noqa: E402
 from zimage_core.lora import apply_loras, new_lora  # noqa: E402
 from zimage_core.offload import enable_block_offload, is_offloaded  # noqa: E402
+from zimage_core.quant import FORMATS, QuantizedLinear  # noqa: E402
+from zimage_core.quant.linear import replace_module  # noqa: E402
 from zimage_core.quant.fp8 import to_fp8_storage  # noqa: E402
 from zimage_core.training.config import DEFAULT_TARGETS, TrainConfig  # noqa: E402
 from zimage_core.training.losses import sft_loss, teacher_trajectory, trajectory_grids, trajectory_loss  # noqa: E402
@@ -55,6 +60,8 @@ def ours(config: ZImageConfig, storage: str, offload: bool, device: str = "meta"
         model = ZImageTransformer(config).to(torch.bfloat16)
     if storage == "fp8":
         to_fp8_storage(model)
+    elif storage in FILES:
+        quantized_meta(model, storage)
     if offload:
         if device == "meta":
             host_homes(model.blocks())
@@ -75,6 +82,23 @@ def diffusers_model(config: ZImageConfig, storage: str, offload: bool):
         ref.enable_group_offload(onload_device=torch.device("meta"), offload_device=torch.device("cpu"),
                                  offload_type="block_level", num_blocks_per_group=1, use_stream=False)
     return ref.eval()
+
+
+def quantized_meta(model: ZImageTransformer, file: str) -> list[str]:
+    """Swap the Linears that `file` (benchmarks/quant_formats.py) quantizes for QuantizedLinears holding meta stored
+    tensors of that type's shapes and dtypes (the resident bytes), computing through the pack's own QuantizedLinear
+    autograd path and the format's own dequantizer (zimage_core.quant.FORMATS), whose temporaries are counted."""
+    types = linear_types(model, file)
+    for path, kind in types.items():
+        old = model.get_submodule(path)
+        shapes = stored_shapes(kind, old.out_features, old.in_features)
+        fmt = FORMATS[FORMAT_KEYS[kind]]
+        if set(fmt.stored_names) != set(shapes):
+            raise ValueError(f"{fmt.name} stores {fmt.stored_names}, quant_formats models {tuple(shapes)}")
+        stored = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}
+        bias = None if old.bias is None else old.bias.detach()
+        replace_module(model, path, QuantizedLinear(old.in_features, old.out_features, fmt, stored, bias))
+    return list(types)
 
 
 def ours_lora(model, device: str, seed: int = 0, dtype=torch.float32):
@@ -147,10 +171,11 @@ def _train_peak(tracker: LiveBytes, params, step, watch=nullcontext) -> dict:
     return tracker.summary()
 
 
-def _trainable(impl: str, model, device: str) -> list:
+def _trainable(impl: str, model, device: str, host_inputs: bool = False) -> list:
     model.requires_grad_(False)  # the base is frozen, as the trainer and peft freeze it
     if impl == "ours":
         model.gradient_checkpointing = True
+        model.checkpoint_inputs_on_host = host_inputs  # the trainer's checkpoint_inputs_on_host
         lora = ours_lora(model, device)
         params = list(lora.parameters())
         for p in params:
@@ -169,10 +194,11 @@ def _trainable(impl: str, model, device: str) -> list:
 
 
 def sft_step(impl: str, config: ZImageConfig, size: int, storage: str, offload: bool, device: str = "meta",
-             watch=nullcontext, caption_tokens: int = CAPTION_TOKENS) -> dict:
-    """One rank-32 LoRA SFT step with gradient checkpointing: velocity loss, backward, AdamW."""
+             watch=nullcontext, caption_tokens: int = CAPTION_TOKENS, host_inputs: bool = False) -> dict:
+    """One rank-32 LoRA SFT step with gradient checkpointing: velocity loss, backward, AdamW. host_inputs: the
+    checkpointed block inputs wait in host RAM (zimage_core.host_checkpoint)."""
     model, fn = _build(impl, config, storage, offload, device)
-    params = _trainable(impl, model, device)
+    params = _trainable(impl, model, device, host_inputs)
     tracker = _start(model, device, params)
     noise, caps = inputs(size, config, device, caption_tokens)
     x0 = torch.randn_like(noise)
@@ -389,6 +415,43 @@ def markdown(rows, sizes) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- quantized files
+QUANT_STORAGES = ("bf16", "fp8", *FILES)
+
+
+def run_quant(sizes, storages=QUANT_STORAGES, log=print) -> list[dict]:
+    """8-step sampling and a rank-32 SFT step (plain, and with the checkpointed block inputs in host RAM) per stored
+    format, offload none / block; the first size for every format before the next size (each line is logged as it
+    is measured: a real-size run takes a minute or more here)."""
+    config = ZImageConfig()
+    rows = {(s, o): {"storage": s, "offload": "block" if o else "none"} for s in storages for o in (False, True)}
+    works = {"sample": lambda s, o, size: sampling("ours", config, size, s, o),
+             "sft": lambda s, o, size: sft_step("ours", config, size, s, o),
+             "sft host": lambda s, o, size: sft_step("ours", config, size, s, o, host_inputs=True)}
+    for size in sizes:
+        for (storage, offload), row in rows.items():
+            for work, fn in works.items():
+                row[f"{work} {size}"] = result = _safe(fn, storage, offload, size)
+                log(f"{storage:<14} offload {row['offload']:<6} {work:<9} {size}²  {_gib(result)} GiB"
+                    + (f" (weights {result['weights_gib']:.3f})" if isinstance(result, dict) else ""))
+    return list(rows.values())
+
+
+def quant_markdown(rows, sizes) -> str:
+    cols = [f"{w} {s}" for w in ("sample", "sft", "sft host") for s in sizes]
+    names = {"sample": "8-step sampling", "sft": "SFT step", "sft host": "SFT step, inputs in host RAM"}
+    head = ["file", "offload", "resident weights GiB (file GiB)",
+            *[f"{names[c.rsplit(' ', 1)[0]]} {c.rsplit(' ', 1)[1]}²" for c in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        first = r[f"sample {sizes[0]}"]
+        resident = f"{first['weights_gib']:.2f}" if isinstance(first, dict) else "n/a"
+        if r["storage"] in FILE_GB and r["offload"] == "none":
+            resident += f" ({FILE_GB[r['storage']] * 1e9 / GIB:.2f})"
+        lines.append("| " + " | ".join([r["storage"], r["offload"], resident, *[_gib(r[c]) for c in cols]]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
@@ -396,6 +459,9 @@ def main() -> None:
     parser.add_argument("--validate", action="store_true")
     parser.add_argument("--growth", action="store_true")
     parser.add_argument("--encoders", action="store_true", help="Qwen3-4B and Flux-VAE encode memory (headless)")
+    parser.add_argument("--quant", action="store_true", help="the quantized files (benchmarks/quant_formats.py) next "
+                                                             "to bf16 and fp8, with the host-RAM block inputs")
+    parser.add_argument("--storages", nargs="+", choices=QUANT_STORAGES, help="--quant: only these")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=2, metavar=("DEVICE", "OFFLOAD"))
     args = parser.parse_args()
@@ -413,7 +479,12 @@ def main() -> None:
                   f"(one block's bf16 input: {g['block_input_gib'] * 1024:.1f} MiB)")
     if args.encoders:
         report["encoders"] = encoders(args.sizes)
-    if not (args.validate or args.growth or args.encoders):
+    if args.quant:
+        report["quant"] = run_quant(args.sizes, args.storages or QUANT_STORAGES,
+                                    log=lambda line: print(line, flush=True))
+        print()
+        print(quant_markdown(report["quant"], args.sizes))
+    if not (args.validate or args.growth or args.encoders or args.quant):
         rows = run_all(args.sizes, not args.skip_diffusers)
         report["rows"] = rows
         print()

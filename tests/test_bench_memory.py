@@ -101,3 +101,31 @@ def test_low_vram_targets_at_real_size():
     bf16 = bench_memory.sft_step("ours", real, 1024, "bf16", False)
     assert fp8["weights_gib"] < 0.52 * bf16["weights_gib"]  # fp8 blocks: about half the bf16 weights
     assert bf16["peak_gib"] <= bench_memory.sft_step("diffusers", real, 1024, "bf16", False)["peak_gib"]
+
+
+def test_modelled_quantized_files_match_the_published_sizes():
+    """benchmarks/quant_formats.py's per-Linear types and stored shapes give each file's published size (real
+    model, meta device): the byte model the quantized memory rows rest on."""
+    from quant_formats import FILE_GB, file_bytes
+
+    for file, gb in FILE_GB.items():
+        assert file_bytes(file) / GB == pytest.approx(gb, rel=0.01), file
+
+
+@pytest.mark.parametrize("file", ["Q4_K_M", pytest.param("nvfp4", marks=pytest.mark.slow),
+                                  pytest.param("svdq-int4 r32", marks=pytest.mark.slow)])
+def test_quantized_rows_hold_the_stored_bytes_and_run_through_quantized_linear(file):
+    """A real-width 2-layer model as `file` stores it: resident weights = the modelled file's bytes (up to the
+    allocator's 512-byte blocks), computed through QuantizedLinear; an SFT step trains only the LoRA."""
+    from quant_formats import file_bytes
+
+    from zimage_core.quant import QuantizedLinear
+
+    config = ZImageConfig(n_layers=2, n_refiner_layers=1)
+    model = bench_memory.ours(config, file, False)
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) > 0
+    resident = bench_memory.sampling("ours", config, 256, file, False)["weights_gib"] * 2**30
+    n_tensors = len(list(model.parameters()))
+    assert 0 <= resident - file_bytes(file, config) <= 512 * n_tensors
+    step = bench_memory.sft_step("ours", config, 256, file, False)
+    assert step["weights_gib"] * 2**30 == resident and step["trainable_gib"] > 0

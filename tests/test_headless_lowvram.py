@@ -88,6 +88,19 @@ def test_block_offload_trains_the_same_lora_bit_for_bit(workspace, runs, capsys)
     assert_identical(offloaded, plain)
 
 
+def test_checkpoint_inputs_on_host_train_the_same_lora_and_losses_bit_for_bit(workspace, runs, capsys):
+    """--checkpoint-inputs-on-host (alone, and with block offload) runs each checkpointed block on a host copy of its
+    input: the same losses and LoRA as the plain run, to the bit."""
+    plain, plain_out = trained(runs, workspace, capsys, "plain")
+    host, out = trained(runs, workspace, capsys, "host", "--checkpoint-inputs-on-host")
+    both, both_out = trained(runs, workspace, capsys, "host_offload", "--checkpoint-inputs-on-host",
+                             "--offload", "block")
+    assert LOSS_LINE.findall(out) == LOSS_LINE.findall(plain_out) == LOSS_LINE.findall(both_out)
+    assert len(LOSS_LINE.findall(out)) == 3
+    assert_identical(host, plain)
+    assert_identical(both, plain)
+
+
 def weight_deltas(lora: dict) -> dict:
     """Each module's trained weight delta, up @ down (the LoRA's scale is the same in every run compared)."""
     return {k: lora[k.replace("lora_A", "lora_B")] @ lora[k] for k in lora if k.endswith(".lora_A.weight")}

@@ -24,10 +24,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
 from .config import FREQ_EMBED_DIM, SEQ_MULTIPLE, T_EMBED_MID, ZImageConfig
+from .host_checkpoint import checkpoint_block
 from .offload import wants_checkpoint
 
 
@@ -241,6 +241,7 @@ class ZImageTransformer(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.gradient_checkpointing = False
+        self.checkpoint_inputs_on_host = False  # checkpointed blocks keep their input in host RAM (host_checkpoint)
         key = f"{cfg.patch_size}-1"  # ModuleDict key of diffusers ("patch-framepatch")
         self.all_x_embedder = nn.ModuleDict({key: nn.Linear(cfg.patch_dim, cfg.dim)})
         self.all_final_layer = nn.ModuleDict({key: FinalLayer(cfg)})
@@ -370,7 +371,7 @@ class ZImageTransformer(nn.Module):
         if mask is not None:
             mask = mask.to(x.device)
         if torch.is_grad_enabled() and (self.gradient_checkpointing or wants_checkpoint(self)):
-            return checkpoint(block, x, rope, mask, adaln, use_reentrant=False)
+            return checkpoint_block(block, x, rope, mask, adaln, host_inputs=self.checkpoint_inputs_on_host)
         return block(x, rope, mask, adaln)
 
     def num_parameters(self) -> int:

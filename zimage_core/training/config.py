@@ -79,6 +79,9 @@ class TrainConfig:
     num_train_timesteps: int = 1000
     loss_weighting: str = "bell"  # DiffSynth's bell weight over the training grid, or "none"
     gradient_checkpointing: bool = True
+    # checkpointed blocks keep their input in host RAM between forward and backward (zimage_core.host_checkpoint):
+    # 0.7 GiB less accelerator memory for a rank-32 step at 1024² (benchmarks/bench_memory.py --quant), same losses
+    checkpoint_inputs_on_host: bool = False
 
     # trajectory imitation (scheme 3)
     teacher_steps: int = 50
@@ -192,6 +195,11 @@ class TrainConfig:
              f"caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate!r}")
         need(isinstance(self.flip_horizontal, bool), f"flip_horizontal must be true or false, got "
                                                      f"{self.flip_horizontal!r}")
+        need(isinstance(self.checkpoint_inputs_on_host, bool),
+             f"checkpoint_inputs_on_host must be true or false, got {self.checkpoint_inputs_on_host!r}")
+        need(not self.checkpoint_inputs_on_host or self.gradient_checkpointing,
+             "checkpoint_inputs_on_host moves the inputs that gradient checkpointing keeps: it needs "
+             "gradient_checkpointing = true")
         need(self.keep_last == 0 or self.save_every > 0,
              f"keep_last ({self.keep_last}) needs save_every > 0 (it limits the intermediate LoRA files)")
         need(self.validation_every == 0 or self.validate,
@@ -300,7 +308,7 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "optim": ("optimisation", (
         "steps", "batch_size", "grad_accum", "lr", "weight_decay", "adam_betas", "adam_eps", "lr_schedule",
         "warmup_steps", "optimizer", "ema_decay", "seed", "shift", "num_train_timesteps", "loss_weighting",
-        "gradient_checkpointing")),
+        "gradient_checkpointing", "checkpoint_inputs_on_host")),
     "trajectory": ("trajectory imitation (scheme trajectory)", (
         "teacher_steps", "teacher_cfg", "student_steps", "trajectory_noises", "cache_teacher", "student_chunk")),
     "output": ("files, checkpoints and validation", (

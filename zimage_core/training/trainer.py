@@ -133,11 +133,12 @@ class _Run:
                               f"{self.world} processes")
         self.local_batch = self.cfg.batch_size // self.world
         self.device = model.x_pad_token.device
+        self.base_format = base_format(model)
         self.teacher_forwards = self.student_forwards = 0
         self.teacher_cache: dict[tuple[int, int], Tensor] = {}
 
         _own_inference_tensors(model)
-        self.saved_checkpointing = model.gradient_checkpointing
+        self.saved_checkpointing = (model.gradient_checkpointing, model.checkpoint_inputs_on_host)
         self.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
 
@@ -212,10 +213,11 @@ class _Run:
                      f"for {cfg.steps} steps from step {self.step}, {len(self.data)} images, "
                      f"{self.world} process(es)")
             self.model.gradient_checkpointing = cfg.gradient_checkpointing
+            self.model.checkpoint_inputs_on_host = cfg.checkpoint_inputs_on_host
             self.stack.set(self.training_loras())
             interrupted = self._loop()
             self.stack.set([])
-            self.model.gradient_checkpointing = self.saved_checkpointing
+            self.model.gradient_checkpointing, self.model.checkpoint_inputs_on_host = self.saved_checkpointing
             result = TrainResult(lora=self.lora, step=self.step, losses=list(self.losses), interrupted=interrupted,
                                  checkpoint_path=self.checkpoint_path, teacher_forwards=self.teacher_forwards,
                                  student_forwards=self.student_forwards,
@@ -228,7 +230,7 @@ class _Run:
             return result
         finally:
             self.stack.set([])
-            self.model.gradient_checkpointing = self.saved_checkpointing
+            self.model.gradient_checkpointing, self.model.checkpoint_inputs_on_host = self.saved_checkpointing
             for p in self.params:
                 p.requires_grad_(False)
             for name, p in self.model.named_parameters():
@@ -407,7 +409,7 @@ class _Run:
             save_checkpoint(self.checkpoint_path, {
                 "step": self.step, "lora": lora_state(self.lora), "optimizer": self.optimizer.state_dict(),
                 "losses": list(self.losses), "rng": rng_states(), "config": self.cfg.to_dict(),
-                "lora_alpha": {p: m.alpha for p, m in self.lora.modules.items()},
+                "lora_alpha": {p: m.alpha for p, m in self.lora.modules.items()}, "base_format": self.base_format,
                 **({"ema": lora_state(self.ema.lora)} if self.ema is not None else {})})
             self._checkpoint_step = self.step
         if self.distributed:
@@ -431,6 +433,11 @@ class _Run:
             if saved.get(key, TrainConfig.__dataclass_fields__[key].default) != now:  # older files: defaults
                 raise ConfigError(f"cannot resume from {path}: it was trained with {key} = {saved.get(key)!r}, "
                                   f"this run has {now!r}")
+        saved_format = state.get("base_format", self.base_format)  # older checkpoints: not recorded
+        if saved_format != self.base_format:
+            raise ConfigError(f"cannot resume from {path}: it was trained on a base stored as {saved_format}, this "
+                              f"base is stored as {self.base_format} (load the same file with the same weight "
+                              "storage, or start a new run)")
         load_lora_state(self.lora, state["lora"])
         if self.ema is not None:
             load_lora_state(self.ema.lora, state["ema"])
@@ -502,7 +509,8 @@ class _Run:
                     "model_variant": cfg.model_variant, "preset_lora": str(cfg.preset_lora or ""),
                     "init_lora": str(cfg.init_lora or ""), "targets": ",".join(cfg.targets), "lr": str(cfg.lr),
                     "seed": str(cfg.seed), "loss_weighting": cfg.loss_weighting, "optimizer": cfg.optimizer,
-                    "lr_schedule": cfg.lr_schedule, "trainer": "zimage_core.training"}
+                    "lr_schedule": cfg.lr_schedule, "trainer": "zimage_core.training",
+                    "base_format": self.base_format}
         if cfg.scheme == "trajectory":
             metadata.update(teacher_steps=str(cfg.teacher_steps), teacher_cfg=str(cfg.teacher_cfg),
                             student_steps=str(cfg.student_steps))
@@ -594,6 +602,21 @@ class _Run:
         if "patched" in after:
             candidates["trained+distillpatch"] = after["patched"]
         return turbo_check(candidates, reference)
+
+
+def base_format(model) -> str:
+    """How the frozen base's weights are stored, for the LoRA's metadata and the resume check: the sorted formats of
+    its quantized Linears (e.g. "gguf:Q4_K,gguf:Q5_K,gguf:Q6_K" for a Q4_K_M file, "comfy:nvfp4"), or, without any,
+    the dtype of its weights ("bfloat16"). Quantized Linears name their format in `fmt`; one-byte float weights
+    without it are fp8 storage ("float8_e4m3fn")."""
+    formats, dtypes = set(), set()
+    for module in model.modules():
+        fmt, weight = getattr(module, "fmt", None), getattr(module, "weight", None)
+        if isinstance(fmt, str):
+            formats.add(fmt)
+        elif isinstance(weight, Tensor) and weight.is_floating_point():
+            (formats if weight.element_size() == 1 else dtypes).add(str(weight.dtype).removeprefix("torch."))
+    return ",".join(sorted(formats or dtypes))
 
 
 def trajectory_pool_noise(seed: int, entry: int, k: int, shape) -> Tensor:
