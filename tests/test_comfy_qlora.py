@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfy_host import comfy_host, comfy_models, train_prompt  # noqa: F401  (fixtures)
+from comfy_fixtures import train_prompt  # comfy_host / comfy_models fixtures come from conftest
 
-pytest.importorskip("comfy_kitchen")
+import comfy_kitchen  # noqa: E402,F401  (pinned test requirement: missing fails)
 
 NAME = "zimage_tiny_nvfp4.safetensors"
 
