@@ -33,3 +33,11 @@ def pytest_report_header(config):
 def tiny():
     """A fresh random tiny Z-Image transformer in fp32 (seed 0)."""
     return tiny_model(seed=0)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that runs inside the ComfyUI host carries the `comfy` marker, whether or not its module says so:
+    `tools/test.sh --comfy DIR -m comfy` (a user's own ComfyUI) then selects all of them."""
+    for item in items:
+        if {"comfy_host", "comfy_models"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.comfy)
