@@ -147,6 +147,7 @@ def diffsynth_modules():
     """DiffSynth-Studio's Z-Image DiT, ControlNet and turbo model function (pip `diffsynth`, installed --no-deps).
     Its package `__init__`s import its whole stack (torchvision, modelscope, ...); the three modules need only torch
     and einops, so the packages are registered bare and just these modules are imported."""
+    import importlib.machinery
     import importlib.util
     import sys
     import types
@@ -161,6 +162,9 @@ def diffsynth_modules():
         if name not in sys.modules:
             module = types.ModuleType(name)
             module.__path__ = [str(folder)]
+            # a spec like a real package's, so importlib.util.find_spec (e.g. test_training_losses) still works after
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            module.__spec__.submodule_search_locations = [str(folder)]
             sys.modules[name] = module
     import importlib
     dit = importlib.import_module("diffsynth.models.z_image_dit")

@@ -22,7 +22,7 @@ import torch
 
 from ..offload import OFFLOAD_MODES
 from ..quant.fp8 import WEIGHT_STORAGE
-from .turbo_check import MEANING, format_check
+from .turbo_check import format_check
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             print(f"trained {result.step} steps in {result.seconds:.1f} s; LoRA {result.lora_path}")
             if result.turbo_check_detail:
-                print(f"{MEANING}\n  {format_check(result.turbo_check_detail)}")
+                print(f"{result.turbo_check_meaning}\n  {format_check(result.turbo_check_detail)}")
         return 0
     finally:
         if distributed:

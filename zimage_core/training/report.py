@@ -115,7 +115,7 @@ def grid_png(rows: Sequence[tuple[str, Sequence[Image.Image]]], columns: Sequenc
 
 
 def report_json(path: str | os.PathLike, steps: int, losses: Sequence[float], turbo_check: dict[str, float],
-                turbo_check_detail: dict[str, dict[str, float]] | None = None) -> Path:
+                turbo_check_detail: dict[str, dict[str, float]] | None = None, turbo_check_meaning: str = "") -> Path:
     """The run's figures for scripts: the step count, every step's loss and the turbo check (score per candidate,
     higher keeps the Turbo; its match / sharpness parts and what it means: zimage_core/training/turbo_check.py)."""
     from .turbo_check import MEANING
@@ -125,7 +125,7 @@ def report_json(path: str | os.PathLike, steps: int, losses: Sequence[float], tu
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     figures = {"steps": steps, "losses": list(losses), "turbo_check": turbo_check}
     if turbo_check:
-        figures.update(turbo_check_detail=turbo_check_detail or {}, turbo_check_meaning=MEANING)
+        figures.update(turbo_check_detail=turbo_check_detail or {}, turbo_check_meaning=turbo_check_meaning or MEANING)
     tmp.write_text(json.dumps(figures))
     os.replace(tmp, path)
     return path

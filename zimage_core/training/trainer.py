@@ -39,7 +39,7 @@ from .losses import SigmaSampler, sft_loss, student_step_weights, teacher_trajec
 from .optimizers import build_optimizer
 from .report import grid_png, latent_preview, loss_curve_png, report_json
 from .schedules import lr_factor
-from .turbo_check import MEANING, format_check, turbo_check
+from .turbo_check import format_check, meaning, turbo_check
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
 ShouldStop = Callable[[], bool]  # True (or raising) interrupts; a checkpoint is written first
@@ -68,6 +68,7 @@ class TrainResult:
     report_path: Path | None = None  # <name>.report.json: steps, losses, turbo check
     turbo_check: dict[str, float] = field(default_factory=dict)  # score per candidate (turbo_check.py; higher keeps it)
     turbo_check_detail: dict[str, dict[str, float]] = field(default_factory=dict)  # score, match, sharpness
+    turbo_check_meaning: str = ""  # the one line saying what the figure means, with the variant's reference recipe
     teacher_forwards: int = 0  # sample-forwards of the teacher (a cfg-2 step of one sample counts 2)
     student_forwards: int = 0  # sample-forwards of the student with grad
     seconds: float = 0.0
@@ -585,10 +586,11 @@ class _Run:
             result.grid_path = grid_png(images, [p for p, _ in validation], cfg.output_path(".grid.png"))
             result.turbo_check_detail = self._turbo_check(before, after)
             result.turbo_check = {name: v["score"] for name, v in result.turbo_check_detail.items()}
-            self.log(f"{MEANING} On {model_name} ('base' = without the trained LoRA): "
-                     + format_check(result.turbo_check_detail))
+            result.turbo_check_meaning = meaning(reference.steps, reference.cfg)
+            self.log(f"turbo check on {model_name} ({fast} against the LoRA's own {slow} samples; 'base' = without "
+                     f"the trained LoRA): {format_check(result.turbo_check_detail)}. {result.turbo_check_meaning}")
         result.report_path = report_json(cfg.output_path(".report.json"), self.step, self.losses, result.turbo_check,
-                                         result.turbo_check_detail)
+                                         result.turbo_check_detail, result.turbo_check_meaning)
 
     def _turbo_check(self, before: dict, after: dict) -> dict[str, dict[str, float]]:
         """Every 8-step / cfg-1 candidate against one full-quality reference: the trained LoRA's own reference-recipe
