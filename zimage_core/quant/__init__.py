@@ -103,10 +103,6 @@ def _has(model: nn.Module, path: str) -> bool:
         return False
 
 
-def has_quantized_weights(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedLinear) for m in model.modules())
-
-
 __all__ = ["COMPUTE_PATHS", "FAMILIES", "FORMATS", "Format", "QuantizedFile", "QuantizedLinear", "READERS",
-           "StoredWeight", "detect_family", "has_quantized_weights", "install_quantized", "is_quantized",
+           "StoredWeight", "detect_family", "install_quantized", "is_quantized",
            "weight_shape"]

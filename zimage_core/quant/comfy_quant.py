@@ -366,7 +366,8 @@ def read_comfy_quant(path: str | Path):
     checked (formats, scales, shapes) before any tensor is read."""
     import copy
 
-    from ..checkpoint import WeightSource, _strip_prefix, _to_diffusers_name, map_sources  # (imports this package)
+    # late: zimage_core.checkpoint imports this package
+    from ..checkpoint import WeightSource, _strip_prefix, _to_diffusers_name, is_comfy_layout, map_sources
     from ..safetensors_io import SafetensorsFile
 
     path = Path(path)
@@ -383,8 +384,7 @@ def read_comfy_quant(path: str | Path):
                          f"tensor nor an entry in the header's {HEADER_KEY})")
 
     prefix = _strip_prefix(file.keys())
-    comfy_layout = any(k.endswith("attention.qkv.weight") or k[len(prefix):].startswith("x_embedder.")
-                       for k in file.keys())
+    comfy_layout = is_comfy_layout(k[len(prefix):] for k in file.keys())
     parts = {}  # model Linear path -> StoredWeight
     for layer, (fmt, shape) in checked.items():
         tensors = {name: file.mapped(f"{layer}.{name}") for name in fmt.stored_names}  # read when installed

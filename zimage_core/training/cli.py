@@ -150,14 +150,16 @@ def load_base_model(name: str, dtype: torch.dtype, device, weight_storage: str =
 
 
 def describe_base(model, dtype: torch.dtype) -> str:
-    """One log line: how the base is held (compute dtype, fp8 storage, block offload)."""
+    """One log line: how the base is held (compute dtype, fp8 / quantized storage, block offload)."""
     from ..offload import is_offloaded
+    from ..quant import is_quantized
     from ..quant.fp8 import FP8_DTYPES, Fp8Linear
 
-    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     names = {dtype: name for name, dtype in FP8_DTYPES.items()}
-    storage = (f"{names.get(fp8[0].weight.dtype, fp8[0].weight.dtype)} weight storage on for {len(fp8)} block "
-               "Linears" if fp8 else "weights stored in the compute dtype")
+    quantized = [m for m in model.modules() if is_quantized(m)]
+    formats = sorted({names.get(m.weight.dtype, m.fmt) if isinstance(m, Fp8Linear) else m.fmt for m in quantized})
+    storage = (f"{', '.join(formats)} weight storage on for {len(quantized)} block Linears" if quantized
+               else "weights stored in the compute dtype")
     if is_offloaded(model):
         home = next(model.blocks()[0].parameters()).device
         place = f"block offload on: {len(model.blocks())} blocks in {home} RAM, streamed to {model.device}"
