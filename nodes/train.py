@@ -253,6 +253,19 @@ class ZImageTurboTrainLora(io.ComfyNode):
                                  tooltip="Keep each checkpointed block's input in system RAM between the forward and "
                                          "backward pass: about 0.7 GiB less GPU memory at 1024² (a rank-32 step), a "
                                          "few extra copies per block per step, the same LoRA (bit-exact)."),
+                io.Float.Input("preservation_weight", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="0 = off. Output preservation (ai-toolkit's Differential Output "
+                                       "Preservation): the LoRA is also trained to leave the model's output "
+                                       "unchanged for each caption with preservation_trigger replaced by one of "
+                                       "preservation_classes, so the other words keep drawing what they drew. 1.0 "
+                                       "is usual; each step costs about twice as much."),
+                io.String.Input("preservation_trigger", default="", optional=True,
+                                tooltip="With preservation_weight > 0: the word of your captions that names the "
+                                        "new concept (e.g. 'ohwx', 'bar'); captions without it are not preserved."),
+                io.String.Input("preservation_classes", default="", optional=True,
+                                tooltip="With preservation_weight > 0: comma-separated words the trigger is "
+                                        "replaced by (one drawn per sample), e.g. 'man, woman' or 'red, green, "
+                                        "blue': what must stay as it was."),
             ],
             outputs=[
                 ZIMAGE_MODEL.Output("zimage_model", display_name="model",
@@ -312,7 +325,8 @@ class ZImageTurboTrainLora(io.ComfyNode):
                 learning_rate, rank, targets, max_pixels, seed, validation_prompt, output_name, batch_size=1,
                 grad_accum=1, alpha=0.0, target_preset=TARGETS_CUSTOM, optimizer="adamw", lr_schedule="constant",
                 warmup_steps=0, caption_dropout_rate=0.0, flip_horizontal=False, ema_decay=0.0, validation_every=0,
-                save_every=0, keep_last=0, checkpoint_inputs_on_host=False) -> io.NodeOutput:
+                save_every=0, keep_last=0, checkpoint_inputs_on_host=False, preservation_weight=0.0,
+                preservation_trigger="", preservation_classes="") -> io.NodeOutput:
         if clip is None or vae is None:
             raise ValueError("the trainer needs a text encoder (clip) and the Flux VAE (vae)")
         name = safe_output_name(output_name)
@@ -358,6 +372,8 @@ class ZImageTurboTrainLora(io.ComfyNode):
                              validation_prompts=prompts, validation_seed=seed % 2**63,
                              validation_every=validation_every, save_every=save_every, keep_last=keep_last,
                              checkpoint_inputs_on_host=bool(checkpoint_inputs_on_host),
+                             preservation_weight=preservation_weight, preservation_trigger=preservation_trigger,
+                             preservation_classes=preservation_classes,
                              checkpoint_every=max(50, steps // 10), log_every=max(1, steps // 20)).validate_settings()
         require_optimizer(optimizer)
 

@@ -61,6 +61,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def preservation_prompts(config, dataset) -> list[str]:
+    """The class captions output preservation will need (the headless trainer has no text encoder to make them)."""
+    from ..training.data import scan_dataset
+    from ..training.preservation import Preservation
+
+    if config.preservation_weight <= 0:
+        return []
+    items, _ = scan_dataset(dataset)
+    return Preservation(config.preservation_trigger, config.preservation_classes).all_captions(
+        [item.caption for item in items])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training.cli import resolve_device_dtype
     from ..training.config import TrainConfig
@@ -79,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     encoders = load_encoders(args.model, args.text_encoder, args.tokenizer, args.vae, device=device, dtype=dtype)
     loaded = time.time()
-    prompts = list(dict.fromkeys([*config.validation_prompts, *args.prompt]))
+    prompts = list(dict.fromkeys([*config.validation_prompts, *args.prompt, *preservation_prompts(config, dataset)]))
     bar = None
     if not args.quiet:
         from tqdm import tqdm

@@ -62,6 +62,11 @@ class TrainConfig:
     caption_dropout_rate: float = 0.0  # share of samples trained on the empty caption (ai-toolkit's option)
     flip_horizontal: bool = False  # half the samples use the mirrored image (encoded in pixel space, cached)
 
+    # output preservation (preservation.py; ai-toolkit's Differential Output Preservation): 0 = off
+    preservation_weight: float = 0.0  # weight of the preservation loss (ai-toolkit's multiplier; 1.0 is usual)
+    preservation_trigger: str = ""  # the word of the captions that names the new concept ("bar", "ohwx")
+    preservation_classes: tuple[str, ...] = ()  # what it is replaced by for preservation (one drawn per sample)
+
     # optimisation
     steps: int = 250
     batch_size: int = 1  # the global batch: split evenly over the processes under torch.distributed
@@ -132,6 +137,10 @@ class TrainConfig:
         self.targets = expand_targets(self.targets)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.validation_prompts = [str(p) for p in self.validation_prompts]
+        if isinstance(self.preservation_classes, str):  # a node input / CLI flag: comma-separated
+            self.preservation_classes = self.preservation_classes.split(",")
+        self.preservation_classes = tuple(str(c).strip() for c in self.preservation_classes if str(c).strip())
+        self.preservation_trigger = str(self.preservation_trigger).strip()
 
         def need(ok: bool, message: str):
             if not ok:
@@ -204,6 +213,16 @@ class TrainConfig:
              f"keep_last ({self.keep_last}) needs save_every > 0 (it limits the intermediate LoRA files)")
         need(self.validation_every == 0 or self.validate,
              f"validation_every ({self.validation_every}) needs validate = true")
+        need(_finite(self.preservation_weight) and self.preservation_weight >= 0,
+             f"preservation_weight must be >= 0 (0 = off), got {self.preservation_weight!r}")
+        if self.preservation_weight > 0:
+            need(bool(self.preservation_trigger), "preservation_weight > 0 needs preservation_trigger: the word of "
+                                                  "the captions that names the new concept")
+            need(len(self.preservation_classes) > 0,
+                 "preservation_weight > 0 needs preservation_classes: one or more words the trigger is replaced by "
+                 f"(e.g. 'circle, square'), got {list(self.preservation_classes)}")
+            need(self.preservation_trigger.lower() not in (c.lower() for c in self.preservation_classes),
+                 f"preservation_classes must not contain the trigger {self.preservation_trigger!r} itself")
         need(self.loss_weighting in LOSS_WEIGHTINGS,
              f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         need(_finite(self.shift) and self.shift > 0, f"shift must be > 0, got {self.shift!r}")
@@ -309,6 +328,8 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
         "steps", "batch_size", "grad_accum", "lr", "weight_decay", "adam_betas", "adam_eps", "lr_schedule",
         "warmup_steps", "optimizer", "ema_decay", "seed", "shift", "num_train_timesteps", "loss_weighting",
         "gradient_checkpointing", "checkpoint_inputs_on_host")),
+    "preservation": ("output preservation: keep what the other words draw (0 = off)", (
+        "preservation_weight", "preservation_trigger", "preservation_classes")),
     "trajectory": ("trajectory imitation (scheme trajectory)", (
         "teacher_steps", "teacher_cfg", "student_steps", "trajectory_noises", "cache_teacher", "student_chunk")),
     "output": ("files, checkpoints and validation", (

@@ -50,11 +50,16 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
+def noised(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """x_sigma = (1 - sigma) x0 + sigma eps, per batch element, in fp32."""
+    s = sigma.to(x0.device, torch.float32).view(-1, 1, 1, 1)
+    return (1.0 - s) * x0.float() + s * noise.float()
+
+
 def sft_loss(model: VelocityFn, x0: Tensor, captions: list, noise: Tensor, sigma: Tensor,
              weight: Tensor | None = None) -> Tensor:
     """DiffSynth's FlowMatchSFTLoss for a batch: mean_b w_b · MSE(v(x_sigma_b), eps_b - x0_b)."""
-    s = sigma.to(x0.device, torch.float32).view(-1, 1, 1, 1)
-    x_t = (1.0 - s) * x0.float() + s * noise.float()
+    x_t = noised(x0, noise, sigma)
     v = model(x_t, sigma.to(x0.device), captions)
     loss = per_sample_mse(v, noise.float() - x0.float())
     if weight is not None:

@@ -6,6 +6,9 @@
                teacher's 50-step cfg-2 trajectory at its 8 sigmas.
 4 distillpatch as 1; validation also previews the trained LoRA + a DistillPatch LoRA at 8 steps / cfg 1.
 
+Any scheme may add output preservation (preservation.py): the LoRA's output for the captions with their trigger word
+replaced by a class word is held to the frozen model's.
+
 Every LoRA runs as a runtime branch of the LoRA engine (no merge), so the base weights are never written. The
 trainable tensors are fp32 masters; the base computes in its own dtype (bf16 on GPU). Randomness (batch order,
 noise, sigma) is derived from (seed, micro-batch index), so a resumed run and a run split over processes draw
@@ -34,9 +37,10 @@ from .checkpoint import (lora_state, load_checkpoint, load_lora_state, restore_r
 from .config import ConfigError, TrainConfig
 from .data import DatasetCache, _mix
 from .ema import LoraEma
-from .losses import SigmaSampler, sft_loss, student_step_weights, teacher_trajectory, trajectory_grids, \
-    trajectory_loss
+from .losses import SigmaSampler, noised, per_sample_mse, sft_loss, student_step_weights, teacher_trajectory, \
+    trajectory_grids, trajectory_loss
 from .optimizers import build_optimizer
+from .preservation import Preservation
 from .report import grid_png, latent_preview, loss_curve_png, report_json
 from .schedules import lr_factor
 from .turbo_check import format_check, meaning, turbo_check
@@ -70,6 +74,7 @@ class TrainResult:
     turbo_check_detail: dict[str, dict[str, float]] = field(default_factory=dict)  # score, match, sharpness
     turbo_check_meaning: str = ""  # the one line saying what the figure means, with the variant's reference recipe
     teacher_forwards: int = 0  # sample-forwards of the teacher (a cfg-2 step of one sample counts 2)
+    preservation_forwards: int = 0  # sample-forwards of the frozen model for preservation targets (no grad)
     student_forwards: int = 0  # sample-forwards of the student with grad
     seconds: float = 0.0
 
@@ -135,7 +140,7 @@ class _Run:
         self.local_batch = self.cfg.batch_size // self.world
         self.device = model.x_pad_token.device
         self.base_format = base_format(model)
-        self.teacher_forwards = self.student_forwards = 0
+        self.teacher_forwards = self.student_forwards = self.preservation_forwards = 0
         self.teacher_cache: dict[tuple[int, int], Tensor] = {}
 
         _own_inference_tensors(model)
@@ -185,6 +190,9 @@ class _Run:
         if cfg.flip_horizontal and not data.has_flips:
             raise ConfigError(f"flip_horizontal needs mirrored latents, which the cache {data.folder} lacks: build "
                               "it with flip on (build_cache(..., flip=True))")
+        self.preservation, self.preserved, self.preservation_features = None, [], {}
+        if cfg.preservation_weight > 0:
+            self._set_up_preservation()
         self.validation: list[tuple[str, Tensor]] = []
         self.validation_grids: list[Path] = []
         self.stack = _LoraStack(model)
@@ -195,8 +203,37 @@ class _Run:
         self.checkpoint_path = cfg.checkpoint_path if self.main else None
 
     # ------------------------------------------------------------------------------------------ stacks
+    def frozen_loras(self):
+        """The LoRAs of the model being trained other than the trained one (scheme 2's adapter)."""
+        return [(self.preset, self.cfg.preset_strength)] if self.preset is not None else []
+
     def training_loras(self):
-        return ([(self.preset, self.cfg.preset_strength)] if self.preset is not None else []) + [(self.lora, 1.0)]
+        return self.frozen_loras() + [(self.lora, 1.0)]
+
+    def _set_up_preservation(self):
+        """The class captions and their features, found before the first step (the cache, else the text encoder)."""
+        cfg = self.cfg
+        self.preservation = Preservation(cfg.preservation_trigger, cfg.preservation_classes)
+        captions = [e.caption for e in self.data.entries]
+        self.preserved = [self.preservation.applies(c) for c in captions]
+        if not any(self.preserved):
+            raise ConfigError(f"preservation_trigger {cfg.preservation_trigger!r} is in none of the {len(captions)} "
+                              f"captions (e.g. {captions[0]!r}): name the word the captions use for the new concept")
+        for prompt in self.preservation.all_captions(captions):
+            if self.data.has_prompt(prompt):
+                features = self.data.prompt_features(prompt)
+            elif self.encode_text is not None:
+                with torch.no_grad():
+                    features = self.encode_text(prompt)
+            else:
+                raise ConfigError(f"preservation caption {prompt!r} is not in the cache {self.data.folder} and no text "
+                                  "encoder was given: encode the cache with the same preservation settings "
+                                  "(python -m zimage_core encode --config ..., or build_cache(prompts=...))")
+            self.preservation_features[prompt] = (features[0] if features.ndim == 3 else features).detach().clone()
+        skipped = len(captions) - sum(self.preserved)
+        self.log(f"output preservation (weight {cfg.preservation_weight}): {cfg.preservation_trigger!r} -> "
+                 f"{', '.join(cfg.preservation_classes)} in {sum(self.preserved)} of {len(captions)} captions"
+                 + (f" ({skipped} without the trigger are not preserved)" if skipped else ""))
 
     # ------------------------------------------------------------------------------------------ main
     def run(self) -> TrainResult:
@@ -222,6 +259,7 @@ class _Run:
             result = TrainResult(lora=self.lora, step=self.step, losses=list(self.losses), interrupted=interrupted,
                                  checkpoint_path=self.checkpoint_path, teacher_forwards=self.teacher_forwards,
                                  student_forwards=self.student_forwards,
+                                 preservation_forwards=self.preservation_forwards,
                                  ema=self.ema.lora if self.ema is not None else None,
                                  validation_grids=list(self.validation_grids),
                                  snapshot_paths=self._snapshots(self.cfg.output_name) if self.write else [])
@@ -330,7 +368,34 @@ class _Run:
         loss = sft_loss(self.model, x0, caps, noise[local].to(self.device), sigma[local], weight[local])
         (loss / cfg.grad_accum).backward()
         self.student_forwards += len(idx)
-        return float(loss.detach()) / cfg.grad_accum
+        loss = float(loss.detach())
+        if self.preservation is not None:
+            x_t = noised(x0, noise[local].to(self.device), sigma[local])
+            loss += self._preserve(x_t, sigma[local], weight[local], idx, micro, len(batch), local)
+        return loss / cfg.grad_accum
+
+    def _preserve(self, x_t: Tensor, sigma: Tensor, weight: Tensor, idx: list[int], micro: int, size: int,
+                  local: slice) -> float:
+        """Back-propagate the preservation loss of the local samples whose caption has the trigger (the same noisy
+        latents and sigmas as the task loss, the trigger replaced by a class drawn per sample from its own
+        generator, so switching preservation on changes no other draw) and return it, weighted."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(_mix(cfg.seed, micro, 6))
+        draws = torch.randint(len(cfg.preservation_classes), (size,), generator=gen).tolist()[local]
+        keep = [n for n, i in enumerate(idx) if self.preserved[i]]
+        if not keep:
+            return 0.0
+        caps = [self.preservation_features[self.preservation.caption(self.data.entries[idx[n]].caption, draws[n])]
+                .to(self.device) for n in keep]
+        x, s = x_t[keep], sigma[keep].to(self.device)
+        with self.stack.use(self.frozen_loras()), torch.no_grad():
+            target = self.model(x, s, caps).float()
+        mse = per_sample_mse(self.model(x, s, caps), target) * weight[keep].to(self.device, torch.float32)
+        loss = cfg.preservation_weight * mse.sum() / len(idx)  # a mean over the local batch, as the task loss
+        (loss / cfg.grad_accum).backward()
+        self.preservation_forwards += len(keep)
+        self.student_forwards += len(keep)
+        return float(loss.detach())
 
     def _trajectory_micro(self, batch: list[int], lo: int, gen: torch.Generator, micro: int) -> float:
         cfg = self.cfg
@@ -360,10 +425,15 @@ class _Run:
                 self.teacher_cache[key] = traj.cpu()  # host memory: 9 latents per (image, noise) at 8 steps
             states.append(traj)
         states = torch.cat(states, dim=1).to(self.device)  # [K + 1, B, C, h, w]
-        loss = trajectory_loss(self.model, states, self.student_sigmas, caps, self.step_weights,
-                               chunk=cfg.student_chunk, backward_scale=1.0 / cfg.grad_accum)
+        loss = float(trajectory_loss(self.model, states, self.student_sigmas, caps, self.step_weights,
+                                     chunk=cfg.student_chunk, backward_scale=1.0 / cfg.grad_accum))
         self.student_forwards += len(idx) * cfg.student_steps
-        return float(loss) / cfg.grad_accum
+        if self.preservation is not None:  # at one student step per sample, drawn from its own generator
+            gen = torch.Generator().manual_seed(_mix(cfg.seed, micro, 7))
+            k = torch.randint(cfg.student_steps, (len(batch),), generator=gen)[local]
+            x_t = states[k.to(states.device), torch.arange(len(idx), device=states.device)]
+            loss += self._preserve(x_t, self.student_sigmas[k], self.step_weights[k], idx, micro, len(batch), local)
+        return loss / cfg.grad_accum
 
     def _teacher_states(self, noise: Tensor, positive: list, negative: list) -> Tensor:
         cfg = self.cfg
@@ -515,6 +585,10 @@ class _Run:
         if cfg.scheme == "trajectory":
             metadata.update(teacher_steps=str(cfg.teacher_steps), teacher_cfg=str(cfg.teacher_cfg),
                             student_steps=str(cfg.student_steps))
+        if cfg.preservation_weight > 0:
+            metadata.update(preservation_weight=str(cfg.preservation_weight),
+                            preservation_trigger=cfg.preservation_trigger,
+                            preservation_classes=",".join(cfg.preservation_classes))
         if ema:
             metadata["ema_decay"] = str(cfg.ema_decay)
         return metadata
