@@ -14,6 +14,10 @@ It covers everything the trainer does: forward, gradient-checkpoint recompute an
 * While block i runs, block i + 1 (in backward: i - 1) is already being copied on a side CUDA stream from pinned
   host memory, so the copy overlaps compute. A guess that turns out wrong only costs that copy; a block is always
   fetched (waiting for its prefetch, or synchronously) before it runs. On CPU the same code runs synchronously.
+* The prefetch is made only when the running block and the next one together fit a byte budget, by default twice
+  the median block. Uniform models (bf16, fp8, files that quantize every block) always prefetch. A block far larger
+  than the typical one (a GGUF file keeps its 4 refiner blocks in bf16, 3x its Q4_K main blocks) is fetched when it
+  runs, without overlap: two of them in flight would set the offloaded model's peak memory.
 * The home tensors are the module's own (pinned in place of the pageable ones when the compute device is CUDA,
   never a second copy), so LoRA merges between calls patch them directly; prefetches still in flight are dropped
   at the start of every model call, so a merge can never be missed.
@@ -52,8 +56,12 @@ def _block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, Tensor]]
 class BlockOffload:
     """Streams `blocks` of a model between `offload` and `compute` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], compute: torch.device, offload: torch.device):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], compute: torch.device, offload: torch.device,
+                 prefetch_budget_bytes: int | None = None):
         self.blocks, self.compute, self.offload = list(blocks), compute, offload
+        # Read once: a LoRA merge or a trainer may replace the home tensors later, never their shapes or dtypes.
+        self.nbytes = [sum(t.nbytes for *_, t in _block_tensors(b)) for b in self.blocks]
+        self.set_budget(prefetch_budget_bytes)
         self.stream = torch.cuda.Stream(compute) if compute.type == "cuda" else None
         self.index = {id(b): i for i, b in enumerate(self.blocks)}
         self.pending: _Fetched | None = None  # a prefetch not yet used
@@ -62,6 +70,12 @@ class BlockOffload:
         for block in self.blocks:
             self.handles += [block.register_forward_pre_hook(self._enter),
                              block.register_forward_hook(self._exit, always_call=True)]
+
+    def set_budget(self, prefetch_budget_bytes: int | None) -> None:
+        """Bytes the running block and its prefetch may take together; None: twice the median block."""
+        if prefetch_budget_bytes is None:
+            prefetch_budget_bytes = 2 * sorted(self.nbytes)[len(self.nbytes) // 2] if self.nbytes else 0
+        self.budget = prefetch_budget_bytes
 
     # ------------------------------------------------------------------ copies
     def _copy(self, index: int) -> _Fetched:
@@ -90,8 +104,9 @@ class BlockOffload:
                 t.record_stream(current)  # allocated on the side stream, used (and freed) on this one
         return fetched
 
-    def _prefetch(self, index: int) -> None:
-        if 0 <= index < len(self.blocks) and index not in self.active:
+    def _prefetch(self, index: int, running: int) -> None:
+        if (0 <= index < len(self.blocks) and index not in self.active
+                and self.nbytes[running] + self.nbytes[index] <= self.budget):
             self.pending = self._copy(index)
 
     def _drop_pending(self, module, args) -> None:
@@ -112,7 +127,7 @@ class BlockOffload:
             table[name] = nn.Parameter(copy, requires_grad=False) if kind == "param" else copy
         self.active[index] = (fetched, homes)
         # The next block to run: in backward the checkpoint recompute walks the blocks in reverse.
-        self._prefetch(index - 1 if _in_backward() else index + 1)
+        self._prefetch(index - 1 if _in_backward() else index + 1, index)
 
     def _exit(self, block: nn.Module, args, output) -> None:
         entry = self.active.pop(self.index[id(block)], None)
@@ -148,15 +163,18 @@ def _move(tensors: list[tuple[nn.Module, str, str, Tensor]], device: torch.devic
 
 
 def enable_block_offload(model: nn.Module, compute_device: str | torch.device,
-                         offload_device: str | torch.device = "cpu", blocks: list[nn.Module] | None = None):
+                         offload_device: str | torch.device = "cpu", blocks: list[nn.Module] | None = None,
+                         prefetch_budget_bytes: int | None = None):
     """Keep every block (default `model.blocks()`) on `offload_device` and stream it to `compute_device` per call;
     everything else (embedders, final layer, pad tokens) moves to `compute_device`. Host memory is pinned when the
     compute device is CUDA (for asynchronous copies). Calling it again re-homes the model: an offloaded model is
-    never moved to the compute device whole on the way."""
+    never moved to the compute device whole on the way. `prefetch_budget_bytes`: see the module docstring (None:
+    twice the median block; 0: never prefetch)."""
     compute, offload = torch.device(compute_device), torch.device(offload_device)
     current = getattr(model, _ATTR, None)
     if current is not None:
         if (current.compute, current.offload) == (compute, offload):
+            current.set_budget(prefetch_budget_bytes)
             return model
         disable_block_offload(model, offload)
     blocks = list(model.blocks()) if blocks is None else list(blocks)
@@ -164,7 +182,7 @@ def enable_block_offload(model: nn.Module, compute_device: str | torch.device,
     everything = _block_tensors(model)
     _move([e for e in everything if id(e[3]) not in in_blocks], compute, pin=False)
     _move([e for e in everything if id(e[3]) in in_blocks], offload, pin=compute.type == "cuda")
-    setattr(model, _ATTR, BlockOffload(model, blocks, compute, offload))
+    setattr(model, _ATTR, BlockOffload(model, blocks, compute, offload, prefetch_budget_bytes))
     return model
 
 
