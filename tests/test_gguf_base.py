@@ -15,7 +15,7 @@ from zimage_core import load_transformer  # noqa: E402
 from zimage_core.controlnet import ControlNetConfig, ZImageControlNet, control_residuals  # noqa: E402
 from zimage_core.lora import LoraWeights, apply_loras, new_lora  # noqa: E402
 from zimage_core.lora.weights import LoraModule  # noqa: E402
-from zimage_core.offload import disable_block_offload, enable_block_offload  # noqa: E402
+from zimage_core.offload import bytes_in_flight, disable_block_offload, enable_block_offload  # noqa: E402
 from zimage_core.quant import QuantizedLinear  # noqa: E402
 from zimage_core.testing import init_random_  # noqa: E402
 
@@ -130,12 +130,12 @@ def test_block_offload_fetches_the_outsized_refiner_blocks_alone(tmp_path):
     assert torch.equal(out, reference[0]) and all(map(torch.equal, grads, reference[1]))
     assert all(len(together) == 1 for together in copies.together if together & refiners)
     assert all(frozenset({i, i + 1}) in copies.together for i in range(2, len(sizes) - 1))
-    assert copies.peak_bytes == max(sizes)  # one refiner block: two main blocks weigh less
+    assert copies.peak_bytes == bytes_in_flight(sizes) == max(sizes)  # a refiner block: two main blocks weigh less
 
     enable_block_offload(model, "cpu", prefetch_budget_bytes=sum(sizes))  # every next block prefetched
     with BlockCopies(model) as copies:
         step()
-    assert refiners in copies.together and copies.peak_bytes == sum(sizes[:2])
+    assert refiners in copies.together and copies.peak_bytes == bytes_in_flight(sizes, sum(sizes)) == sum(sizes[:2])
 
 
 def test_a_controlnet_on_a_gguf_base_equals_the_dequantized_base(files):

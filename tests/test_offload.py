@@ -11,7 +11,7 @@ from block_copies import BlockCopies
 
 from zimage_core import offload as offload_module
 from zimage_core.lora import apply_loras, new_lora, save_lora
-from zimage_core.offload import disable_block_offload, enable_block_offload, is_offloaded
+from zimage_core.offload import bytes_in_flight, disable_block_offload, enable_block_offload, is_offloaded
 from zimage_core.testing import tiny_model
 from zimage_core.training import TrainConfig, build_cache, train
 from zimage_core.training.toy import make_toy_dataset, toy_encoders
@@ -124,6 +124,8 @@ def test_a_uniform_model_always_has_the_next_block_in_flight():
     n = len(model.blocks())
     assert all(frozenset({i, i + 1}) in copies.together for i in range(n - 1))
     assert max(map(len, copies.together)) == 2
+    sizes = [sum(t.nbytes for t in [*b.parameters(), *b.buffers()]) for b in model.blocks()]
+    assert copies.peak_bytes == bytes_in_flight(sizes) == max(map(sum, zip(sizes, sizes[1:])))
     enable_block_offload(model, "cpu", prefetch_budget_bytes=0)  # the same devices: only the budget changes
     with BlockCopies(model) as copies:
         assert torch.equal(_run(model), expected)

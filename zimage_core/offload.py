@@ -72,10 +72,7 @@ class BlockOffload:
                              block.register_forward_hook(self._exit, always_call=True)]
 
     def set_budget(self, prefetch_budget_bytes: int | None) -> None:
-        """Bytes the running block and its prefetch may take together; None: twice the median block."""
-        if prefetch_budget_bytes is None:
-            prefetch_budget_bytes = 2 * sorted(self.nbytes)[len(self.nbytes) // 2] if self.nbytes else 0
-        self.budget = prefetch_budget_bytes
+        self.budget = default_prefetch_budget(self.nbytes) if prefetch_budget_bytes is None else prefetch_budget_bytes
 
     # ------------------------------------------------------------------ copies
     def _copy(self, index: int) -> _Fetched:
@@ -95,7 +92,9 @@ class BlockOffload:
     def _take(self, index: int) -> _Fetched:
         """Block `index` on the compute device: the prefetch when it guessed right, else a fresh copy."""
         fetched, self.pending = self.pending, None
-        if fetched is None or fetched.index != index:
+        if fetched is not None and fetched.index != index:
+            fetched = None  # a wrong guess is freed before the right block is copied, not beside it
+        if fetched is None:
             fetched = self._copy(index)
         if fetched.ready is not None:
             current = torch.cuda.current_stream(self.compute)
@@ -140,6 +139,21 @@ class BlockOffload:
         for h in self.handles:
             h.remove()
         self.pending = None
+
+
+def default_prefetch_budget(block_bytes: list[int]) -> int:
+    """Twice the median block: any two blocks of a uniform model fit, a few outsized ones (see the module docstring)
+    do not."""
+    return 2 * sorted(block_bytes)[len(block_bytes) // 2] if block_bytes else 0
+
+
+def bytes_in_flight(block_bytes: list[int], prefetch_budget_bytes: int | None = None) -> int:
+    """The most block bytes on the compute device at once for blocks of these sizes (in execution order): a block,
+    or a block with its neighbour where the two fit the budget (forward prefetches the next, backward the previous:
+    the same pairs)."""
+    budget = default_prefetch_budget(block_bytes) if prefetch_budget_bytes is None else prefetch_budget_bytes
+    pairs = [a + b for a, b in zip(block_bytes, block_bytes[1:]) if a + b <= budget]
+    return max([*block_bytes, *pairs], default=0)
 
 
 def _in_backward() -> bool:
