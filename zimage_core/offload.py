@@ -104,6 +104,7 @@ class BlockOffload:
         return fetched
 
     def _prefetch(self, index: int, running: int) -> None:
+        # Over the budget the next block is fetched when it runs: an outsized pair in flight would set the peak.
         if (0 <= index < len(self.blocks) and index not in self.active
                 and self.nbytes[running] + self.nbytes[index] <= self.budget):
             self.pending = self._copy(index)
@@ -181,9 +182,9 @@ def enable_block_offload(model: nn.Module, compute_device: str | torch.device,
                          prefetch_budget_bytes: int | None = None):
     """Keep every block (default `model.blocks()`) on `offload_device` and stream it to `compute_device` per call;
     everything else (embedders, final layer, pad tokens) moves to `compute_device`. Host memory is pinned when the
-    compute device is CUDA (for asynchronous copies). Calling it again re-homes the model: an offloaded model is
-    never moved to the compute device whole on the way. `prefetch_budget_bytes`: see the module docstring (None:
-    twice the median block; 0: never prefetch)."""
+    compute device is CUDA (for asynchronous copies). Calling it again with other devices re-homes the model (an
+    offloaded model is never moved to the compute device whole on the way); with the same ones it only sets the
+    budget. `prefetch_budget_bytes`: see the module docstring (None: twice the median block; 0: never prefetch)."""
     compute, offload = torch.device(compute_device), torch.device(offload_device)
     current = getattr(model, _ATTR, None)
     if current is not None:
