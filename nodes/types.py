@@ -43,7 +43,7 @@ import comfy.supported_models
 from comfy_api.latest import io
 
 from ..zimage_core import ZImageTransformer
-from ..zimage_core.offload import OFFLOAD_MODES, disable_block_offload, enable_block_offload
+from ..zimage_core.offload import OFFLOAD_MODES, bytes_in_flight, disable_block_offload, enable_block_offload
 from .lora_cache import apply_stack
 from .lora_spec import ROLE_DISTILLPATCH, ROLE_LORA, ROLE_TRAINED, LoraSpec  # noqa: F401  (part of the wire type)
 
@@ -53,9 +53,6 @@ ZIMAGE_MODEL = io.Custom("ZIMAGE_MODEL")
 """The socket type; use `ZIMAGE_MODEL.Input(...)` / `ZIMAGE_MODEL.Output(...)` in schemas."""
 ZIMAGE_CONTROLNET = io.Custom("ZIMAGE_CONTROLNET")
 ZIMAGE_CONTROL = io.Custom("ZIMAGE_CONTROL")
-
-BLOCKS_IN_FLIGHT = 2  # block offload keeps at most the running block and the prefetched next one on the GPU
-
 
 class ZImageShell(torch.nn.Module):
     """The object ComfyUI's `ModelPatcher` manages: the zimage_core transformer as `.diffusion_model`, plus the
@@ -103,7 +100,7 @@ class ZImagePatcher(comfy.model_patcher.ModelPatcher):
         if self.model.offload != "block":
             return total
         blocks = [sum(t.nbytes for t in (*b.parameters(), *b.buffers())) for b in transformer.blocks()]
-        return total - sum(blocks) + min(BLOCKS_IN_FLIGHT, len(blocks)) * max(blocks, default=0)
+        return total - sum(blocks) + bytes_in_flight(blocks)  # the running block and its prefetch
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
         device_to = torch.device(device_to)

@@ -1,6 +1,7 @@
 """A GGUF base under everything that uses a model: LoRAs (low-rank and full-size deltas) run as exact side branches
-and never touch the stored bytes, removal is exact, block offload and a Fun ControlNet give the numbers of the same
-weights held in fp32, and gradients flow to the input only."""
+and never touch the stored bytes, removal is exact, block offload (which fetches the file's outsized bf16 refiner
+blocks alone) and a Fun ControlNet give the numbers of the same weights held in fp32, and gradients flow to the input
+only."""
 
 import pytest
 import torch
@@ -8,12 +9,13 @@ import torch
 import gguf  # noqa: E402,F401  (pinned test requirement: missing fails)
 
 import zimage_core as zc  # noqa: E402
+from block_copies import BlockCopies  # noqa: E402
 from gguf_fixtures import dequantized_reference, tiny_256, write_gguf  # noqa: E402
 from zimage_core import load_transformer  # noqa: E402
 from zimage_core.controlnet import ControlNetConfig, ZImageControlNet, control_residuals  # noqa: E402
 from zimage_core.lora import LoraWeights, apply_loras, new_lora  # noqa: E402
 from zimage_core.lora.weights import LoraModule  # noqa: E402
-from zimage_core.offload import disable_block_offload, enable_block_offload  # noqa: E402
+from zimage_core.offload import bytes_in_flight, disable_block_offload, enable_block_offload  # noqa: E402
 from zimage_core.quant import QuantizedLinear  # noqa: E402
 from zimage_core.testing import init_random_  # noqa: E402
 
@@ -98,6 +100,42 @@ def test_block_offload_of_a_gguf_base_gives_the_same_numbers(files):
     with apply_loras(model, _loras(model)[:1]):
         assert torch.equal(_out(model), offloaded)
     assert all(torch.equal(stored[p], m.weight) for p, m in model.named_modules() if p in stored)
+
+
+def test_block_offload_fetches_the_outsized_refiner_blocks_alone(tmp_path):
+    """As in city96's files the refiner blocks stay unquantized, several times the size of a Q4_K_M main block: with
+    offload one of them is never on the compute device beside another block (forward, recompute and backward of a
+    LoRA step), while the main blocks still prefetch; the numbers are those without offload."""
+    config = tiny_256(0).config.replace(n_layers=6)  # few outsized blocks among many, as the real 2 + 2 among 30
+    model = load_transformer(write_gguf(tmp_path / "z-Q4_K_M.gguf", init_random_(zc.ZImageTransformer(config), 0),
+                                       _q4_k_m), dtype=torch.float32).requires_grad_(False)
+    lora = new_lora(model, rank=4, seed=3)
+    for m in lora.modules.values():
+        m.up.normal_(generator=torch.Generator().manual_seed(4))
+    params = [p.requires_grad_(True) for p in lora.parameters()]
+
+    def step():
+        with apply_loras(model, [(lora, 1.0)], mode="runtime"):
+            out = model(LATENTS, torch.tensor([0.6]), [CAPTION])
+            grads = torch.autograd.grad(out.square().mean(), params)
+        return out.detach(), grads
+
+    reference = step()
+    sizes = [sum(t.nbytes for t in [*b.parameters(), *b.buffers()]) for b in model.blocks()]
+    refiners = frozenset({0, 1})  # noise_refiner, context_refiner
+    assert min(sizes[:2]) > 3 * max(sizes[2:])
+    enable_block_offload(model, "cpu")
+    with BlockCopies(model) as copies:
+        out, grads = step()
+    assert torch.equal(out, reference[0]) and all(map(torch.equal, grads, reference[1]))
+    assert all(len(together) == 1 for together in copies.together if together & refiners)
+    assert all(frozenset({i, i + 1}) in copies.together for i in range(2, len(sizes) - 1))
+    assert copies.peak_bytes == bytes_in_flight(sizes) == max(sizes)  # a refiner block: two main blocks weigh less
+
+    enable_block_offload(model, "cpu", prefetch_budget_bytes=sum(sizes))  # every next block prefetched
+    with BlockCopies(model) as copies:
+        step()
+    assert refiners in copies.together and copies.peak_bytes == bytes_in_flight(sizes, sum(sizes)) == sum(sizes[:2])
 
 
 def test_a_controlnet_on_a_gguf_base_equals_the_dequantized_base(files):

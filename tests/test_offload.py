@@ -1,15 +1,17 @@
 """Block offload: the same numbers for sampling and for training (every scheme, bit-exact on CPU), each block's weights
 only on the compute device while it runs (forward, checkpoint recompute, backward), at most two blocks there at any
-time, and re-enabling / switching modes keeps the model and its LoRA stack right."""
+time (the next one prefetched: a uniform model always), and re-enabling / switching modes keeps the model and its LoRA
+stack right. The outsized blocks of a GGUF file: tests/test_gguf_base.py."""
 
 import weakref
 
 import pytest
 import torch
+from block_copies import BlockCopies
 
 from zimage_core import offload as offload_module
 from zimage_core.lora import apply_loras, new_lora, save_lora
-from zimage_core.offload import disable_block_offload, enable_block_offload, is_offloaded
+from zimage_core.offload import bytes_in_flight, disable_block_offload, enable_block_offload, is_offloaded
 from zimage_core.testing import tiny_model
 from zimage_core.training import TrainConfig, build_cache, train
 from zimage_core.training.toy import make_toy_dataset, toy_encoders
@@ -109,6 +111,25 @@ def test_training_pass_with_offload_equals_without_and_keeps_two_blocks(monkeypa
     for _, i, live in spy.events:
         assert len(live) <= 2, f"block {i}: blocks {live} on the compute device"  # current + prefetch at most
     assert spy.live() == [] and _homes(model) == homes  # backward freed every copy; homes untouched
+
+
+def test_a_uniform_model_always_has_the_next_block_in_flight():
+    """The default prefetch budget (twice the median block) holds any two blocks of a model without outsized ones
+    (the context refiner, without adaLN, is the smallest): every next block is fetched while one runs."""
+    model = tiny_model(seed=2)
+    expected = _run(model)
+    enable_block_offload(model, "cpu")
+    with BlockCopies(model) as copies:
+        assert torch.equal(_run(model), expected)
+    n = len(model.blocks())
+    assert all(frozenset({i, i + 1}) in copies.together for i in range(n - 1))
+    assert max(map(len, copies.together)) == 2
+    sizes = [sum(t.nbytes for t in [*b.parameters(), *b.buffers()]) for b in model.blocks()]
+    assert copies.peak_bytes == bytes_in_flight(sizes) == max(map(sum, zip(sizes, sizes[1:])))
+    enable_block_offload(model, "cpu", prefetch_budget_bytes=0)  # the same devices: only the budget changes
+    with BlockCopies(model) as copies:
+        assert torch.equal(_run(model), expected)
+    assert max(map(len, copies.together)) == 1  # no prefetch: each block fetched when it runs
 
 
 def test_blocks_computed_on_another_device_than_their_home_stay_there_through_backward():

@@ -14,6 +14,10 @@ It covers everything the trainer does: forward, gradient-checkpoint recompute an
 * While block i runs, block i + 1 (in backward: i - 1) is already being copied on a side CUDA stream from pinned
   host memory, so the copy overlaps compute. A guess that turns out wrong only costs that copy; a block is always
   fetched (waiting for its prefetch, or synchronously) before it runs. On CPU the same code runs synchronously.
+* The prefetch is made only when the running block and the next one together fit a byte budget, by default twice
+  the median block. Uniform models (bf16, fp8, files that quantize every block) always prefetch. A block far larger
+  than the typical one (a GGUF file keeps its 4 refiner blocks in bf16, 3x its Q4_K main blocks) is fetched when it
+  runs, without overlap: two of them in flight would set the offloaded model's peak memory.
 * The home tensors are the module's own (pinned in place of the pageable ones when the compute device is CUDA,
   never a second copy), so LoRA merges between calls patch them directly; prefetches still in flight are dropped
   at the start of every model call, so a merge can never be missed.
@@ -52,8 +56,12 @@ def _block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, Tensor]]
 class BlockOffload:
     """Streams `blocks` of a model between `offload` and `compute` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], compute: torch.device, offload: torch.device):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], compute: torch.device, offload: torch.device,
+                 prefetch_budget_bytes: int | None = None):
         self.blocks, self.compute, self.offload = list(blocks), compute, offload
+        # Read once: a LoRA merge or a trainer may replace the home tensors later, never their shapes or dtypes.
+        self.nbytes = [sum(t.nbytes for *_, t in _block_tensors(b)) for b in self.blocks]
+        self.set_budget(prefetch_budget_bytes)
         self.stream = torch.cuda.Stream(compute) if compute.type == "cuda" else None
         self.index = {id(b): i for i, b in enumerate(self.blocks)}
         self.pending: _Fetched | None = None  # a prefetch not yet used
@@ -62,6 +70,9 @@ class BlockOffload:
         for block in self.blocks:
             self.handles += [block.register_forward_pre_hook(self._enter),
                              block.register_forward_hook(self._exit, always_call=True)]
+
+    def set_budget(self, prefetch_budget_bytes: int | None) -> None:
+        self.budget = default_prefetch_budget(self.nbytes) if prefetch_budget_bytes is None else prefetch_budget_bytes
 
     # ------------------------------------------------------------------ copies
     def _copy(self, index: int) -> _Fetched:
@@ -81,7 +92,9 @@ class BlockOffload:
     def _take(self, index: int) -> _Fetched:
         """Block `index` on the compute device: the prefetch when it guessed right, else a fresh copy."""
         fetched, self.pending = self.pending, None
-        if fetched is None or fetched.index != index:
+        if fetched is not None and fetched.index != index:
+            fetched = None  # a wrong guess is freed before the right block is copied, not beside it
+        if fetched is None:
             fetched = self._copy(index)
         if fetched.ready is not None:
             current = torch.cuda.current_stream(self.compute)
@@ -90,8 +103,10 @@ class BlockOffload:
                 t.record_stream(current)  # allocated on the side stream, used (and freed) on this one
         return fetched
 
-    def _prefetch(self, index: int) -> None:
-        if 0 <= index < len(self.blocks) and index not in self.active:
+    def _prefetch(self, index: int, running: int) -> None:
+        # Over the budget the next block is fetched when it runs: an outsized pair in flight would set the peak.
+        if (0 <= index < len(self.blocks) and index not in self.active
+                and self.nbytes[running] + self.nbytes[index] <= self.budget):
             self.pending = self._copy(index)
 
     def _drop_pending(self, module, args) -> None:
@@ -112,7 +127,7 @@ class BlockOffload:
             table[name] = nn.Parameter(copy, requires_grad=False) if kind == "param" else copy
         self.active[index] = (fetched, homes)
         # The next block to run: in backward the checkpoint recompute walks the blocks in reverse.
-        self._prefetch(index - 1 if _in_backward() else index + 1)
+        self._prefetch(index - 1 if _in_backward() else index + 1, index)
 
     def _exit(self, block: nn.Module, args, output) -> None:
         entry = self.active.pop(self.index[id(block)], None)
@@ -125,6 +140,21 @@ class BlockOffload:
         for h in self.handles:
             h.remove()
         self.pending = None
+
+
+def default_prefetch_budget(block_bytes: list[int]) -> int:
+    """Twice the median block: any two blocks of a uniform model fit, a few outsized ones (see the module docstring)
+    do not."""
+    return 2 * sorted(block_bytes)[len(block_bytes) // 2] if block_bytes else 0
+
+
+def bytes_in_flight(block_bytes: list[int], prefetch_budget_bytes: int | None = None) -> int:
+    """The most block bytes on the compute device at once for blocks of these sizes (in execution order): a block,
+    or a block with its neighbour where the two fit the budget (forward prefetches the next, backward the previous:
+    the same pairs)."""
+    budget = default_prefetch_budget(block_bytes) if prefetch_budget_bytes is None else prefetch_budget_bytes
+    pairs = [a + b for a, b in zip(block_bytes, block_bytes[1:]) if a + b <= budget]
+    return max([*block_bytes, *pairs], default=0)
 
 
 def _in_backward() -> bool:
@@ -148,15 +178,18 @@ def _move(tensors: list[tuple[nn.Module, str, str, Tensor]], device: torch.devic
 
 
 def enable_block_offload(model: nn.Module, compute_device: str | torch.device,
-                         offload_device: str | torch.device = "cpu", blocks: list[nn.Module] | None = None):
+                         offload_device: str | torch.device = "cpu", blocks: list[nn.Module] | None = None,
+                         prefetch_budget_bytes: int | None = None):
     """Keep every block (default `model.blocks()`) on `offload_device` and stream it to `compute_device` per call;
     everything else (embedders, final layer, pad tokens) moves to `compute_device`. Host memory is pinned when the
-    compute device is CUDA (for asynchronous copies). Calling it again re-homes the model: an offloaded model is
-    never moved to the compute device whole on the way."""
+    compute device is CUDA (for asynchronous copies). Calling it again with other devices re-homes the model (an
+    offloaded model is never moved to the compute device whole on the way); with the same ones it only sets the
+    budget. `prefetch_budget_bytes`: see the module docstring (None: twice the median block; 0: never prefetch)."""
     compute, offload = torch.device(compute_device), torch.device(offload_device)
     current = getattr(model, _ATTR, None)
     if current is not None:
         if (current.compute, current.offload) == (compute, offload):
+            current.set_budget(prefetch_budget_bytes)
             return model
         disable_block_offload(model, offload)
     blocks = list(model.blocks()) if blocks is None else list(blocks)
@@ -164,7 +197,7 @@ def enable_block_offload(model: nn.Module, compute_device: str | torch.device,
     everything = _block_tensors(model)
     _move([e for e in everything if id(e[3]) not in in_blocks], compute, pin=False)
     _move([e for e in everything if id(e[3]) in in_blocks], offload, pin=compute.type == "cuda")
-    setattr(model, _ATTR, BlockOffload(model, blocks, compute, offload))
+    setattr(model, _ATTR, BlockOffload(model, blocks, compute, offload, prefetch_budget_bytes))
     return model
 
 
