@@ -40,6 +40,7 @@ STACK_FILES = (f"lora_sft_{world.NEW_COLOUR}", "lora_sft", "distill_patch")  # c
 VARIETY_SETTINGS = (  # (mode, strength, steps) of SeedVariety; the first is off
     ("off", 0.0, 0), ("shift", 0.125, 2), ("shift", 0.25, 2), ("shift", 0.25, 3), ("shift", 0.375, 3),
     ("caption", 1.0, 1), ("caption", 2.0, 2))
+SHIPPED_VARIETY = "shift 0.25, 3 steps"  # the row of the shipped workflow's setting (README picture: off and this)
 SEEDS_PER_PROMPT = 16
 VARIETY_NOISE_SEEDS = (12, 13, 14)  # independent sets of 16 seeds per prompt; the figures are their mean
 WORKAROUND_STRENGTH = 0.6  # users turn stacked LoRAs down to 0.3-0.7 (peers survey, complaint 3)
@@ -259,6 +260,10 @@ def main(argv=None):
             save_grid({m: stacking[m]["images"] for m in COMBINE_MODES}, out / "lora_stacking_grid.png")
         for i, rows in enumerate(varieties.values()):
             save_grid({label: r["images"] for label, r in rows.items()}, out / f"seed_variety_grid_{i + 1}.png")
+        if varieties:  # the LoRA case's 16 seeds of one prompt, without and with the shipped setting
+            lora_rows = list(varieties.values())[-1]
+            save_grid({"off": lora_rows["off"]["images"], SHIPPED_VARIETY: lora_rows[SHIPPED_VARIETY]["images"]},
+                      out / "seed_variety_off_on.png", label_width=130)
     strip = lambda rows: {k: {n: v for n, v in r.items() if n != "images"} for k, r in rows.items()}  # noqa: E731
     Path(args.out).write_text(json.dumps({"stacking": strip(kept_stacking),
                                           "variety": {case: strip(rows) for case, rows in kept_variety.items()},

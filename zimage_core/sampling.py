@@ -42,7 +42,9 @@ class SeedVariety:
     mode "shift" (the default): after each of the first `steps` steps, the latent (and the step's clean estimate)
     is rolled by a random offset of up to `strength` times the picture's side on each axis (torch.roll, so content
     leaving one border comes back at the other; strength <= 0.5). The noise keeps its statistics, so the model
-    goes on denoising, and the half-formed layout lands somewhere else; the prompt is never touched.
+    goes on denoising, and the half-formed layout lands somewhere else; the prompt is never touched. The Euler step
+    commutes with the roll; res_multistep's second-order term on a rolled step uses the previous step's estimate
+    as it was (rolled by the previous offset only), which the first unshifted step no longer does.
 
     mode "caption": the positive caption features get Gaussian noise of `strength` times each token's RMS (the idea
     of the seed-variance node packs, which noise the text embedding for the first steps)."""
