@@ -7,7 +7,7 @@ Stacking: the colour LoRA (world.NEW_COLOUR) + the shape LoRA (world.NEW_SHAPE) 
 `zimage_core.lora.combine`. Per mode: the share of "<colour> <shape>" samples drawn as prompted (and its colour / shape
 parts), each LoRA's own concept kept (the colour on the base shapes, the shape in the base colours), the base prompts kept,
 and sharpness. Seed variety (`--part variety`): turbo on the 12 base prompts, and turbo + bar LoRA + DistillPatch on
-the bar prompts, 16 seeds each (three independent seed sets, averaged), without and with
+the bar prompts, 16 seeds each (six independent seed sets, averaged), without and with
 `zimage_core.sampling.SeedVariety` at a few modes / strengths / step counts: the mean pairwise pixel RMSE between the
 16 samples of a prompt, the spread of their positions, the number of distinct positions and sizes, and prompted
 fidelity.
@@ -38,11 +38,11 @@ STEPS, CFG = 8, 1.0
 COMBINATION = f"{world.NEW_COLOUR} {world.NEW_SHAPE}"  # e.g. "purple cross"
 STACK_FILES = (f"lora_sft_{world.NEW_COLOUR}", "lora_sft", "distill_patch")  # colour, shape LoRA, DistillPatch
 VARIETY_SETTINGS = (  # (mode, strength, steps) of SeedVariety; the first is off
-    ("off", 0.0, 0), ("shift", 0.125, 2), ("shift", 0.25, 2), ("shift", 0.25, 3), ("shift", 0.375, 3),
-    ("caption", 1.0, 1), ("caption", 2.0, 2))
-SHIPPED_VARIETY = "shift 0.25, 3 steps"  # the row of the shipped workflow's setting (README picture: off and this)
+    ("off", 0.0, 0), ("shift", 0.25, 2), ("shift", 0.375, 2), ("shift", 0.5, 2), ("shift", 0.25, 3),
+    ("shift", 0.375, 3), ("caption", 1.0, 1), ("caption", 2.0, 2))
+SHIPPED_VARIETY = "shift 0.375, 2 steps"  # the row of the shipped workflow's setting (README picture: off and this)
 SEEDS_PER_PROMPT = 16
-VARIETY_NOISE_SEEDS = (12, 13, 14)  # independent sets of 16 seeds per prompt; the figures are their mean
+VARIETY_NOISE_SEEDS = (12, 13, 14, 15, 16, 17)  # independent sets of 16 seeds per prompt; the figures are their mean
 WORKAROUND_STRENGTH = 0.6  # users turn stacked LoRAs down to 0.3-0.7 (peers survey, complaint 3)
 
 
