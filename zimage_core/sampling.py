@@ -50,7 +50,7 @@ class SeedVariety:
     of the seed-variance node packs, which noise the text embedding for the first steps)."""
 
     strength: float = 0.0
-    steps: int = 1
+    steps: int = 2
     seed: int = 0
     mode: str = "shift"
 
