@@ -38,7 +38,7 @@ INPUT_SNAPSHOT = {
                      ("preset", "COMBO"), ("steps", "INT"), ("cfg", "FLOAT"), ("shift", "FLOAT"), ("seed", "INT"),
                      ("denoise", "FLOAT")],
         "optional": [("negative", "CONDITIONING"), ("control", "ZIMAGE_CONTROL"), ("sampler", "COMBO"),
-                     ("variety", "FLOAT"), ("variety_steps", "INT")],
+                     ("variety", "FLOAT"), ("variety_steps", "INT"), ("variety_mode", "COMBO")],
     },
     "ZImageTurboTrainLora": {
         "required": [("model", "ZIMAGE_MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset_folder", "STRING"),
@@ -267,20 +267,26 @@ def test_lora_stack_combine_input_runs_the_core_mode_and_switches_back(comfy_hos
 
 
 def test_sampler_seed_variety_inputs(comfy_host, comfy_models):
-    """The sampler's `variety` / `variety_steps`: on, the latent is zimage_core's sample with SeedVariety(strength,
-    steps, seed + 1) and differs from the classic one; variety 0 (the default) is the classic sampler bit for bit."""
+    """The sampler's `variety` / `variety_steps` / `variety_mode`: on, the latent is zimage_core's sample with
+    SeedVariety(strength, steps, seed + 1, mode) and differs from the classic one; variety 0 (the default) is the
+    classic sampler bit for bit; a shift strength above 0.5 is refused, naming the value."""
     from zimage_core.sampling import SeedVariety
     m = comfy_models
     classic = _core_reference(comfy_host, m, "a red fox in the snow", seed=9, steps=8, cfg=1.0)
-    for strength, steps in ((0.0, 1), (1.5, 2)):
+    for strength, steps, mode in ((0.0, 1, None), (0.5, 2, None), (0.5, 2, "shift"), (1.5, 2, "caption")):
         prompt = t2i_prompt(m, seed=9, size=32, save=False)
-        prompt["5"]["inputs"].update(variety=strength, variety_steps=steps)
+        prompt["5"]["inputs"].update(variety=strength, variety_steps=steps, **({"variety_mode": mode} if mode else {}))
         result = comfy_host.run(prompt)
         assert result.success, result.error
         expected = classic if strength == 0 else _core_reference(
-            comfy_host, m, "a red fox in the snow", seed=9, steps=8, cfg=1.0, variety=SeedVariety(strength, steps, 10))
+            comfy_host, m, "a red fox in the snow", seed=9, steps=8, cfg=1.0,
+            variety=SeedVariety(strength, steps, 10, mode=mode or "shift"))
         torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
-    assert (expected - classic).abs().max() > 1e-3
+        assert strength == 0 or (expected - classic).abs().max() > 1e-3
+    prompt = t2i_prompt(m, seed=9, size=32, save=False)
+    prompt["5"]["inputs"].update(variety=0.75, variety_steps=2)
+    result = comfy_host.run(prompt)
+    assert not result.success and "0.75" in str(result.error)
 
 
 def test_switching_loras_restores_the_base_exactly(comfy_host, comfy_models):

@@ -122,8 +122,8 @@ def test_workflow_saved_before_the_sampler_input_still_opens_as_euler(server, ho
     prompt it makes validates."""
     old = _load("zimage_turbo_t2i")
     node = next(n for n in old["nodes"] if n["type"] == "ZImageTurboSampler")
-    assert node["widgets_values"][-3:] == ["euler", 0.0, 1]
-    node["widgets_values"] = node["widgets_values"][:-3]
+    assert node["widgets_values"][-4:] == ["euler", 0.0, 2, "shift"]
+    node["widgets_values"] = node["widgets_values"][:-4]
     result = open_workflow(server.url, old)
     assert result.unknown_types == [] and result.alerts == []
     prompt = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result.api_prompt.items()}

@@ -207,12 +207,14 @@ def _stacking() -> Workflow:
                                          "lora_2": STACK_LORA_FILES[1], "strength_2": 1.0,
                                          "distillpatch": DISTILLPATCH_FILE, "distillpatch_strength": 1.0,
                                          "combine": STACK_COMBINE}, {"model": (3, 0)}, col=1, row=1),
-        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42, "variety": 2.0, "variety_steps": 2},
+        Node(7, "ZImageTurboSampler", {"preset": "turbo", "seed": 42, "variety": 0.375,
+                                       "variety_steps": 2, "variety_mode": "shift"},
              {"model": (4, 0), "positive": (2, 0), "latent_image": (6, 0)}, col=2, row=0),
         Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (5, 0)}, col=3, row=0),
         Node(9, "SaveImage", {"filename_prefix": "zimage_stack"}, {"images": (8, 0)}, col=4, row=0),
     ], note=f"Two LoRAs stacked at full strength with the DistillPatch, combined '{STACK_COMBINE}' (LoRA stack "
-            f"'combine' input) instead of a plain sum, and seed variety on in the sampler (variety, variety_steps) "
+            f"'combine' input) instead of a plain sum, and seed variety on in the sampler (variety_mode shift, "
+            f"variety 0.375 over variety_steps 2: the half-formed latent is moved by up to 3/8 of the picture per step) "
             f"so the four seeds of the batch differ more. See docs/lora-stacking.md for what each mode measured.")
 
 

@@ -6,9 +6,11 @@ Stacking: the colour LoRA (world.NEW_COLOUR) + the shape LoRA (world.NEW_SHAPE) 
 `apply_loras(..., combine=mode, keep_apart={DistillPatch})`, for the plain sum and every mode of
 `zimage_core.lora.combine`. Per mode: the share of "<colour> <shape>" samples drawn as prompted (and its colour / shape
 parts), each LoRA's own concept kept (the colour on the base shapes, the shape in the base colours), the base prompts kept,
-and sharpness. Seed variety: turbo on the 12 base prompts, 16 seeds each, without and with
-`zimage_core.sampling.SeedVariety` at a few strengths / step counts: the mean pairwise pixel RMSE between the 16
-samples of a prompt, the number of distinct (position, size) layouts among them, and prompted fidelity.
+and sharpness. Seed variety (`--part variety`): turbo on the 12 base prompts, and turbo + bar LoRA + DistillPatch on
+the bar prompts, 16 seeds each (six independent seed sets, averaged), without and with
+`zimage_core.sampling.SeedVariety` at a few modes / strengths / step counts: the mean pairwise pixel RMSE between the
+16 samples of a prompt, the spread of their positions, the number of distinct positions and sizes, and prompted
+fidelity.
 
 Only toyworld's public names are used (weights by file name, `evaluate.generate` / `decode` / `lora_path`, the
 metrics), so re-running on rebuilt toy weights is this one command."""
@@ -35,20 +37,25 @@ from .metrics import FOREGROUND, classify, edge_sharpness, fidelity, sharpness
 STEPS, CFG = 8, 1.0
 COMBINATION = f"{world.NEW_COLOUR} {world.NEW_SHAPE}"  # e.g. "purple cross"
 STACK_FILES = (f"lora_sft_{world.NEW_COLOUR}", "lora_sft", "distill_patch")  # colour, shape LoRA, DistillPatch
-VARIETY_SETTINGS = ((0.0, 0), (1.0, 1), (1.0, 2), (2.0, 2), (4.0, 2), (2.0, 4))  # (strength, steps); the first is off
+VARIETY_SETTINGS = (  # (mode, strength, steps) of SeedVariety; the first is off
+    ("off", 0.0, 0), ("shift", 0.25, 2), ("shift", 0.375, 2), ("shift", 0.5, 2), ("shift", 0.25, 3),
+    ("shift", 0.375, 3), ("caption", 1.0, 1), ("caption", 2.0, 2))
+SHIPPED_VARIETY = "shift 0.375, 2 steps"  # the row of the shipped workflow's setting (README picture: off and this)
 SEEDS_PER_PROMPT = 16
+VARIETY_NOISE_SEEDS = (12, 13, 14, 15, 16, 17)  # independent sets of 16 seeds per prompt; the figures are their mean
 WORKAROUND_STRENGTH = 0.6  # users turn stacked LoRAs down to 0.3-0.7 (peers survey, complaint 3)
 
 
 @torch.no_grad()
 def generate(model, prompts: list[str], seed: int, variety: SeedVariety | None = None, batch: int = 64) -> Tensor:
     """Decoded 8-step / cfg-1 images from fixed noises (the seed), optionally with seed variety (its seed offset by
-    the batch start, so every row gets its own caption noise)."""
+    the batch start, so every batch draws its own shifts / caption noise)."""
     noise = fixed_noise(len(prompts), seed)
     out = []
     for i in range(0, len(prompts), batch):
         caps = [world.encode_text(p) for p in prompts[i:i + batch]]
-        vary = None if variety is None else SeedVariety(variety.strength, variety.steps, variety.seed + i)
+        vary = None if variety is None else SeedVariety(variety.strength, variety.steps, variety.seed + i,
+                                                        variety.mode)
         out.append(sample(model, noise[i:i + batch], caps, steps=STEPS, cfg=CFG, variety=vary))
     return decode(torch.cat(out))
 
@@ -157,26 +164,39 @@ VARIETY_CASES = {  # label -> (LoRA files, prompts): plain turbo, and a LoRA tra
 
 
 def run_variety(log=print) -> dict:
-    """Per case: real data of the same prompts (the variety the world has), then every VARIETY_SETTINGS row."""
+    """Per case: real data of the same prompts (the variety the world has), then every VARIETY_SETTINGS row; each
+    row's figures are the mean over VARIETY_NOISE_SEEDS (independent sets of 16 seeds per prompt)."""
     model = load_model("turbo")
     results = {}
     for case, (files, base_prompts) in VARIETY_CASES.items():
         prompts = [p for p in base_prompts for _ in range(SEEDS_PER_PROMPT)]
-        real = world.prompt_batch(prompts, generator=torch.Generator().manual_seed(12))
-        rows = {"real data (reference)": {**variety(real, prompts), "fid": fidelity(real, prompts),
-                                          "sharp": sharpness(real, prompts), "images": real[:SEEDS_PER_PROMPT]}}
+        rows = {"real data (reference)": _mean_row([real_row(prompts, seed) for seed in VARIETY_NOISE_SEEDS])}
         with apply_loras(model, [(load_lora(lora_path(name)), 1.0) for name in files]):
-            for strength, steps in VARIETY_SETTINGS:
+            for mode, strength, steps in VARIETY_SETTINGS:
                 t = time.time()
-                option = SeedVariety(strength, steps, seed=11) if strength else None
-                images = generate(model, prompts, seed=12, variety=option)
-                label = "off" if option is None else f"strength {strength:g}, {steps} step{'s' * (steps > 1)}"
-                rows[label] = {**variety(images, prompts), "fid": fidelity(images, prompts),
-                               "sharp": sharpness(images, prompts),
-                               "images": images[:SEEDS_PER_PROMPT]}  # the first prompt's 16 seeds, for the grid
+                label = "off" if mode == "off" else f"{mode} {strength:g}, {steps} step{'s' * (steps > 1)}"
+                sets = []
+                for seed in VARIETY_NOISE_SEEDS:
+                    option = None if mode == "off" else SeedVariety(strength, steps, seed=1000 * seed, mode=mode)
+                    images = generate(model, prompts, seed=seed, variety=option)
+                    sets.append({**variety(images, prompts), "fid": fidelity(images, prompts),
+                                 "sharp": sharpness(images, prompts),
+                                 "images": images[:SEEDS_PER_PROMPT]})  # the first prompt's 16 seeds, for the grid
+                rows[label] = _mean_row(sets)
                 log(f"variety, {case}, {label}: {_line(rows[label])} ({time.time() - t:.0f} s)")
         results[case] = rows
     return results
+
+
+def real_row(prompts: list[str], seed: int) -> dict:
+    real = world.prompt_batch(prompts, generator=torch.Generator().manual_seed(seed))
+    return {**variety(real, prompts), "fid": fidelity(real, prompts), "sharp": sharpness(real, prompts),
+            "images": real[:SEEDS_PER_PROMPT]}
+
+
+def _mean_row(sets: list[dict]) -> dict:
+    """The figures averaged over the seed sets, the first set's images."""
+    return {**{k: sum(s[k] for s in sets) / len(sets) for k in sets[0] if k != "images"}, "images": sets[0]["images"]}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -192,7 +212,8 @@ def tables(stacking: dict, varieties: dict) -> str:
                      f"| {r['base_fid']:.2f} |")
     for case, rows in varieties.items():
         off = rows["off"]  # the ratios are against the sampler without the option
-        lines += ["", f"Seed variety, {case}: {SEEDS_PER_PROMPT} seeds per prompt, {STEPS} steps, cfg {CFG:g}:", "",
+        lines += ["", f"Seed variety, {case}: {SEEDS_PER_PROMPT} seeds per prompt, mean of {len(VARIETY_NOISE_SEEDS)} "
+                      f"seed sets, {STEPS} steps, cfg {CFG:g}:", "",
                   "| seed variety | pairwise RMSE | x off | position spread (px) | x off | positions (of 16 cells) "
                   "| sizes | fid | sharp |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -228,17 +249,26 @@ def main(argv=None):
     torch.set_num_threads(1)
     stacking = run_stacking(args.samples) if args.part != "variety" else {}
     varieties = run_variety() if args.part != "stacking" else {}
-    md = tables(stacking, varieties)
+    # a part not re-run keeps its figures from the last run's --out file, so the tables stay whole
+    last = json.loads(Path(args.out).read_text()) if args.part != "both" and Path(args.out).exists() else {}
+    kept_stacking = stacking or last.get("stacking", {})
+    kept_variety = varieties or last.get("variety", {})
+    md = tables(kept_stacking, kept_variety)
     if args.grids:
         out = Path(args.grids)
         if stacking:
             save_grid({m: stacking[m]["images"] for m in COMBINE_MODES}, out / "lora_stacking_grid.png")
         for i, rows in enumerate(varieties.values()):
             save_grid({label: r["images"] for label, r in rows.items()}, out / f"seed_variety_grid_{i + 1}.png")
+        if varieties:  # the LoRA case's 16 seeds of one prompt, without and with the shipped setting
+            lora_rows = list(varieties.values())[-1]
+            save_grid({"off": lora_rows["off"]["images"], SHIPPED_VARIETY: lora_rows[SHIPPED_VARIETY]["images"]},
+                      out / "seed_variety_off_on.png", label_width=130)
     strip = lambda rows: {k: {n: v for n, v in r.items() if n != "images"} for k, r in rows.items()}  # noqa: E731
-    Path(args.out).write_text(json.dumps({"stacking": strip(stacking),
-                                          "variety": {case: strip(rows) for case, rows in varieties.items()},
+    Path(args.out).write_text(json.dumps({"stacking": strip(kept_stacking),
+                                          "variety": {case: strip(rows) for case, rows in kept_variety.items()},
                                           "setup": {"samples": args.samples, "seeds_per_prompt": SEEDS_PER_PROMPT,
+                                                    "variety_noise_seeds": VARIETY_NOISE_SEEDS,
                                                     "stack": STACK_FILES}}, indent=1))
     Path(args.out).with_suffix(".md").write_text(md + "\n")
     print(md)

@@ -30,22 +30,40 @@ BASE = SamplerPreset("base", steps=50, cfg=4.0)
 StepCallback = Callable[[int, int, Tensor], None]
 
 
+VARIETY_MODES = ("shift", "caption")
+
+
 @dataclass(frozen=True)
 class SeedVariety:
-    """More variety across seeds at 8 steps: for the first `steps` steps the positive caption features get Gaussian
-    noise of `strength` times each token's RMS (drawn from `seed`, one draw per batch row), after which the sampler
-    follows the clean prompt. A distilled model maps most seeds to nearly one layout; a caption perturbed while the
-    layout forms moves it, and the clean later steps keep what the prompt asks (the idea of the seed-variance node
-    packs, which noise the text embedding for the first steps). strength 0 or steps 0 = off."""
+    """More variety across seeds at 8 steps, for the first `steps` steps only (drawn from `seed`, one draw per batch
+    row); the later steps are the classic sampler's. A distilled model (and more so a LoRA trained on a few images)
+    maps most seeds to nearly one layout, which its first steps settle. strength 0 or steps 0 = off.
+
+    mode "shift" (the default): after each of the first `steps` steps, the latent (and the step's clean estimate)
+    is rolled by a random offset of up to `strength` times the picture's side on each axis (torch.roll, so content
+    leaving one border comes back at the other; strength <= 0.5). The noise keeps its statistics, so the model
+    goes on denoising, and the half-formed layout lands somewhere else; the prompt is never touched. The Euler step
+    commutes with the roll; res_multistep's second-order term on a rolled step uses the previous step's estimate
+    as it was (rolled by the previous offset only), which the first unshifted step no longer does.
+
+    mode "caption": the positive caption features get Gaussian noise of `strength` times each token's RMS (the idea
+    of the seed-variance node packs, which noise the text embedding for the first steps)."""
 
     strength: float = 0.0
-    steps: int = 1
+    steps: int = 2
     seed: int = 0
+    mode: str = "shift"
 
     def __post_init__(self):
+        if self.mode not in VARIETY_MODES:
+            raise ValueError(f"seed variety: unknown mode {self.mode!r}; choose one of {list(VARIETY_MODES)}")
         if self.strength < 0 or self.steps < 0 or int(self.steps) != self.steps:
             raise ValueError(f"seed variety: strength must be >= 0 and steps an integer >= 0, got strength "
                              f"{self.strength}, steps {self.steps}")
+        if self.mode == "shift" and self.strength > 0.5:
+            raise ValueError(f"seed variety: a shift strength is the largest offset as a share of the picture's "
+                             f"side, 0 to 0.5, got {self.strength} (caption noise takes larger values: "
+                             f"mode 'caption')")
 
     @property
     def on(self) -> bool:
@@ -61,6 +79,19 @@ class SeedVariety:
             rms = c.float().pow(2).mean(-1, keepdim=True).sqrt()
             out.append((c.float() + self.strength * rms * noise).to(c.dtype))
         return out
+
+    def offsets(self, batch: int, height: int, width: int) -> Tensor:
+        """The shift mode's offsets, [batch, steps, 2] integers (dy, dx): uniform in [-m, m] with m = strength
+        times the side, rounded (a CPU generator, so the same seed gives the same offsets on every device)."""
+        gen = torch.Generator().manual_seed(int(self.seed))
+        reach = torch.tensor([round(self.strength * height), round(self.strength * width)])
+        draw = torch.rand((batch, int(self.steps), 2), generator=gen, dtype=torch.float64)
+        return (draw * (2 * reach + 1)).floor().long().clamp_max(2 * reach) - reach
+
+
+def _rolled(x: Tensor, offsets: Tensor) -> Tensor:
+    """Each batch row of [B, C, H, W] rolled by its own (dy, dx)."""
+    return torch.stack([torch.roll(row, (int(dy), int(dx)), (-2, -1)) for row, (dy, dx) in zip(x, offsets.tolist())])
 
 
 def _as_caption_list(captions, batch: int, name: str) -> list[Tensor]:
@@ -106,8 +137,9 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
     region of the x0 estimate by `init_latent`, so the result keeps `init_latent` there (up to rounding).
 
     control: `zimage_core.controlnet.ControlInput`s (several add up), each acting on its start/end share of the steps.
-    variety: `SeedVariety`, noise in the positive caption features for the first steps (more variety across seeds);
-    None or strength 0 = off, which leaves every step exactly as without it.
+    variety: `SeedVariety`, more variety across seeds by a random shift of the latent after each of the first steps
+    (or noise in the positive caption features for them); None or strength 0 = off, which leaves every step exactly
+    as without it.
     callback(step, total, x0_estimate) runs after each step and may raise to interrupt.
     """
     if int(steps) != steps or steps < 1:
@@ -123,7 +155,9 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
         keep = 1.0 - mask
     batch = noise.shape[0]
     pos = _as_caption_list(positive, batch, "positive")
-    varied = variety.perturbed(pos) if variety is not None and variety.on else None
+    variety = variety if variety is not None and variety.on else None
+    varied = variety.perturbed(pos) if variety is not None and variety.mode == "caption" else None
+    shifts = variety.offsets(batch, *noise.shape[-2:]) if variety is not None and variety.mode == "shift" else None
     guided = cfg != 1.0
     if guided:
         neg = [torch.zeros_like(c) for c in pos] if negative is None else _as_caption_list(negative, batch, "negative")
@@ -149,5 +183,7 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
             denoised = denoised * mask + init * keep
         if callback is not None:
             callback(i + 1, int(steps), denoised)
+        if shifts is not None and i < variety.steps:  # both rolled: the Euler step commutes with the roll
+            x, denoised = _rolled(x, shifts[:, i]), _rolled(denoised, shifts[:, i])
         x = step(x, denoised, i)
     return x
