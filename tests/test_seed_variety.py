@@ -102,3 +102,19 @@ def test_bad_values_are_refused_naming_the_value(bad, named):
         SeedVariety(**{"strength": 0.25, "steps": 1, **bad})
     assert named in str(err.value)
     SeedVariety(strength=2.0, steps=1, mode="caption")  # caption noise takes strengths above 0.5
+
+
+def test_shift_is_refused_where_the_layout_is_fixed():
+    """An input image (img2img / inpainting mask) fixes where things are: rolling would move the picture off it."""
+    model = tiny_model(seed=0)
+    shift, caption = SeedVariety(0.25, 2, seed=3), SeedVariety(1.0, 2, seed=3, mode="caption")
+    init = torch.zeros_like(NOISE)
+    with pytest.raises(ValueError, match="mode 'caption'"):
+        sample(model, NOISE, CAPS, steps=4, init_latent=init, denoise=0.6, variety=shift)
+    with pytest.raises(ValueError, match="mode 'caption'"):
+        sample(model, NOISE, CAPS, steps=4, init_latent=init, mask=torch.ones(1, 1, 8, 8), variety=shift)
+    out = sample(model, NOISE, CAPS, steps=4, init_latent=init, denoise=0.6, variety=caption)
+    assert out.shape == NOISE.shape and torch.isfinite(out).all()
+    # text to image (the sampler node always passes its latent; at denoise 1 it is pure noise) keeps the shift
+    assert not torch.equal(sample(model, NOISE, CAPS, steps=4, init_latent=init, variety=shift),
+                           sample(model, NOISE, CAPS, steps=4, init_latent=init))

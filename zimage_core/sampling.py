@@ -158,6 +158,10 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
     variety = variety if variety is not None and variety.on else None
     varied = variety.perturbed(pos) if variety is not None and variety.mode == "caption" else None
     shifts = variety.offsets(batch, *noise.shape[-2:]) if variety is not None and variety.mode == "shift" else None
+    if shifts is not None and ((init_latent is not None and denoise < 1.0) or mask is not None or control):
+        # the roll would move the picture away from the image, mask or control hint it must stay aligned with
+        raise ValueError("seed variety mode 'shift' moves the layout, which an input image, inpainting mask or "
+                         "ControlNet hint fixes: use mode 'caption' (or variety 0) with them")
     guided = cfg != 1.0
     if guided:
         neg = [torch.zeros_like(c) for c in pos] if negative is None else _as_caption_list(negative, batch, "negative")
