@@ -56,11 +56,10 @@ SAMPLES = 4  # images per prompt (one latent batch, KSampler's noise)
 TRAIN_IMAGES = 1  # "purple circle": a one-image dataset, as DiffSynth's example and the shipped train_sft
 TRAIN_STEPS = 5 * 50 * TRAIN_IMAGES  # DiffSynth's example: 5 epochs x 50 repeats, batch 1 (train_sft's 250)
 # validation: the three purple prompts (one line each), so the turbo check compares three samples, not one
-# output preservation: "purple" must not take over the other colours ("red circle" stays red with the new LoRA)
+# No output preservation here: from one "purple circle" it keeps "purple" to that caption (measured: "purple
+# triangle" drawn red in 4 of 4, 3 of 12 purple prompts as prompted against 6 of 12 without it).
 TRAIN_SETTINGS = {"scheme": "sft", "learning_rate": 5e-4, "rank": 16, "seed": 0,
-                  "validation_prompt": "purple circle\npurple square\npurple triangle",
-                  "preservation_weight": 1.0, "preservation_trigger": "purple",
-                  "preservation_classes": "red, green, blue, yellow"}
+                  "validation_prompt": "purple circle\npurple square\npurple triangle"}
 
 
 def place_toy_world(base: Path, train_images: int = TRAIN_IMAGES) -> None:
@@ -130,8 +129,7 @@ def toy_train(steps: int = TRAIN_STEPS) -> Workflow:
              {"model": (4, 0), "clip": (1, 0), "vae": (5, 0)}, col=2, row=0),
         Node(12, "PreviewImage", {}, {"images": (11, 2)}, col=3, row=0, title="Loss curve"),
         Node(13, "PreviewImage", {}, {"images": (11, 3)}, col=3, row=1, title="Validation grid"),
-    ], note="Toy world (demo only): scheme sft on a purple circle, DiffSynth's 5 epochs x 50 repeats, with output "
-            "preservation of the other colours.")
+    ], note="Toy world (demo only): scheme sft on a purple circle, DiffSynth's 5 epochs x 50 repeats.")
 
 
 def toy_workflows(steps: int = TRAIN_STEPS) -> list[Workflow]:
