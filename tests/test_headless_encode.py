@@ -116,6 +116,8 @@ def test_cli_encode_both_layouts_then_train_and_load_the_lora(tiny_encoders, tmp
         "[lora]", "rank = 4",
         "[data]", 'dataset_dir = "dataset"', 'cache_dir = "cache"', "max_pixels = 4096",
         "[optim]", "steps = 3", "lr = 3e-3",
+        "[preservation]", "preservation_weight = 1.0", 'preservation_trigger = "fox"',
+        'preservation_classes = ["cat", "dog"]',
         "[output]", 'output_dir = "out"', 'output_name = "fox"', "checkpoint_every = 0", 'save_dtype = "fp32"',
         'validation_prompts = ["a red fox at night"]']) + "\n", encoding="utf-8")
 
@@ -126,6 +128,8 @@ def test_cli_encode_both_layouts_then_train_and_load_the_lora(tiny_encoders, tmp
                  "--text-encoder", str(f.text_single), "--tokenizer", str(f.tokenizer), "--vae", str(f.vae_single),
                  "--max-pixels", "4096", "--prompt", "a red fox at night", "--quiet"]) == 0
     a, b = DatasetCache.load(tmp_path / "cache"), DatasetCache.load(tmp_path / "cache_single")
+    # output preservation's class captions are encoded with the dataset: the headless trainer has no text encoder
+    assert a.has_prompt(a.entries[0].caption.replace("fox", "dog")) and not b.has_prompt("picture 0: a red dog, 64x48")
     assert [(e.caption, e.bucket) for e in a.entries] == [(e.caption, e.bucket) for e in b.entries]
     assert {e.bucket for e in a.entries} == {(64, 48), (48, 64)}
     for i in range(len(a)):
@@ -139,6 +143,7 @@ def test_cli_encode_both_layouts_then_train_and_load_the_lora(tiny_encoders, tmp
     # the headless trainer prints the turbo check with its meaning (zimage_core/training/turbo_check.py)
     printed = capsys.readouterr().out
     assert "turbo check (higher keeps the Turbo)" in printed and "trained " in printed and "(match " in printed
+    assert "output preservation (weight 1.0): 'fox' -> cat, dog" in printed
     report = json.loads((tmp_path / "out" / "fox.report.json").read_text())
     assert set(report["turbo_check"]) == {"base", "trained"} and report["turbo_check_meaning"]
     lora_path = tmp_path / "out" / "fox.safetensors"
