@@ -266,6 +266,10 @@ class ZImageTurboTrainLora(io.ComfyNode):
                                 tooltip="With preservation_weight > 0: comma-separated words the trigger is "
                                         "replaced by (one drawn per sample), e.g. 'man, woman' or 'red, green, "
                                         "blue': what must stay as it was."),
+                io.Boolean.Input("preservation_blank", default=False, optional=True,
+                                 tooltip="With preservation_weight > 0: also keep the model's output for the empty "
+                                         "prompt (ai-toolkit's Blank Prompt Preservation), which cfg > 1 subtracts; "
+                                         "one more sample per preserved sample."),
             ],
             outputs=[
                 ZIMAGE_MODEL.Output("zimage_model", display_name="model",
@@ -326,7 +330,7 @@ class ZImageTurboTrainLora(io.ComfyNode):
                 grad_accum=1, alpha=0.0, target_preset=TARGETS_CUSTOM, optimizer="adamw", lr_schedule="constant",
                 warmup_steps=0, caption_dropout_rate=0.0, flip_horizontal=False, ema_decay=0.0, validation_every=0,
                 save_every=0, keep_last=0, checkpoint_inputs_on_host=False, preservation_weight=0.0,
-                preservation_trigger="", preservation_classes="") -> io.NodeOutput:
+                preservation_trigger="", preservation_classes="", preservation_blank=False) -> io.NodeOutput:
         if clip is None or vae is None:
             raise ValueError("the trainer needs a text encoder (clip) and the Flux VAE (vae)")
         name = safe_output_name(output_name)
@@ -373,7 +377,7 @@ class ZImageTurboTrainLora(io.ComfyNode):
                              validation_every=validation_every, save_every=save_every, keep_last=keep_last,
                              checkpoint_inputs_on_host=bool(checkpoint_inputs_on_host),
                              preservation_weight=preservation_weight, preservation_trigger=preservation_trigger,
-                             preservation_classes=preservation_classes,
+                             preservation_classes=preservation_classes, preservation_blank=bool(preservation_blank),
                              checkpoint_every=max(50, steps // 10), log_every=max(1, steps // 20)).validate_settings()
         require_optimizer(optimizer)
 

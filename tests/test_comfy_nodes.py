@@ -50,7 +50,8 @@ INPUT_SNAPSHOT = {
                      ("caption_dropout_rate", "FLOAT"), ("flip_horizontal", "BOOLEAN"), ("ema_decay", "FLOAT"),
                      ("validation_every", "INT"), ("save_every", "INT"), ("keep_last", "INT"),
                      ("checkpoint_inputs_on_host", "BOOLEAN"), ("preservation_weight", "FLOAT"),
-                     ("preservation_trigger", "STRING"), ("preservation_classes", "STRING")],
+                     ("preservation_trigger", "STRING"), ("preservation_classes", "STRING"),
+                     ("preservation_blank", "BOOLEAN")],
     },
     "ZImageTurboControlNetLoader": {"required": [("controlnet_name", "COMBO"), ("weight_dtype", "COMBO")],
                                     "optional": []},
@@ -573,7 +574,7 @@ def test_trainer_options_reach_the_trainer(comfy_host, comfy_models):
         m, steps=3, output_name=name, batch_size=1, grad_accum=2, alpha=2.0, target_preset="all_linear",
         optimizer="adafactor", lr_schedule="cosine", warmup_steps=1, caption_dropout_rate=0.5, flip_horizontal=True,
         ema_decay=0.9, validation_every=2, save_every=1, keep_last=1, preservation_weight=0.5,
-        preservation_trigger="picture", preservation_classes="photo, drawing"))
+        preservation_trigger="picture", preservation_classes="photo, drawing", preservation_blank=True))
     assert result.success, result.error
     loras = comfy_host.models_dir / "loras"
     lora = load_lora(loras / f"{name}.safetensors")
@@ -581,8 +582,8 @@ def test_trainer_options_reach_the_trainer(comfy_host, comfy_models):
     with safe_open(str(loras / f"{name}.safetensors"), "pt") as f:
         meta = f.metadata()
     assert (meta["optimizer"], meta["lr_schedule"], meta["alpha"]) == ("adafactor", "cosine", "2.0")
-    assert (meta["preservation_weight"], meta["preservation_trigger"], meta["preservation_classes"]) == (
-        "0.5", "picture", "photo,drawing")
+    assert (meta["preservation_weight"], meta["preservation_trigger"], meta["preservation_classes"],
+            meta["preservation_blank"]) == ("0.5", "picture", "photo,drawing", "true")
     assert load_lora(loras / f"{name}_ema.safetensors").modules.keys() == lora.modules.keys()
     grids = result.output("11", 4)  # one validation point (step 2) of 3 steps
     assert grids.ndim == 4 and grids.shape[0] == 1 and float(grids.std()) > 0

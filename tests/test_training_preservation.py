@@ -27,6 +27,7 @@ def test_class_captions_replace_the_whole_trigger_word_only():
     (dict(preservation_weight=1.0, preservation_trigger="bar", preservation_classes=" , "), "preservation_classes"),
     (dict(preservation_weight=1.0, preservation_trigger="bar", preservation_classes="circle, BAR"), "the trigger"),
     (dict(preservation_weight=-1.0), "preservation_weight"),
+    (dict(preservation_blank=True), "preservation_blank needs preservation_weight"),
 ])
 def test_bad_settings_name_the_field(settings, field):
     with pytest.raises(ConfigError, match=field):
@@ -114,3 +115,17 @@ def test_headless_encode_adds_the_class_captions(tmp_path):
     on = TrainConfig(preservation_weight=1.0, preservation_trigger="bar", preservation_classes="circle")
     assert preservation_prompts(on.validate_settings(), folder) == ["a red circle", "a green circle"]
     assert preservation_prompts(TrainConfig(), folder) == []
+
+
+def test_blank_preservation_also_holds_the_empty_prompt(tmp_path, cache):
+    """preservation_blank (ai-toolkit's Blank Prompt Preservation): the empty prompt, which classifier-free guidance
+    subtracts, keeps its output too; one more frozen and one more trained sample-forward per preserved sample."""
+    model = tiny_model(0, cap_feat_dim=32)
+    settings = dict(preservation_weight=4.0, preservation_trigger="bar", preservation_classes=("circle", "square"))
+    classes_only = run(tmp_path / "classes", cache, model, **settings)
+    blank = run(tmp_path / "blank", cache, model, preservation_blank=True, **settings)
+    assert drift(model, blank.lora, [""]) < 0.6 * drift(model, classes_only.lora, [""])
+    assert blank.preservation_forwards == 2 * classes_only.preservation_forwards
+    from safetensors import safe_open
+    with safe_open(str(blank.lora_path), "pt") as f:
+        assert f.metadata()["preservation_blank"] == "true"

@@ -66,6 +66,8 @@ class TrainConfig:
     preservation_weight: float = 0.0  # weight of the preservation loss (ai-toolkit's multiplier; 1.0 is usual)
     preservation_trigger: str = ""  # the word of the captions that names the new concept ("bar", "ohwx")
     preservation_classes: tuple[str, ...] = ()  # what it is replaced by for preservation (one drawn per sample)
+    preservation_blank: bool = False  # also hold the output for the empty prompt (ai-toolkit's Blank Prompt
+    # Preservation): classifier-free guidance subtracts it, so a LoRA that moves it moves every cfg > 1 sample
 
     # optimisation
     steps: int = 250
@@ -221,8 +223,12 @@ class TrainConfig:
             need(len(self.preservation_classes) > 0,
                  "preservation_weight > 0 needs preservation_classes: one or more words the trigger is replaced by "
                  f"(e.g. 'circle, square'), got {list(self.preservation_classes)}")
+            need(isinstance(self.preservation_blank, bool),
+                 f"preservation_blank must be true or false, got {self.preservation_blank!r}")
             need(self.preservation_trigger.lower() not in (c.lower() for c in self.preservation_classes),
                  f"preservation_classes must not contain the trigger {self.preservation_trigger!r} itself")
+        need(not self.preservation_blank or self.preservation_weight > 0,
+             "preservation_blank needs preservation_weight > 0 (it extends output preservation)")
         need(self.loss_weighting in LOSS_WEIGHTINGS,
              f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         need(_finite(self.shift) and self.shift > 0, f"shift must be > 0, got {self.shift!r}")
@@ -329,7 +335,7 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
         "warmup_steps", "optimizer", "ema_decay", "seed", "shift", "num_train_timesteps", "loss_weighting",
         "gradient_checkpointing", "checkpoint_inputs_on_host")),
     "preservation": ("output preservation: keep what the other words draw (0 = off)", (
-        "preservation_weight", "preservation_trigger", "preservation_classes")),
+        "preservation_weight", "preservation_trigger", "preservation_classes", "preservation_blank")),
     "trajectory": ("trajectory imitation (scheme trajectory)", (
         "teacher_steps", "teacher_cfg", "student_steps", "trajectory_noises", "cache_teacher", "student_chunk")),
     "output": ("files, checkpoints and validation", (

@@ -232,7 +232,8 @@ class _Run:
             self.preservation_features[prompt] = (features[0] if features.ndim == 3 else features).detach().clone()
         skipped = len(captions) - sum(self.preserved)
         self.log(f"output preservation (weight {cfg.preservation_weight}): {cfg.preservation_trigger!r} -> "
-                 f"{', '.join(cfg.preservation_classes)} in {sum(self.preserved)} of {len(captions)} captions"
+                 f"{', '.join(cfg.preservation_classes)}{' and the empty prompt' if cfg.preservation_blank else ''} in "
+                 f"{sum(self.preserved)} of {len(captions)} captions"
                  + (f" ({skipped} without the trigger are not preserved)" if skipped else ""))
 
     # ------------------------------------------------------------------------------------------ main
@@ -387,14 +388,17 @@ class _Run:
             return 0.0
         caps = [self.preservation_features[self.preservation.caption(self.data.entries[idx[n]].caption, draws[n])]
                 .to(self.device) for n in keep]
-        x, s = x_t[keep], sigma[keep].to(self.device)
+        x, s, w = x_t[keep], sigma[keep].to(self.device), weight[keep].to(self.device, torch.float32)
+        if cfg.preservation_blank:  # the empty prompt too, on the same latents: what classifier-free guidance subtracts
+            empty = self.data.prompt_features("").to(self.device)
+            x, s, w, caps = torch.cat([x, x]), torch.cat([s, s]), torch.cat([w, w]), caps + [empty] * len(keep)
         with self.stack.use(self.frozen_loras()), torch.no_grad():
             target = self.model(x, s, caps).float()
-        mse = per_sample_mse(self.model(x, s, caps), target) * weight[keep].to(self.device, torch.float32)
+        mse = per_sample_mse(self.model(x, s, caps), target) * w
         loss = cfg.preservation_weight * mse.sum() / len(idx)  # a mean over the local batch, as the task loss
         (loss / cfg.grad_accum).backward()
-        self.preservation_forwards += len(keep)
-        self.student_forwards += len(keep)
+        self.preservation_forwards += len(caps)
+        self.student_forwards += len(caps)
         return float(loss.detach())
 
     def _trajectory_micro(self, batch: list[int], lo: int, gen: torch.Generator, micro: int) -> float:
@@ -588,7 +592,8 @@ class _Run:
         if cfg.preservation_weight > 0:
             metadata.update(preservation_weight=str(cfg.preservation_weight),
                             preservation_trigger=cfg.preservation_trigger,
-                            preservation_classes=",".join(cfg.preservation_classes))
+                            preservation_classes=",".join(cfg.preservation_classes),
+                            preservation_blank=str(cfg.preservation_blank).lower())
         if ema:
             metadata["ema_decay"] = str(cfg.ema_decay)
         return metadata
