@@ -109,7 +109,7 @@ def test_errors_name_the_trigger_or_the_missing_caption(tmp_path, cache):
 
 def test_headless_encode_adds_the_class_captions(tmp_path):
     """The headless trainer has no text encoder: `python -m zimage_core encode --config` puts them in the cache."""
-    from zimage_core.encoders.cli import preservation_prompts
+    from zimage_core.training.preservation import preservation_prompts
 
     folder = make_toy_dataset(tmp_path / "data", n=2, sizes=((32, 32),), captions=CAPTIONS[:2])
     on = TrainConfig(preservation_weight=1.0, preservation_trigger="bar", preservation_classes="circle")

@@ -61,22 +61,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def preservation_prompts(config, dataset) -> list[str]:
-    """The class captions output preservation will need (the headless trainer has no text encoder to make them)."""
-    from ..training.data import scan_dataset
-    from ..training.preservation import Preservation
-
-    if config.preservation_weight <= 0:
-        return []
-    items, _ = scan_dataset(dataset)
-    return Preservation(config.preservation_trigger, config.preservation_classes).all_captions(
-        [item.caption for item in items])
-
-
 def run(args: argparse.Namespace) -> int:
     from ..training.cli import resolve_device_dtype
     from ..training.config import TrainConfig
     from ..training.data import build_cache
+    from ..training.preservation import preservation_prompts
     from . import load_encoders
 
     config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()

@@ -39,3 +39,15 @@ class Preservation:
         """Every class caption the run can draw (to encode once before training), in a stable order."""
         out = [self.caption(c, k) for c in captions if self.applies(c) for k in range(len(self.classes))]
         return list(dict.fromkeys(out))
+
+
+def preservation_prompts(config, dataset_dir) -> list[str]:
+    """Every class caption a run of `config` (a TrainConfig) on the dataset folder will need, to encode with the
+    dataset: the headless trainer has no text encoder to make them. [] with preservation off."""
+    from .data import scan_dataset
+
+    if config.preservation_weight <= 0:
+        return []
+    items, _ = scan_dataset(dataset_dir)
+    return Preservation(config.preservation_trigger, config.preservation_classes).all_captions(
+        [item.caption for item in items])

@@ -220,16 +220,12 @@ class _Run:
             raise ConfigError(f"preservation_trigger {cfg.preservation_trigger!r} is in none of the {len(captions)} "
                               f"captions (e.g. {captions[0]!r}): name the word the captions use for the new concept")
         for prompt in self.preservation.all_captions(captions):
-            if self.data.has_prompt(prompt):
-                features = self.data.prompt_features(prompt)
-            elif self.encode_text is not None:
-                with torch.no_grad():
-                    features = self.encode_text(prompt)
-            else:
+            features = self._prompt_features(prompt)
+            if features is None:
                 raise ConfigError(f"preservation caption {prompt!r} is not in the cache {self.data.folder} and no text "
                                   "encoder was given: encode the cache with the same preservation settings "
                                   "(python -m zimage_core encode --config ..., or build_cache(prompts=...))")
-            self.preservation_features[prompt] = (features[0] if features.ndim == 3 else features).detach().clone()
+            self.preservation_features[prompt] = features
         skipped = len(captions) - sum(self.preserved)
         self.log(f"output preservation (weight {cfg.preservation_weight}): {cfg.preservation_trigger!r} -> "
                  f"{', '.join(cfg.preservation_classes)}{' and the empty prompt' if cfg.preservation_blank else ''} in "
@@ -379,7 +375,8 @@ class _Run:
                   local: slice) -> float:
         """Back-propagate the preservation loss of the local samples whose caption has the trigger (the same noisy
         latents and sigmas as the task loss, the trigger replaced by a class drawn per sample from its own
-        generator, so switching preservation on changes no other draw) and return it, weighted."""
+        generator, so switching preservation on changes no other draw; with preservation_blank also the empty
+        prompt) and return it, weighted."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(_mix(cfg.seed, micro, 6))
         draws = torch.randint(len(cfg.preservation_classes), (size,), generator=gen).tolist()[local]
@@ -527,17 +524,23 @@ class _Run:
         prompts = list(self.cfg.validation_prompts) or [self.data.entries[0].caption]
         out = []
         for prompt in prompts:
-            if self.data.has_prompt(prompt):
-                out.append((prompt, self.data.prompt_features(prompt)))
-            elif prompt == self.data.entries[0].caption:
-                out.append((prompt, self.data.caption(0)))
-            elif self.encode_text is not None:
-                with torch.no_grad():
-                    features = self.encode_text(prompt)
-                out.append((prompt, (features[0] if features.ndim == 3 else features).detach().clone()))
+            features = self.data.caption(0) if (prompt == self.data.entries[0].caption
+                                                and not self.data.has_prompt(prompt)) else self._prompt_features(prompt)
+            if features is not None:
+                out.append((prompt, features))
             else:
                 self.log(f"validation prompt {prompt!r} is not in the cache and no text encoder was given: skipped")
         return out
+
+    def _prompt_features(self, prompt: str) -> Tensor | None:
+        """[L, D] features of a prompt: from the cache, else from the text encoder; None when neither has it."""
+        if self.data.has_prompt(prompt):
+            return self.data.prompt_features(prompt)
+        if self.encode_text is None:
+            return None
+        with torch.no_grad():
+            features = self.encode_text(prompt)
+        return (features[0] if features.ndim == 3 else features).detach().clone()
 
     def _validation_size(self) -> tuple[int, int]:
         cfg = self.cfg
