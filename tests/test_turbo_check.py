@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zimage_core.training.turbo_check import MEANING, format_check, match, sharpness, turbo_check
+from zimage_core.training.turbo_check import MEANING, aligned_error, format_check, match, sharpness, turbo_check
 
 
 def _blobs(n: int = 6, seed: int = 0) -> torch.Tensor:
@@ -47,3 +47,21 @@ def test_the_line_says_which_way_is_better():
     assert "higher keeps the Turbo" in MEANING
     text = format_check({"trained": {"score": 0.5, "match": 0.6, "sharpness": 0.83}})
     assert text == "trained 0.50 (match 0.60, sharpness 0.83)"
+
+
+def test_match_forgives_a_shift_of_the_whole_picture_up_to_a_quarter_of_the_side():
+    """Guidance moves where things sit; match aligns each candidate to its reference first (MAX_SHIFT)."""
+    reference = _blobs()
+    near = torch.roll(reference, (3, -4), dims=(2, 3))  # within a quarter of 16
+    far = torch.roll(reference, (8, 8), dims=(2, 3))
+    assert match(near, reference) == pytest.approx(1.0, abs=1e-6)
+    assert match(far, reference) < 0.5
+    assert match(near, reference, max_shift=0.0) < 0.5  # max_shift 0 is the plain pixel-wise figure
+
+
+def test_aligned_error_is_the_best_circular_shift_by_brute_force():
+    g = torch.Generator().manual_seed(3)
+    c, r = torch.randn(4, 3, 12, 10, generator=g), torch.randn(4, 3, 12, 10, generator=g)
+    brute = torch.stack([(torch.roll(c, (dy, dx), dims=(2, 3)) - r).pow(2).sum(dim=(1, 2, 3))
+                         for dy in range(-3, 4) for dx in range(-2, 3)]).amin(dim=0)
+    assert aligned_error(c, r, max_shift=0.25) == pytest.approx(brute, rel=1e-5)
