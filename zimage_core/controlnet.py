@@ -45,6 +45,7 @@ from .checkpoint import LOOKALIKES, WeightSource, checkpoint_files, fill_from_so
 from .quant.fp8 import FP8_DTYPES, WEIGHT_STORAGE, check_fp8_support
 from .config import ZImageConfig
 from .safetensors_io import SafetensorsFile
+from .scheduler import StepRange
 from .transformer import StreamStage, TransformerBlock, ZImageTransformer, patchify
 
 log = logging.getLogger("zimage_core")
@@ -339,7 +340,7 @@ class ControlInput:
         return torch.cat(parts, dim=1)
 
     def active(self, step: int, steps: int) -> bool:
-        return self.start <= step / steps and (step + 1) / steps <= self.end
+        return StepRange(self.start, self.end).active(step, steps)
 
 
 class ControlSchedule:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -12,6 +13,9 @@ from torch import Tensor
 from .controlnet import ControlSchedule
 from .samplers import step_rule
 from .scheduler import DEFAULT_SHIFT, denoise_sigmas
+
+if TYPE_CHECKING:
+    from .lora.schedule import LoraSchedule
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,8 @@ def _as_mask(mask: Tensor, noise: Tensor, init_latent: Tensor | None) -> Tensor:
 def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.steps, cfg: float = TURBO.cfg,
            shift: float = DEFAULT_SHIFT, denoise: float = 1.0, callback: StepCallback | None = None,
            init_latent: Tensor | None = None, sampler: str = "euler", mask: Tensor | None = None,
-           control: Sequence = (), variety: SeedVariety | None = None) -> Tensor:
+           control: Sequence = (), variety: SeedVariety | None = None, lora_steps: LoraSchedule | None = None
+           ) -> Tensor:
     """Sample and return the final latent (model space, fp32).
 
     noise: [B, C, H, W] Gaussian noise. The start is `init_latent` (the clean latent, if given) noised to the first
@@ -140,6 +145,8 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
     variety: `SeedVariety`, more variety across seeds by a random shift of the latent after each of the first steps
     (or noise in the positive caption features for them); None or strength 0 = off, which leaves every step exactly
     as without it.
+    lora_steps: the step ranges of the applied LoRA stack (`apply_loras(...).schedule`): each ranged LoRA is switched
+    on for the steps of its range only, and every one is on again afterwards.
     callback(step, total, x0_estimate) runs after each step and may raise to interrupt.
     """
     if int(steps) != steps or steps < 1:
@@ -170,24 +177,30 @@ def sample(model, noise: Tensor, positive, negative=None, steps: int = TURBO.ste
     noise = noise.float()
     init = None if init_latent is None else init_latent.float()
     x = noise if init is None else (1.0 - float(schedule[0])) * init + float(schedule[0]) * noise
-    for i in range(int(steps)):
-        sigma = float(schedule[i])
-        x_in = x if mask is None else x * mask + ((1.0 - sigma) * init + sigma * noise) * keep
-        hook = controls.at(i, int(steps)) if controls is not None else None
-        extra = {} if hook is None else {"residuals": hook}
-        caps = varied if varied is not None and i < variety.steps else pos
-        if guided:
-            v_pos, v_neg = model(torch.cat([x_in, x_in]), torch.full((2 * batch,), sigma), caps + neg,
-                                 **extra).float().chunk(2)
-            v = v_neg + cfg * (v_pos - v_neg)
-        else:
-            v = model(x_in, torch.full((batch,), sigma), caps, **extra).float()
-        denoised = x_in - sigma * v
-        if mask is not None:
-            denoised = denoised * mask + init * keep
-        if callback is not None:
-            callback(i + 1, int(steps), denoised)
-        if shifts is not None and i < variety.steps:  # both rolled: the Euler step commutes with the roll
-            x, denoised = _rolled(x, shifts[:, i]), _rolled(denoised, shifts[:, i])
-        x = step(x, denoised, i)
+    try:
+        for i in range(int(steps)):
+            sigma = float(schedule[i])
+            if lora_steps:
+                lora_steps.at(i, int(steps))
+            x_in = x if mask is None else x * mask + ((1.0 - sigma) * init + sigma * noise) * keep
+            hook = controls.at(i, int(steps)) if controls is not None else None
+            extra = {} if hook is None else {"residuals": hook}
+            caps = varied if varied is not None and i < variety.steps else pos
+            if guided:
+                v_pos, v_neg = model(torch.cat([x_in, x_in]), torch.full((2 * batch,), sigma), caps + neg,
+                                     **extra).float().chunk(2)
+                v = v_neg + cfg * (v_pos - v_neg)
+            else:
+                v = model(x_in, torch.full((batch,), sigma), caps, **extra).float()
+            denoised = x_in - sigma * v
+            if mask is not None:
+                denoised = denoised * mask + init * keep
+            if callback is not None:
+                callback(i + 1, int(steps), denoised)
+            if shifts is not None and i < variety.steps:  # both rolled: the Euler step commutes with the roll
+                x, denoised = _rolled(x, shifts[:, i]), _rolled(denoised, shifts[:, i])
+            x = step(x, denoised, i)
+    finally:
+        if lora_steps:
+            lora_steps.reset()
     return x

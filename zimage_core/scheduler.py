@@ -6,6 +6,8 @@ x_next = x + (sigma_next - sigma) * v. sigma = 1 is pure noise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -57,3 +59,30 @@ def insert_sigmas(grid: Tensor, targets: Tensor) -> tuple[Tensor, list[int]]:
     if len(set(indices)) != len(indices) or not bool((grid[:-1] > grid[1:]).all()):
         raise ValueError("target sigmas collide on this grid; use more teacher steps")
     return grid, indices
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """The share of the sampling steps something acts on (a ControlNet, a LoRA of a stack): step i of n when
+    start <= i / n and (i + 1) / n <= end (diffusers' control_guidance_start / end)."""
+
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"a step range must satisfy 0 <= start < end <= 1, got start {self.start}, end {self.end}")
+
+    @property
+    def full(self) -> bool:
+        return self.start == 0.0 and self.end == 1.0
+
+    def active(self, step: int, steps: int) -> bool:
+        return self.start <= step / steps and (step + 1) / steps <= self.end
+
+    def steps_of(self, steps: int) -> list[int]:
+        """The steps (0-based) of `steps` this range acts on, e.g. for a report."""
+        return [i for i in range(steps) if self.active(i, steps)]
+
+    def __str__(self) -> str:
+        return f"steps {self.start:g}-{self.end:g}"

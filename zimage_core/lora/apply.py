@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant import is_quantized, weight_shape
+from ..scheduler import StepRange
 from .combine import combine_stack
 from .io import load_lora
+from .schedule import LoraSchedule
 from .weights import LoraError, LoraModule, LoraWeights
 
 MODES = ("merge", "runtime")
@@ -137,6 +139,7 @@ class LoraHandle:
         self.reports = reports
         self._patches: list[_Patch] = []
         self._linears: list[nn.Linear] = []  # Linears carrying branches of this handle
+        self.schedule = LoraSchedule()  # the entries with a step range (schedule.py); empty = every LoRA on always
         self._removed = False
 
     def _merge(self, patches: list[_Patch]) -> None:
@@ -277,7 +280,8 @@ def _as_lora(item) -> LoraWeights:
 
 
 def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: bool = True,
-                skip_text_encoder: bool = False, combine: str = "sum", keep_apart: Iterable[int] = ()) -> LoraHandle:
+                skip_text_encoder: bool = False, combine: str = "sum", keep_apart: Iterable[int] = (),
+                step_ranges: dict[int, StepRange] | None = None) -> LoraHandle:
     """Apply `[(lora_or_path, strength), ...]` to `model` and return a handle whose `.remove()` undoes it exactly.
 
     strict=True (default) refuses a LoRA with any key that maps to no module of the model, or with a text-encoder
@@ -287,15 +291,21 @@ def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: 
 
     combine: how the stack's LoRAs combine (`combine.COMBINE_MODES`; "sum" = plain sum), computed on the factors
     before anything is applied; the stack indices in `keep_apart` (the DistillPatch) are never combined. A mode other
-    than "sum" computes new (detached) factors: it is for sampling, not for training through the stack."""
+    than "sum" computes new (detached) factors: it is for sampling, not for training through the stack.
+
+    step_ranges: {stack index: StepRange} for entries that act on part of the sampling steps only (schedule.py). They
+    become runtime branches in either mode, collected in `handle.schedule`, which `sample(..., lora_steps=)` switches
+    per step; a LoRA with bias deltas cannot be switched and is refused by name."""
     if mode not in MODES:
         raise ValueError(f"apply_loras: mode must be one of {MODES}, got {mode!r}")
     stack = [(_as_lora(item), float(strength))
              for item, strength in ((i, 1.0) if not isinstance(i, tuple) else i for i in loras)]
     combined = combine_stack(stack, combine, keep_apart)
+    step_ranges = {i: r for i, r in (step_ranges or {}).items() if not r.full}
     modules = dict(model.named_modules())
     reports, patches = [], []
     branches: dict[nn.Linear, list] = {}
+    schedule = LoraSchedule()
     for index, (lora, strength) in enumerate(combined.stack):
         unmatched = list(lora.unmatched)
         matched = []
@@ -321,18 +331,31 @@ def apply_loras(model: nn.Module, loras: Iterable, mode: str = "merge", strict: 
                                   list(lora.text_encoder), combined.notes.get(index, [])))
         if strength == 0.0:
             continue
+        ranged = index in step_ranges
+        own: list[Branch] = []
         for path, lmod, target in matched:
             name = _model_path(path, model)
             changes_weight = lmod.kind != "diff" or lmod.diff is not None
-            if lmod.kind == "lora" and isinstance(target, nn.Linear) and (mode == "runtime" or is_quantized(target)):
-                branches.setdefault(target, []).append(_low_rank_branch(lmod.down, lmod.up, strength * lmod.scale))
-            elif changes_weight and is_quantized(target):
-                branches.setdefault(target, []).append(_full_delta_branch(lmod, strength))
+            if ranged and (lmod.diff_b is not None or not isinstance(target, nn.Linear)):
+                raise LoraError(f"{lora.name} (detected format: {lora.format}): its module {path} "
+                                f"{'has a bias delta' if lmod.diff_b is not None else 'is not a Linear'}, which "
+                                f"cannot be switched per step, so it cannot have a step range ({step_ranges[index]}). "
+                                f"Nothing was applied. Use the full range 0-1 for this LoRA.")
+            if lmod.kind == "lora" and isinstance(target, nn.Linear) and (
+                    mode == "runtime" or ranged or is_quantized(target)):
+                own.append(_low_rank_branch(lmod.down, lmod.up, strength * lmod.scale))
+                branches.setdefault(target, []).append(own[-1])
+            elif changes_weight and (ranged or is_quantized(target)):
+                own.append(_full_delta_branch(lmod, strength))
+                branches.setdefault(target, []).append(own[-1])
             elif changes_weight:
                 patches.append(_Patch(f"{name}.weight", lmod, strength, "weight"))
             if lmod.diff_b is not None:
                 patches.append(_Patch(f"{name}.bias", lmod, strength, "bias"))
+        if ranged:
+            schedule.add(lora.name, step_ranges[index], [b.factor for b in own])
     handle = LoraHandle(model, mode, reports)
+    handle.schedule = schedule
     try:
         handle._merge(patches)
         handle._add_branches(branches)
