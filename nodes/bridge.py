@@ -191,6 +191,7 @@ class ZImageBridgePatcher(comfy.model_patcher.ModelPatcher):
 def comfy_model(model: ZImageModel) -> ZImageBridgePatcher:
     """A MODEL for this wire, carrying its LoRA stack. The ComfyUI model object is small (it holds the base's
     transformer, not a copy) and lives as long as the MODEL, as ComfyUI's memory management expects."""
+    model.refuse_step_ranges("The MODEL wire (KSampler and other ComfyUI samplers)")
     patcher = ZImageBridgePatcher(ZImageComfyModel(model.base), load_device=model.patcher.load_device,
                                   offload_device=model.patcher.offload_device)
     patcher.zimage = model

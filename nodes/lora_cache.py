@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from ..zimage_core import lora as lora_engine
+from ..zimage_core.scheduler import StepRange
 from .lora_spec import ROLE_DISTILLPATCH, LoraSpec
 
 _MAX_CACHED = 6
@@ -27,13 +28,15 @@ def load_cached(spec: LoraSpec):
 
 
 def apply_stack(transformer, specs: tuple[LoraSpec, ...], combine: str = "sum"):
-    """Merge `specs` into `transformer`, combined with `combine` (the DistillPatch kept apart); returns (handle,
-    reports). Unmatched keys raise the engine's LoraError
+    """Merge `specs` into `transformer`, combined with `combine` (the DistillPatch kept apart; a LoRA with a step range
+    as side branches that `handle.schedule` switches per step); returns (handle, reports). Unmatched keys raise the engine's LoraError
     (naming file, format and keys); a LoRA that patches nothing is an error too, never a silent no-op. Text-encoder
     keys are left out and named in the reports (the stack node refuses them first when its `strict` is on)."""
     handle = lora_engine.apply_loras(transformer, [(load_cached(s), s.strength) for s in specs],
                                      mode="merge", strict=True, skip_text_encoder=True, combine=combine,
-                                     keep_apart={i for i, s in enumerate(specs) if s.role == ROLE_DISTILLPATCH})
+                                     keep_apart={i for i, s in enumerate(specs) if s.role == ROLE_DISTILLPATCH},
+                                     step_ranges={i: StepRange(s.start, s.end) for i, s in enumerate(specs)
+                                                  if s.ranged})
     for spec, report in zip(specs, handle.reports):
         if report.matched == 0:
             handle.remove()
@@ -46,8 +49,9 @@ def summarize(spec: LoraSpec, report) -> str:
     """One UI line per LoRA: detected format, modules patched, keys left unmatched, keys skipped (no effect), and the
     text-encoder keys not applied, by name."""
     role = " [DistillPatch]" if spec.role == ROLE_DISTILLPATCH else ""
-    text = (f"{spec.name}{role} @ {spec.strength:g}: format {report.format}, {report.matched} modules patched, "
-            f"{len(report.unmatched)} keys left")
+    steps = f" on steps {spec.start:g}-{spec.end:g} of the sampling" if spec.ranged else ""
+    text = (f"{spec.name}{role} @ {spec.strength:g}{steps}: format {report.format}, {report.matched} modules "
+            f"patched, {len(report.unmatched)} keys left")
     if report.redundant:
         text += f", {len(report.redundant)} keys without effect skipped"
     if report.text_encoder:

@@ -38,13 +38,13 @@ def check_lora_choices(**choices) -> bool | str:
     return True
 
 
-def spec_for(name: str, strength: float, role: str) -> LoraSpec:
+def spec_for(name: str, strength: float, role: str, start: float = 0.0, end: float = 1.0) -> LoraSpec:
     try:
         path = folder_paths.get_full_path_or_raise("loras", name)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"LoRA '{name}' not found in the loras folder "
                                 f"({', '.join(folder_paths.get_folder_paths('loras'))})") from e
-    return LoraSpec.from_file(path, name, strength, role)
+    return LoraSpec.from_file(path, name, strength, role, start, end)
 
 
 class ZImageTurboLoraStack(io.ComfyNode):
@@ -87,6 +87,18 @@ class ZImageTurboLoraStack(io.ComfyNode):
                                    "to the combined prompt. The last LoRA stack node of a chain decides. A LoKr / "
                                    "LoHa LoRA is added as a plain sum, and the report says so."),
         ]
+        for i in range(1, SLOTS + 1):  # appended last, so workflows saved before keep their widget values
+            inputs += [
+                io.Float.Input(f"start_{i}", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip=f"LoRA {i} acts from this share of the sampling steps (0 = the first step). "
+                                       f"Giving stacked LoRAs their own steps keeps them from overwriting each "
+                                       f"other: e.g. a shape or character LoRA 0-0.75, a colour or style LoRA "
+                                       f"0.75-1 at a higher strength (docs/lora-stacking.md). Step i of n is on when "
+                                       f"start <= i/n and (i+1)/n <= end. Z-Image Turbo Sampler only."),
+                io.Float.Input(f"end_{i}", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip=f"LoRA {i} acts up to this share of the sampling steps (1 = the last step). "
+                                       f"0 / 1 = every step, as a plain LoRA."),
+            ]
         return io.Schema(
             node_id="ZImageTurboLoraStack",
             display_name="Z-Image Turbo LoRA Stack",
@@ -111,13 +123,19 @@ class ZImageTurboLoraStack(io.ComfyNode):
     @override
     def execute(cls, model: ZImageModel, lora_1, strength_1, lora_2, strength_2, lora_3, strength_3,
                 distillpatch, distillpatch_strength, loras_from: ZImageModel | None = None,
-                strict=False, combine="sum") -> io.NodeOutput:
+                strict=False, combine="sum", start_1=0.0, end_1=1.0, start_2=0.0, end_2=1.0, start_3=0.0,
+                end_3=1.0) -> io.NodeOutput:
         # LoRAs of another wire (not its DistillPatch, nor what this wire already carries)
         specs = [s for s in loras_from.loras if s.role != ROLE_DISTILLPATCH and s not in model.loras] \
             if loras_from is not None else []
-        for name, strength in ((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)):
+        slots = ((lora_1, strength_1, start_1, end_1), (lora_2, strength_2, start_2, end_2),
+                 (lora_3, strength_3, start_3, end_3))
+        for i, (name, strength, start, end) in enumerate(slots, 1):
             if name != NONE and strength != 0:
-                specs.append(spec_for(name, strength, ROLE_LORA))
+                if not 0.0 <= start < end <= 1.0:
+                    raise ValueError(f"lora_{i} '{name}': start_{i} {start:g} / end_{i} {end:g} must satisfy "
+                                     f"0 <= start < end <= 1 (shares of the sampling steps)")
+                specs.append(spec_for(name, strength, ROLE_LORA, start, end))
         if distillpatch != NONE and distillpatch_strength != 0:
             if any(s.role == ROLE_DISTILLPATCH for s in model.loras):
                 raise ValueError(f"the incoming model already has a DistillPatch; '{distillpatch}' would apply it "

@@ -206,7 +206,7 @@ class ZImageTurboSampler(io.ComfyNode):
                      denoise=denoise, callback=on_step, init_latent=start.to(device), sampler=sampler,
                      mask=None if mask is None else mask.to(device), control=controls,
                      variety=SeedVariety(variety, variety_steps, seed=(seed + 1) & 0xFFFFFFFFFFFFFFFF,
-                                         mode=variety_mode))
+                                         mode=variety_mode), lora_steps=model.lora_steps)
         result = dict(latent_image)
         result["samples"] = patcher.model.latent_format.process_out(out.float()).to(
             comfy.model_management.intermediate_device())

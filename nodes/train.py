@@ -357,6 +357,7 @@ class ZImageTurboTrainLora(io.ComfyNode):
         prompts = [line.strip() for line in validation_prompt.splitlines() if line.strip()]
 
         # Training base: the incoming stack without its DistillPatch (which only joins the validation grid).
+        model.refuse_step_ranges("The trainer (it trains over the incoming stack at every step)")
         patches = [s for s in model.loras if s.role == ROLE_DISTILLPATCH]
         base = replace(model, loras=tuple(s for s in model.loras if s.role != ROLE_DISTILLPATCH))
         node_id = cls.hidden.unique_id

@@ -206,9 +206,23 @@ class ZImageModel:
             base.active = wanted
         return base.reports
 
+    @property
+    def lora_steps(self):
+        """The step ranges of the active stack (zimage_core's LoraSchedule, for `sample(lora_steps=)`); None when no
+        stack is merged. Call `activate()` first."""
+        return self.base.handle.schedule if self.base.handle is not None else None
+
+    def refuse_step_ranges(self, where: str) -> None:
+        """Raise, naming the LoRAs, when the stack has step ranges that `where` cannot honour."""
+        ranged = [f"'{s.name}' (steps {s.start:g}-{s.end:g})" for s in self.loras if s.ranged]
+        if ranged:
+            raise ValueError(f"{where} cannot switch LoRAs per step, and this stack has step ranges: "
+                             f"{', '.join(ranged)}. Set their start 0 and end 1 on the LoRA stack, or sample with "
+                             f"the Z-Image Turbo Sampler")
+
     def describe(self) -> str:
-        stack = ", ".join(f"{s.name} @ {s.strength:g}" + (" (DistillPatch)" if s.role == ROLE_DISTILLPATCH else "")
-                          for s in self.loras)
+        stack = ", ".join(f"{s.name} @ {s.strength:g}" + (f" steps {s.start:g}-{s.end:g}" if s.ranged else "")
+                          + (" (DistillPatch)" if s.role == ROLE_DISTILLPATCH else "") for s in self.loras)
         return (f"{self.base.name} [{self.variant}, {self.base.dtype}, offload {self.base.offload}]"
                 + (f" + {stack}" if stack else ""))
 

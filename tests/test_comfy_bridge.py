@@ -170,6 +170,17 @@ def test_what_the_bridge_does_not_carry_is_an_error(comfy_host, comfy_models, cl
     assert result.error["node_id"] == failing and message in result.error["exception_message"], result.error
 
 
+def test_a_stack_with_step_ranges_is_refused_by_the_bridge_naming_the_lora(comfy_host, comfy_models):  # noqa: F811
+    """KSampler cannot switch LoRAs per step: the bridge refuses a ranged stack instead of running it on every step."""
+    m = comfy_models
+    prompt = _graph(m, loras=[(m.user_lora, 1.0)])
+    prompt["2"]["inputs"].update(start_1=0.5)
+    result = comfy_host.run(prompt)
+    assert not result.success and result.error["node_id"] == "10", result.error
+    message = result.error["exception_message"]
+    assert f"'{m.user_lora}' (steps 0.5-1)" in message and "Z-Image Turbo Sampler" in message, message
+
+
 @pytest.mark.parametrize("control, options, named", [
     (object(), {}, "cannot carry a ComfyUI ControlNet"),
     # what ComfyUI 0.8's own ZImageFunControlnet puts on the model: block patches

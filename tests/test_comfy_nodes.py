@@ -31,7 +31,9 @@ INPUT_SNAPSHOT = {
         "required": [("model", "ZIMAGE_MODEL"), ("lora_1", "COMBO"), ("strength_1", "FLOAT"), ("lora_2", "COMBO"),
                      ("strength_2", "FLOAT"), ("lora_3", "COMBO"), ("strength_3", "FLOAT"),
                      ("distillpatch", "COMBO"), ("distillpatch_strength", "FLOAT")],
-        "optional": [("loras_from", "ZIMAGE_MODEL"), ("strict", "BOOLEAN"), ("combine", "COMBO")],
+        "optional": [("loras_from", "ZIMAGE_MODEL"), ("strict", "BOOLEAN"), ("combine", "COMBO"),
+                     ("start_1", "FLOAT"), ("end_1", "FLOAT"), ("start_2", "FLOAT"), ("end_2", "FLOAT"),
+                     ("start_3", "FLOAT"), ("end_3", "FLOAT")],
     },
     "ZImageTurboSampler": {
         "required": [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
@@ -144,7 +146,7 @@ def test_text_to_image_with_user_lora_and_distillpatch(comfy_host, comfy_models)
 
 
 def _core_reference(host, m, text, seed, steps, cfg, latent=None, denoise=1.0, negative_text=None, loras=(),
-                    model=None, combine="sum", variety=None):
+                    model=None, combine="sum", variety=None, step_ranges=None):
     """What the sampler node must return, computed with zimage_core and ComfyUI's helpers directly: the noise of
     comfy.sample.prepare_noise (KSampler's), Flux process_in/out, zimage_core.sample on the same weights (`model`,
     default the tiny model the loader reads)."""
@@ -156,7 +158,8 @@ def _core_reference(host, m, text, seed, steps, cfg, latent=None, denoise=1.0, n
 
     model = tiny_model(0) if model is None else model
     handle = apply_loras(model, [(load_lora(p), s) for p, s in loras], combine=combine,
-                         keep_apart={i for i, (p, _) in enumerate(loras) if "distill" in str(p)}) if loras else None
+                         keep_apart={i for i, (p, _) in enumerate(loras) if "distill" in str(p)},
+                         step_ranges=step_ranges) if loras else None
     fmt = comfy.latent_formats.Flux()
     raw = latent if latent is not None else torch.zeros(1, 16, 4, 4)
     noise = comfy.sample.prepare_noise(raw, seed)
@@ -166,7 +169,7 @@ def _core_reference(host, m, text, seed, steps, cfg, latent=None, denoise=1.0, n
     neg = [hashed(negative_text, m.config.cap_feat_dim)[0]] if negative_text is not None else None
     with torch.no_grad():
         out = sample(model, noise, pos, neg, steps=steps, cfg=cfg, shift=3.0, denoise=denoise, init_latent=start,
-                     variety=variety)
+                     variety=variety, lora_steps=handle.schedule if handle is not None else None)
     if handle is not None:
         handle.remove()
     return fmt.process_out(out.float())
@@ -265,6 +268,31 @@ def test_lora_stack_combine_input_runs_the_core_mode_and_switches_back(comfy_hos
         if combine == "orthogonal":
             assert "combined (orthogonal)" in report and report.count("combined (orthogonal)") == 2  # not the patch
     assert (latents["orthogonal"] - latents["sum"]).abs().max() > 1e-4
+
+
+def test_lora_stack_step_ranges_run_the_core_schedule(comfy_host, comfy_models):
+    """The stack node's start_i / end_i: two user LoRAs on steps 0-0.75 and 0.75-1 (+ the DistillPatch on every
+    step) give exactly zimage_core's apply_loras(step_ranges=...) + sample(lora_steps=...), differ from the plain
+    stack, and the report names the ranges; a start after its end is an error naming the slot and both values."""
+    from zimage_core.scheduler import StepRange
+    m = comfy_models
+    loras_dir = comfy_host.models_dir / "loras"
+    files = [(loras_dir / m.user_lora, 1.0), (loras_dir / m.user_lora2, 1.0), (loras_dir / m.distillpatch, 1.0)]
+    prompt = t2i_prompt(m, loras=[(m.user_lora, 1.0), (m.user_lora2, 1.0)], distillpatch=m.distillpatch, seed=5,
+                        size=32, save=False)
+    prompt["2"]["inputs"].update(end_1=0.75, start_2=0.75)
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    expected = _core_reference(comfy_host, m, "a red fox in the snow", seed=5, steps=8, cfg=1.0, loras=files,
+                               step_ranges={0: StepRange(0.0, 0.75), 1: StepRange(0.75, 1.0)})
+    torch.testing.assert_close(_sampler_latent(result), expected, rtol=0, atol=0)
+    plain = _core_reference(comfy_host, m, "a red fox in the snow", seed=5, steps=8, cfg=1.0, loras=files)
+    assert (expected - plain).abs().max() > 1e-4
+    report = " ".join(result.ui["2"]["text"])
+    assert "on steps 0-0.75 of the sampling" in report and "on steps 0.75-1 of the sampling" in report
+    prompt["2"]["inputs"].update(start_2=0.9, end_2=0.5)
+    result = comfy_host.run(prompt)
+    assert not result.success and "lora_2" in str(result.error) and "start_2 0.9 / end_2 0.5" in str(result.error)
 
 
 def test_sampler_seed_variety_inputs(comfy_host, comfy_models):
@@ -660,6 +688,15 @@ def test_error_trainer_never_overwrites_a_foreign_lora(comfy_host, comfy_models)
     message = _error_message(comfy_host.run(train_prompt(m, output_name=stem)))
     assert m.user_lora in message and "not written by this trainer" in message
     assert (comfy_host.models_dir / "loras" / m.user_lora).read_bytes() == before
+
+
+def test_error_trainer_refuses_a_stack_with_step_ranges(comfy_host, comfy_models):
+    m = comfy_models
+    prompt = train_prompt(m, output_name="never_written")
+    prompt["2"]["inputs"].update(lora_1=m.user_lora, strength_1=1.0, end_1=0.5)
+    message = _error_message(comfy_host.run(prompt))
+    assert "trainer" in message and f"'{m.user_lora}' (steps 0-0.5)" in message
+    assert not (comfy_host.models_dir / "loras" / "never_written.safetensors").exists()
 
 
 @pytest.mark.parametrize("name", ["../escape", "sub/dir", "..\\up"])
