@@ -29,9 +29,10 @@ def load_cached(spec: LoraSpec):
 
 def apply_stack(transformer, specs: tuple[LoraSpec, ...], combine: str = "sum"):
     """Merge `specs` into `transformer`, combined with `combine` (the DistillPatch kept apart; a LoRA with a step range
-    as side branches that `handle.schedule` switches per step); returns (handle, reports). Unmatched keys raise the engine's LoraError
-    (naming file, format and keys); a LoRA that patches nothing is an error too, never a silent no-op. Text-encoder
-    keys are left out and named in the reports (the stack node refuses them first when its `strict` is on)."""
+    as side branches that `handle.schedule` switches per step); returns (handle, reports). Unmatched keys raise the
+    engine's LoraError (naming file, format and keys); a LoRA that patches nothing is an error too, never a silent
+    no-op. Text-encoder keys are left out and named in the reports (the stack node refuses them first when its `strict`
+    is on)."""
     handle = lora_engine.apply_loras(transformer, [(load_cached(s), s.strength) for s in specs],
                                      mode="merge", strict=True, skip_text_encoder=True, combine=combine,
                                      keep_apart={i for i, s in enumerate(specs) if s.role == ROLE_DISTILLPATCH},

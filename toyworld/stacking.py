@@ -2,15 +2,15 @@
 
     PYTHONPATH=. python -m toyworld.stacking [--out toyworld/stacking.json] [--grids docs/]
 
-Stacking: the colour LoRA (world.NEW_COLOUR) + the shape LoRA (world.NEW_SHAPE) + the DistillPatch, each at 1.0, on turbo, through
-`apply_loras(..., combine=mode, keep_apart={DistillPatch})`, for the plain sum and every mode of
-`zimage_core.lora.combine`. Per mode: the share of "<colour> <shape>" samples drawn as prompted (and its colour / shape
-parts), each LoRA's own concept kept (the colour on the base shapes, the shape in the base colours), the base prompts kept,
-and sharpness. Seed variety (`--part variety`): turbo on the 12 base prompts, and turbo + bar LoRA + DistillPatch on
-the bar prompts, 16 seeds each (six independent seed sets, averaged), without and with
-`zimage_core.sampling.SeedVariety` at a few modes / strengths / step counts: the mean pairwise pixel RMSE between the
-16 samples of a prompt, the spread of their positions, the number of distinct positions and sizes, and prompted
-fidelity.
+Stacking: the colour LoRA (world.NEW_COLOUR) + the shape LoRA (world.NEW_SHAPE) + the DistillPatch, each at 1.0, on
+turbo, through `apply_loras(..., combine=mode, keep_apart={DistillPatch})`, for the plain sum and every mode of
+`zimage_core.lora.combine`, then with step ranges (`apply_loras(..., step_ranges=)` + `sample(..., lora_steps=)`). Per
+row: the share of "<colour> <shape>" samples drawn as prompted (and its colour / shape parts), each LoRA's own concept
+kept (the colour on the base shapes, the shape in the base colours), the base prompts kept, and sharpness. Seed variety
+(`--part variety`): turbo on the 12 base prompts, and turbo + bar LoRA + DistillPatch on the bar prompts, 16 seeds each
+(six independent seed sets, averaged), without and with `zimage_core.sampling.SeedVariety` at a few modes / strengths /
+step counts: the mean pairwise pixel RMSE between the 16 samples of a prompt, the spread of their positions, the number
+of distinct positions and sizes, and prompted fidelity.
 
 Only toyworld's public names are used (weights by file name, `evaluate.generate` / `decode` / `lora_path`, the
 metrics), so re-running on rebuilt toy weights is this one command."""
@@ -29,6 +29,7 @@ from torch import Tensor
 from zimage_core import apply_loras, load_lora, sample
 from zimage_core.lora.combine import COMBINE_MODES
 from zimage_core.sampling import SeedVariety
+from zimage_core.scheduler import StepRange
 
 from . import WEIGHTS, world
 from .evaluate import decode, fixed_noise, load_model, lora_path
@@ -44,19 +45,29 @@ SHIPPED_VARIETY = "shift 0.375, 2 steps"  # the row of the shipped workflow's se
 SEEDS_PER_PROMPT = 16
 VARIETY_NOISE_SEEDS = (12, 13, 14, 15, 16, 17)  # independent sets of 16 seeds per prompt; the figures are their mean
 WORKAROUND_STRENGTH = 0.6  # users turn stacked LoRAs down to 0.3-0.7 (peers survey, complaint 3)
+# Step ranges (zimage_core.lora.schedule), label -> ((colour, shape, DistillPatch) strengths, {stack index: range}),
+# chosen from a sweep of ranges 0.5 / 0.625 / 0.75 / 0.875 x colour strength 1 / 1.5 / 2 (docs/lora-stacking.md);
+# the last row is the control: the colour LoRA's higher strength without a range.
+STEP_RANGE_ROWS = {
+    "steps: shape LoRA 0-0.75": ((1.0, 1.0, 1.0), {1: StepRange(0.0, 0.75)}),
+    "steps: colour LoRA 0.5-1 at 2": ((2.0, 1.0, 1.0), {0: StepRange(0.5, 1.0)}),
+    "steps: shape 0-0.75, colour 0.75-1 at 2": ((2.0, 1.0, 1.0), {0: StepRange(0.75, 1.0), 1: StepRange(0.0, 0.75)}),
+    "sum, colour LoRA at 2": ((2.0, 1.0, 1.0), {}),
+}
 
 
 @torch.no_grad()
-def generate(model, prompts: list[str], seed: int, variety: SeedVariety | None = None, batch: int = 64) -> Tensor:
+def generate(model, prompts: list[str], seed: int, variety: SeedVariety | None = None, batch: int = 64,
+             lora_steps=None) -> Tensor:
     """Decoded 8-step / cfg-1 images from fixed noises (the seed), optionally with seed variety (its seed offset by
-    the batch start, so every batch draws its own shifts / caption noise)."""
+    the batch start, so every batch draws its own shifts / caption noise) and the stack's step ranges."""
     noise = fixed_noise(len(prompts), seed)
     out = []
     for i in range(0, len(prompts), batch):
         caps = [world.encode_text(p) for p in prompts[i:i + batch]]
         vary = None if variety is None else SeedVariety(variety.strength, variety.steps, variety.seed + i,
                                                         variety.mode)
-        out.append(sample(model, noise[i:i + batch], caps, steps=STEPS, cfg=CFG, variety=vary))
+        out.append(sample(model, noise[i:i + batch], caps, steps=STEPS, cfg=CFG, variety=vary, lora_steps=lora_steps))
     return decode(torch.cat(out))
 
 
@@ -75,18 +86,19 @@ def repeat(prompts: list[str], total: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- stacking
-def measure_stack(model, stack, mode: str, n: int) -> dict:
+def measure_stack(model, stack, mode: str, n: int, step_ranges: dict[int, StepRange] | None = None) -> dict:
     combo = [COMBINATION] * n
     colour_set = repeat(world.concept_prompts(world.NEW_COLOUR), n)
     shape_set = repeat(world.concept_prompts(world.NEW_SHAPE), n)
     base = repeat(world.base_prompts(), n)
-    with apply_loras(model, stack, combine=mode, keep_apart={len(stack) - 1}) as handle:
-        images = generate(model, combo, seed=7)
+    with apply_loras(model, stack, combine=mode, keep_apart={len(stack) - 1}, step_ranges=step_ranges) as handle:
+        steps = handle.schedule
+        images = generate(model, combo, seed=7, lora_steps=steps)
         row = share(images, combo)
         row.update(sharp=sharpness(images, combo), edge=edge_sharpness(images, combo))
-        row["colour_lora_kept"] = fidelity(generate(model, colour_set, seed=9), colour_set)
-        row["shape_lora_kept"] = fidelity(generate(model, shape_set, seed=10), shape_set)
-        base_images = generate(model, base, seed=8)
+        row["colour_lora_kept"] = fidelity(generate(model, colour_set, seed=9, lora_steps=steps), colour_set)
+        row["shape_lora_kept"] = fidelity(generate(model, shape_set, seed=10, lora_steps=steps), shape_set)
+        base_images = generate(model, base, seed=8, lora_steps=steps)
         row["base_fid"] = fidelity(base_images, base)
         row["base_sharp"] = sharpness(base_images, base)
         row["notes"] = [note for r in handle.reports for note in r.notes]
@@ -118,6 +130,10 @@ def run_stacking(n: int = 48, log=print) -> dict:
     label = f"sum, LoRAs at {WORKAROUND_STRENGTH:g}"
     rows[label] = measure_stack(model, [(lora, WORKAROUND_STRENGTH) for lora in loras[:2]] + [stack[2]], "sum", n)
     log(f"stack, {label}: {_line(rows[label])}")
+    for label, (strengths, ranges) in STEP_RANGE_ROWS.items():
+        t = time.time()
+        rows[label] = measure_stack(model, [(lora, s) for lora, s in zip(loras, strengths)], "sum", n, ranges)
+        log(f"stack, {label}: {_line(rows[label])} ({time.time() - t:.0f} s)")
     return rows
 
 
@@ -257,7 +273,8 @@ def main(argv=None):
     if args.grids:
         out = Path(args.grids)
         if stacking:
-            save_grid({m: stacking[m]["images"] for m in COMBINE_MODES}, out / "lora_stacking_grid.png")
+            save_grid({m: stacking[m]["images"] for m in (*COMBINE_MODES, *STEP_RANGE_ROWS)},
+                      out / "lora_stacking_grid.png", label_width=260)
         for i, rows in enumerate(varieties.values()):
             save_grid({label: r["images"] for label, r in rows.items()}, out / f"seed_variety_grid_{i + 1}.png")
         if varieties:  # the LoRA case's 16 seeds of one prompt, without and with the shipped setting
