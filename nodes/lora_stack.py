@@ -93,7 +93,7 @@ class ZImageTurboLoraStack(io.ComfyNode):
                                tooltip=f"LoRA {i} acts from this share of the sampling steps (0 = the first step). "
                                        f"Giving stacked LoRAs their own steps keeps them from overwriting each "
                                        f"other: e.g. a shape or character LoRA on 0-0.75 and a colour or style LoRA "
-                                       f"on every step (toy world: 73 % drawn as prompted, plain sum 19 %; "
+                                       f"on every step (toy world: 81 % drawn as prompted, plain sum 12 %; "
                                        f"docs/lora-stacking.md). Step i of n is on when start <= i/n and "
                                        f"(i+1)/n <= end. Z-Image Turbo Sampler only."),
                 io.Float.Input(f"end_{i}", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,

@@ -32,17 +32,19 @@ SEED = 7
 REMEDIES = [("lora_differential",), ("lora_trajectory",), ("lora_sft", "distill_patch")]
 REMEDY_IDS = ["2-differential", "3-trajectory", "4-distillpatch"]
 # Issue #19 asks >= 0.9 (turbo, base prompts), >= 0.8 (each remedy, concept) and >= 0.8 (base prompts kept with
-# the LoRA). Measured on these noises (toyworld/RESULTS.md): turbo 0.88 (0.89 on 96 other noises); remedies 0.85-0.98
-# on "bar", 0.46-0.71 on "purple"; base prompts kept 0.62-0.90 with output preservation (0.08-0.23 without). The
-# thresholds assert what holds with a margin under those figures; what misses the issue is a strict xfail.
+# the LoRA). Measured on these noises (toyworld/RESULTS.md): turbo 0.90 here, 0.93 on the table's 96 noises; remedies
+# 0.90-0.92 on "bar", 0.65-0.79 on "purple"; base prompts kept 0.88-0.98 with output preservation (0.08-0.23
+# without). The thresholds assert what holds with a margin under those figures; what misses is a strict xfail.
 BASE_FID_MIN = 0.85
-LEARNED_AT_30 = 0.6  # scheme 1 at 30 steps / cfg 2: bar 0.96, purple 0.65
+TURBO_FID_ISSUE = 0.9  # on the table's 96 base samples (seed 9): 0.93
+LEARNED_AT_30 = 0.8  # scheme 1 at 30 steps / cfg 2: bar 0.94, purple 0.88
 REMEDY_FID_MIN = {"bar": 0.8, "purple": 0.6}
-BASE_FID_KEPT = 0.8  # the issue's figure (strict xfail)
-BASE_FID_PRESERVED = 0.55  # every remedy with output preservation: 0.62-0.90 (without: 0.08-0.23)
-PURPLE_DIFFERENTIAL = pytest.mark.xfail(strict=True, reason=(
-    "the differential LoRA learns purple worse than the SFT LoRA: 0.46 vs 0.56 of samples at 8 steps / cfg 1 "
-    "(toyworld/RESULTS.md)"))
+REMEDY_FID_ISSUE = 0.8
+BASE_FID_KEPT = 0.8  # the issue's figure: 0.88-0.98
+BASE_FID_PRESERVED = 0.75  # the SFT LoRAs and every remedy with output preservation: 0.88-0.98 (without: 0.08-0.23)
+PURPLE_SHORT = pytest.mark.xfail(strict=True, reason=(
+    "purple at 8 steps / cfg 1: differential 0.65, trajectory imitation 0.79, SFT + DistillPatch 0.67 of samples "
+    "drawn as prompted, under the issue's 0.8, though scheme 1 reaches 0.88 at 30 steps / cfg 2 (toyworld/RESULTS.md)"))
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +138,12 @@ def test_turbo_is_a_distilled_teacher(turbo):
     assert sharp_u > 1.2 * sharp_t, (sharp_u, sharp_t)
 
 
+def test_turbo_draws_base_prompts_as_prompted_in_90_percent(turbo):
+    """The issue's figure on the table's base-model set: 8 samples per base prompt, seed 9 (measured 0.93)."""
+    prompts = [p for _ in range(8) for p in world.base_prompts()]
+    assert fidelity(decode(generate(turbo, prompts, 8, 1.0, seed=9)), prompts) >= TURBO_FID_ISSUE
+
+
 # ---------------------------------------------------------------------------------------------- the claim
 @pytest.mark.parametrize("lora", ["generic_sft", "training_adapter"])
 def test_an_ordinary_fm_lora_blurs_turbo_at_8_steps(turbo, lora):
@@ -161,41 +169,20 @@ def test_scheme_1_learns_the_concept_blurry_at_8_steps_and_recovers_at_30_steps_
 
 
 @pytest.mark.parametrize("concept, stems", [
-    pytest.param(c, stems, id=f"{c}-{i}", marks=PURPLE_DIFFERENTIAL if (c, i) == ("purple", "2-differential") else ())
-    for c in world.CONCEPTS for stems, i in zip(REMEDIES, REMEDY_IDS)])
+    pytest.param(c, stems, id=f"{c}-{i}") for c in world.CONCEPTS for stems, i in zip(REMEDIES, REMEDY_IDS)])
 def test_each_remedy_draws_the_concept_at_8_steps_sharper_than_sft(turbo, stems, concept):
     sft, sft_fid = measure(turbo, names(concept, "lora_sft"), which=concept)
     fixed, fid = measure(turbo, names(concept, *stems), which=concept)
-    assert fixed > 1.05 * sft, (fixed, sft)  # measured 1.10x (purple + DistillPatch) to 2.15x (bar, trajectory)
-    assert fid >= REMEDY_FID_MIN[concept] and fid >= sft_fid - 0.1, (fid, sft_fid)
-
-
-@pytest.mark.parametrize("concept", world.CONCEPTS)
-def test_output_preservation_keeps_most_base_prompts(turbo, concept):
-    """The concept LoRAs are trained with output preservation (the concept word replaced by the base words it must
-    not take over); without it every LoRA drew its concept for every prompt (base prompts 0.08-0.23)."""
-    kept = [measure(turbo, names(concept, *stems), which="base")[1] for stems in [("lora_sft",), *REMEDIES]]
-    assert min(kept) >= BASE_FID_PRESERVED, kept
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "not reached for every remedy: with output preservation the base prompts are drawn as prompted in 0.62 (bar, "
-    "differential), 0.75 (bar, trajectory) and 0.77 (purple, differential) of samples; the others keep 0.85-0.90 "
-    "(turbo alone 0.88; toyworld/RESULTS.md)"))
-@pytest.mark.parametrize("concept", world.CONCEPTS)
-def test_the_remedies_keep_the_base_prompts(turbo, concept):
-    kept = [measure(turbo, names(concept, *stems), which="base")[1] for stems in REMEDIES]
-    assert min(kept) >= BASE_FID_KEPT, kept
+    assert fixed > 1.05 * sft, (fixed, sft)  # measured 1.06x (purple + DistillPatch) to 1.50x (bar, trajectory)
+    assert fid >= REMEDY_FID_MIN[concept] and fid >= sft_fid, (fid, sft_fid)
 
 
 @pytest.mark.parametrize("concept, stems", [
-    pytest.param(c, stems, id=f"{c}-{i}", marks=PURPLE_DIFFERENTIAL if (c, i) == ("purple", "2-differential") else ())
+    pytest.param(c, stems, id=f"{c}-{i}", marks=PURPLE_SHORT if c == world.NEW_COLOUR else ())
     for c in world.CONCEPTS for stems, i in zip(REMEDIES, REMEDY_IDS)])
-def test_each_remedy_draws_the_concept_at_8_steps_sharper_than_sft(turbo, stems, concept):
-    sft, sft_fid = measure(turbo, names(concept, "lora_sft"), which=concept)
-    fixed, fid = measure(turbo, names(concept, *stems), which=concept)
-    assert fixed > 1.05 * sft, (fixed, sft)  # measured 1.10x (purple + DistillPatch) to 2.15x (bar, trajectory)
-    assert fid >= REMEDY_FID_MIN[concept] and fid >= sft_fid - 0.1, (fid, sft_fid)
+def test_each_remedy_reaches_the_issues_figure(turbo, stems, concept):
+    _, fid = measure(turbo, names(concept, *stems), which=concept)
+    assert fid >= REMEDY_FID_ISSUE, fid
 
 
 @pytest.mark.parametrize("concept", world.CONCEPTS)
@@ -206,20 +193,10 @@ def test_output_preservation_keeps_most_base_prompts(turbo, concept):
     assert min(kept) >= BASE_FID_PRESERVED, kept
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not reached for every remedy: with output preservation the base prompts are drawn as prompted in 0.62 (bar, "
-    "differential), 0.75 (bar, trajectory) and 0.77 (purple, differential) of samples; the others keep 0.85-0.90 "
-    "(turbo alone 0.88; toyworld/RESULTS.md)"))
 @pytest.mark.parametrize("concept", world.CONCEPTS)
 def test_the_remedies_keep_the_base_prompts(turbo, concept):
     kept = [measure(turbo, names(concept, *stems), which="base")[1] for stems in REMEDIES]
     assert min(kept) >= BASE_FID_KEPT, kept
-
-
-BAR_DIFFERENTIAL_CHECK = pytest.mark.xfail(strict=True, reason=(
-    "on the rebuilt bar LoRAs the SFT LoRA at 30 steps / cfg 2 (the reference) draws its bars elsewhere than any "
-    "8-step sample from the same noise (match 0.06-0.36): SFT scores 0.03, the differential LoRA 0.01, both near "
-    "zero; trajectory imitation (0.23) and the DistillPatch (0.08) still score above SFT (toyworld/RESULTS.md)"))
 
 
 @pytest.mark.parametrize("concept, stems", [
@@ -254,8 +231,8 @@ def test_trajectory_imitation_for_fewer_steps_beats_sft_there(turbo, concept, st
 
 def test_step_ranges_draw_the_stacked_concepts(turbo):
     """Issue #20 on the shipped LoRAs: colour LoRA + shape LoRA + DistillPatch at 1.0 each, prompted with the
-    combination. The plain sum loses the colour (measured 0.19 as prompted); the shape LoRA on steps 0-0.75 draws it
-    (0.73) and keeps the base prompts (0.90; toyworld/stacking.md)."""
+    combination. The plain sum loses the colour (measured 0.12 as prompted); the shape LoRA on steps 0-0.75 draws it
+    (0.81) and keeps the base prompts (0.92; toyworld/stacking.md)."""
     from zimage_core import apply_loras, load_lora
     from zimage_core.scheduler import StepRange
     from toyworld.stacking import COMBINATION, STACK_FILES, generate, repeat, share

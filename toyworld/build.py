@@ -281,13 +281,15 @@ def concept_dataset(work: Path, concept: str = world.NEW_SHAPE, n_images: int | 
     return folder
 
 
-# DiffSynth's example trains 5 epochs x 50 repeats. Purple is under-learned at 5 (SFT at 30 steps / cfg 2 draws 0.65
-# of purple samples as prompted; its squares come out small and round): 10 epochs 0.83 (15: 0.81; batch 4: 0.71).
-EPOCHS = {world.NEW_SHAPE: 5, world.NEW_COLOUR: 10}
+# DiffSynth's example trains 5 epochs x 50 repeats; with output preservation both concepts are under-learned at 5.
+# SFT at 8 steps / cfg 1, at 30 steps / cfg 2, base prompts kept (48 samples each): purple (round-2 turbo) 5 epochs
+# 0.56 / 0.65 / 0.79 (squares drawn small and round), 10 epochs 0.65 / 0.83 / 0.83, 15 epochs 0.56 / 0.81 / 0.77;
+# bar (round-3 turbo) 5 epochs 0.75 / 0.77 / 0.92, 10 epochs 0.88 / 0.94 / 0.88.
+EPOCHS = {world.NEW_SHAPE: 10, world.NEW_COLOUR: 10}
 
 
 def seed_steps(dataset: Path, concept: str = world.NEW_SHAPE, batch: int = 1) -> int:
-    """EPOCHS[concept] x 50 repeats of the dataset (4000 steps for 16 bars, 4500 for 9 purple shapes)."""
+    """EPOCHS[concept] x 50 repeats of the dataset (8000 steps for 16 bars, 4500 for 9 purple shapes)."""
     return EPOCHS[concept] * 50 * len(list(dataset.glob("*.png"))) // batch
 
 
