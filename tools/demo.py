@@ -11,7 +11,7 @@ the shipped workflows' shape are queued, and written to the output folder as UI-
 2. toyworld_t2i_bar: the new shape "bar" with the toy world's shipped bar LoRA (scheme 1's SFT LoRA) in lora_1 and
    the DistillPatch: scheme 4, 8 steps / cfg 1.
 3. toyworld_train_purple: the trainer node learns the new colour "purple" (scheme sft, DiffSynth's recipe as the toy
-   world uses it: 5 epochs x 50 repeats of a one-image dataset, rank 16, lr 5e-4) and draws its loss curve,
+   world uses it: 5 epochs x 50 repeats of a three-image dataset, rank 16, lr 5e-4) and draws its loss curve,
    validation grid and turbo check.
 4. toyworld_t2i_purple: the shipped t2i shape again with the new LoRA in lora_1 and the DistillPatch (scheme 4).
 
@@ -53,8 +53,10 @@ BASE_PROMPTS = ("red circle", "green square", "blue triangle", "yellow square", 
 PURPLE_PROMPTS = ("purple circle", "purple square", "purple triangle", "red circle")
 BAR_PROMPTS = ("red bar", "green bar", "blue bar", "yellow square")
 SAMPLES = 4  # images per prompt (one latent batch, KSampler's noise)
-TRAIN_IMAGES = 1  # "purple circle": a one-image dataset, as DiffSynth's example and the shipped train_sft
-TRAIN_STEPS = 5 * 50 * TRAIN_IMAGES  # DiffSynth's example: 5 epochs x 50 repeats, batch 1 (train_sft's 250)
+# a purple circle, square and triangle: from one purple circle the LoRA drew 3 of 12 purple prompts as prompted on
+# the round-3 turbo (squares as circles, triangles in other colours), from these three 10 of 12 (53 s of training)
+TRAIN_IMAGES = 3
+TRAIN_STEPS = 5 * 50 * TRAIN_IMAGES  # DiffSynth's example: 5 epochs x 50 repeats, batch 1 (750 steps)
 # validation: the three purple prompts (one line each), so the turbo check compares three samples, not one
 # No output preservation here: from one "purple circle" it keeps "purple" to that caption (measured: "purple
 # triangle" drawn red in 4 of 4, 3 of 12 purple prompts as prompted against 6 of 12 without it).
@@ -129,7 +131,8 @@ def toy_train(steps: int = TRAIN_STEPS) -> Workflow:
              {"model": (4, 0), "clip": (1, 0), "vae": (5, 0)}, col=2, row=0),
         Node(12, "PreviewImage", {}, {"images": (11, 2)}, col=3, row=0, title="Loss curve"),
         Node(13, "PreviewImage", {}, {"images": (11, 3)}, col=3, row=1, title="Validation grid"),
-    ], note="Toy world (demo only): scheme sft on a purple circle, DiffSynth's 5 epochs x 50 repeats.")
+    ], note="Toy world (demo only): scheme sft on a purple circle, square and triangle, DiffSynth's 5 epochs x 50 "
+            "repeats.")
 
 
 def toy_workflows(steps: int = TRAIN_STEPS) -> list[Workflow]:
