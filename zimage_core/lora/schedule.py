@@ -2,9 +2,9 @@
 
 Stacking a shape LoRA and a colour LoRA as a plain sum lets them overwrite each other, and turning both down (the
 usual workaround) loses both. Giving each its own steps keeps them apart in time instead: on the toy world
-(docs/lora-stacking.md) the shape LoRA over the first steps and the colour LoRA over the last draws the combined
-prompt as prompted several times as often as the sum. ComfyUI's hook keyframes and A1111's [lora:x:0.5] scheduling
-do the same.
+(docs/lora-stacking.md) ending the shape LoRA at three quarters of the steps, so the colour LoRA paints the last ones
+alone, draws the combined prompt as prompted in 0.81 of samples against the sum's 0.12. ComfyUI's hook keyframes and
+A1111's [lora:x:0.5] scheduling do the same.
 
 An entry with a range narrower than [0, 1] is applied as runtime side branches (never merged), whatever the stack's
 mode: its factors (0-d tensors, apply.Branch) are set to their full value on the steps of its range and to 0 on the
