@@ -285,12 +285,12 @@ def concept_dataset(work: Path, concept: str = world.NEW_SHAPE, n_images: int | 
 # SFT at 8 steps / cfg 1, at 30 steps / cfg 2, base prompts kept (48 samples each): purple (round-2 turbo) 5 epochs
 # 0.56 / 0.65 / 0.79 (squares drawn small and round), 10 epochs 0.65 / 0.83 / 0.83, 15 epochs 0.56 / 0.81 / 0.77;
 # bar (round-3 turbo) 5 epochs 0.75 / 0.77 / 0.92, 10 epochs 0.88 / 0.94 / 0.88.
-EPOCHS = {world.NEW_SHAPE: 10, world.NEW_COLOUR: 10}
+EPOCHS = 10
 
 
-def seed_steps(dataset: Path, concept: str = world.NEW_SHAPE, batch: int = 1) -> int:
-    """EPOCHS[concept] x 50 repeats of the dataset (8000 steps for 16 bars, 4500 for 9 purple shapes)."""
-    return EPOCHS[concept] * 50 * len(list(dataset.glob("*.png"))) // batch
+def seed_steps(dataset: Path, batch: int = 1) -> int:
+    """EPOCHS x 50 repeats of the dataset (8000 steps for 16 bars, 4500 for 9 purple shapes)."""
+    return EPOCHS * 50 * len(list(dataset.glob("*.png"))) // batch
 
 
 def generic_dataset(work: Path, n_per_prompt: int = 4) -> Path:
@@ -354,7 +354,7 @@ def _suffix(concept: str) -> str:
 
 def stage_sft(args, concept: str = world.NEW_SHAPE) -> None:
     data = concept_dataset(Path(args.work), concept)
-    train_lora(args, f"lora_sft{_suffix(concept)}", data, scheme="sft", steps=seed_steps(data, concept), repeats=50,
+    train_lora(args, f"lora_sft{_suffix(concept)}", data, scheme="sft", steps=seed_steps(data), repeats=50,
                **user_settings(args, concept))
 
 
@@ -376,7 +376,7 @@ def stage_adapter(args) -> None:
 def stage_differential(args, concept: str = world.NEW_SHAPE) -> None:
     data = concept_dataset(Path(args.work), concept)
     train_lora(args, f"lora_differential{_suffix(concept)}", data, scheme="differential",
-               steps=seed_steps(data, concept), repeats=50, preset_lora=str(WEIGHTS / "training_adapter.safetensors"),
+               steps=seed_steps(data), repeats=50, preset_lora=str(WEIGHTS / "training_adapter.safetensors"),
                **user_settings(args, concept))
 
 
