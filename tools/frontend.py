@@ -24,7 +24,7 @@ import aiohttp
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                  "--window-size=1600,1000"]
+                  "--window-size=1600,1120"]
 # The frontend's first-run UI would cover the graph: no template browser, no missing-models dialog, no minimap.
 FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
                      "Comfy.Minimap.Visible": False}
@@ -140,7 +140,7 @@ async def _drive(ws, url: str, workflow: dict, settle: float) -> FrontendResult:
 
     await cdp("Page.enable")
     await cdp("Runtime.enable")
-    await cdp("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
+    await cdp("Emulation.setDeviceMetricsOverride", width=1600, height=1120, deviceScaleFactor=1, mobile=False)
     request = urllib.request.Request(url + "/settings", data=json.dumps(FRONTEND_SETTINGS).encode(), method="POST")
     urllib.request.urlopen(request, timeout=10).read()
     await cdp("Page.addScriptToEvaluateOnNewDocument", source="localStorage.setItem('vueNodesBannerDismissed', 'true');")
