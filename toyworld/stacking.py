@@ -276,8 +276,8 @@ def main(argv=None):
         if stacking:
             save_grid({m: stacking[m]["images"] for m in (*COMBINE_MODES, *STEP_RANGE_ROWS)},
                       out / "lora_stacking_grid.png", label_width=260)
-            save_grid({"sum": stacking["sum"]["images"], CHOSEN_RANGES: stacking[CHOSEN_RANGES]["images"]},
-                      out / "lora_stacking_sum_vs_steps.png", label_width=180)  # the README's picture
+            save_grid({"sum": stacking["sum"]["images"][:8], CHOSEN_RANGES: stacking[CHOSEN_RANGES]["images"][:8]},
+                      out / "lora_stacking_sum_vs_steps.png", scale=6, label_width=180)  # the README's picture
         for i, rows in enumerate(varieties.values()):
             save_grid({label: r["images"] for label, r in rows.items()}, out / f"seed_variety_grid_{i + 1}.png")
         if varieties:  # the LoRA case's 16 seeds of one prompt, without and with the shipped setting
