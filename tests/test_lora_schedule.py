@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zimage_core import sample
-from zimage_core.lora import LoraError, LoraModule, apply_loras, new_lora
+from zimage_core.lora import LoraError, LoraModule, LoraWeights, apply_loras, new_lora
 from zimage_core.scheduler import StepRange, sigmas
 from zimage_core.testing import tiny_model
 
@@ -116,3 +116,36 @@ def test_step_range_rule_and_errors():
     assert StepRange(0.5, 1.0).steps_of(30) == list(range(15, 30))
     with pytest.raises(ValueError, match="0 <= start < end <= 1, got start 0.8, end 0.2"):
         StepRange(0.8, 0.2)
+
+
+def test_on_an_fp8_base_a_ranged_lora_switches_per_step_and_never_touches_the_fp8_bits(loras):
+    from zimage_core.quant.fp8 import Fp8Linear, to_fp8_storage
+    shape, colour = loras
+    model = to_fp8_storage(tiny_model(seed=0))
+    bits = {p: m.weight.view(torch.uint8).clone() for p, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    with apply_loras(model, [(shape, 1.0), (colour, 1.0)], step_ranges={0: StepRange(0.0, 0.5)}) as handle:
+        with torch.no_grad():
+            ranged = sample(model, NOISE, CAPS, steps=4, cfg=1.0, lora_steps=handle.schedule)
+    expected = by_hand(model, [[(shape, 1.0), (colour, 1.0)]] * 2 + [[(colour, 1.0)]] * 2, steps=4)
+    torch.testing.assert_close(ranged, expected, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(bits[p], m.weight.view(torch.uint8)) for p, m in model.named_modules() if p in bits)
+
+
+def test_a_ranged_lokr_runs_as_a_full_delta_branch(loras):
+    """LoKr has no low-rank factors: with a range its full delta is rebuilt per call as a side branch, switched
+    like any other (no fallback needed, nothing merged)."""
+    shape, _ = loras
+    model = tiny_model(seed=0)
+    before = snapshot(model)
+    w1 = model.layers[0].feed_forward.w1
+    gen = torch.Generator().manual_seed(9)
+    lokr = LoraWeights({"layers.0.feed_forward.w1": LoraModule(kind="lokr", factors={
+        "lokr_w1": torch.randn(8, 4, generator=gen) * 0.3,
+        "lokr_w2": torch.randn(w1.out_features // 8, w1.in_features // 4, generator=gen) * 0.3})},
+        format="lokr", source="style_lokr.safetensors")
+    with apply_loras(model, [(lokr, 1.0)], step_ranges={0: StepRange(0.5, 1.0)}) as handle:
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing merged
+        with torch.no_grad():
+            ranged = sample(model, NOISE, CAPS, steps=4, cfg=1.0, lora_steps=handle.schedule)
+    torch.testing.assert_close(ranged, by_hand(model, [[]] * 2 + [[(lokr, 1.0)]] * 2, steps=4), rtol=1e-4, atol=1e-5)
+    assert (ranged - by_hand(model, [[]] * 4, steps=4)).abs().max() > 1e-4
