@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from ..zimage_core import lora as lora_engine
-from ..zimage_core.scheduler import StepRange
 from .lora_spec import ROLE_DISTILLPATCH, LoraSpec
 
 _MAX_CACHED = 6
@@ -36,8 +35,7 @@ def apply_stack(transformer, specs: tuple[LoraSpec, ...], combine: str = "sum"):
     handle = lora_engine.apply_loras(transformer, [(load_cached(s), s.strength) for s in specs],
                                      mode="merge", strict=True, skip_text_encoder=True, combine=combine,
                                      keep_apart={i for i, s in enumerate(specs) if s.role == ROLE_DISTILLPATCH},
-                                     step_ranges={i: StepRange(s.start, s.end) for i, s in enumerate(specs)
-                                                  if s.ranged})
+                                     step_ranges={i: s.step_range for i, s in enumerate(specs) if s.ranged})
     for spec, report in zip(specs, handle.reports):
         if report.matched == 0:
             handle.remove()

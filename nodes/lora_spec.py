@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..zimage_core.scheduler import StepRange
+
 ROLE_LORA, ROLE_DISTILLPATCH, ROLE_TRAINED = "lora", "distillpatch", "trained"
 
 
@@ -30,5 +32,9 @@ class LoraSpec:
                    float(end))
 
     @property
+    def step_range(self) -> StepRange:
+        return StepRange(self.start, self.end)
+
+    @property
     def ranged(self) -> bool:
-        return (self.start, self.end) != (0.0, 1.0)
+        return not self.step_range.full

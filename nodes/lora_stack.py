@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 from server import PromptServer
 
+from ..zimage_core.scheduler import StepRange
 from .lora_cache import load_cached, summarize
 from .metadata import search_aliases
 from .types import ROLE_DISTILLPATCH, ROLE_LORA, ZIMAGE_MODEL, LoraSpec, ZImageModel
@@ -133,9 +134,11 @@ class ZImageTurboLoraStack(io.ComfyNode):
                  (lora_3, strength_3, start_3, end_3))
         for i, (name, strength, start, end) in enumerate(slots, 1):
             if name != NONE and strength != 0:
-                if not 0.0 <= start < end <= 1.0:
-                    raise ValueError(f"lora_{i} '{name}': start_{i} {start:g} / end_{i} {end:g} must satisfy "
-                                     f"0 <= start < end <= 1 (shares of the sampling steps)")
+                try:
+                    StepRange(start, end)
+                except ValueError as e:
+                    raise ValueError(f"lora_{i} '{name}': start_{i} {start:g} / end_{i} {end:g}: {e} (shares of "
+                                     f"the sampling steps)") from None
                 specs.append(spec_for(name, strength, ROLE_LORA, start, end))
         if distillpatch != NONE and distillpatch_strength != 0:
             if any(s.role == ROLE_DISTILLPATCH for s in model.loras):
