@@ -43,8 +43,10 @@ REMEDY_FID_ISSUE = 0.8
 BASE_FID_KEPT = 0.8  # the issue's figure: 0.88-0.98
 BASE_FID_PRESERVED = 0.75  # the SFT LoRAs and every remedy with output preservation: 0.88-0.98 (without: 0.08-0.23)
 PURPLE_SHORT = pytest.mark.xfail(strict=True, reason=(
-    "purple at 8 steps / cfg 1: differential 0.65, trajectory imitation 0.79, SFT + DistillPatch 0.67 of samples "
-    "drawn as prompted, under the issue's 0.8, though scheme 1 reaches 0.88 at 30 steps / cfg 2 (toyworld/RESULTS.md)"))
+    "purple at 8 steps / cfg 1: differential 0.65, SFT + DistillPatch 0.67 of samples drawn as prompted, under the "
+    "issue's 0.8 (trajectory imitation 0.83; scheme 1 at 30 steps / cfg 2 0.88): both keep the SFT-type LoRA's own "
+    "8-step picture, whose purple squares come out small with rounded corners and read as circles "
+    "(toyworld/RESULTS.md, 'Where it falls short')"))
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,8 @@ def test_each_remedy_draws_the_concept_at_8_steps_sharper_than_sft(turbo, stems,
 
 
 @pytest.mark.parametrize("concept, stems", [
-    pytest.param(c, stems, id=f"{c}-{i}", marks=PURPLE_SHORT if c == world.NEW_COLOUR else ())
+    pytest.param(c, stems, id=f"{c}-{i}",
+                 marks=PURPLE_SHORT if c == world.NEW_COLOUR and "lora_trajectory" not in stems else ())
     for c in world.CONCEPTS for stems, i in zip(REMEDIES, REMEDY_IDS)])
 def test_each_remedy_reaches_the_issues_figure(turbo, stems, concept):
     _, fid = measure(turbo, names(concept, *stems), which=concept)
