@@ -33,7 +33,7 @@ REMEDIES = [("lora_differential",), ("lora_trajectory",), ("lora_sft", "distill_
 REMEDY_IDS = ["2-differential", "3-trajectory", "4-distillpatch"]
 # Issue #19 asks >= 0.9 (turbo, base prompts), >= 0.8 (each remedy, concept) and >= 0.8 (base prompts kept with
 # the LoRA). Measured on these noises (toyworld/RESULTS.md): turbo 0.90 here, 0.93 on the table's 96 noises; remedies
-# 0.90-0.92 on "bar", 0.65-0.79 on "purple"; base prompts kept 0.88-0.98 with output preservation (0.08-0.23
+# 0.90-0.92 on "bar", 0.65-0.83 on "purple"; base prompts kept 0.88-0.98 with output preservation (0.08-0.23
 # without). The thresholds assert what holds with a margin under those figures; what misses is a strict xfail.
 BASE_FID_MIN = 0.85
 TURBO_FID_ISSUE = 0.9  # on the table's 96 base samples (seed 9): 0.93
@@ -175,7 +175,7 @@ def test_scheme_1_learns_the_concept_blurry_at_8_steps_and_recovers_at_30_steps_
 def test_each_remedy_draws_the_concept_at_8_steps_sharper_than_sft(turbo, stems, concept):
     sft, sft_fid = measure(turbo, names(concept, "lora_sft"), which=concept)
     fixed, fid = measure(turbo, names(concept, *stems), which=concept)
-    assert fixed > 1.05 * sft, (fixed, sft)  # measured 1.06x (purple + DistillPatch) to 1.50x (bar, trajectory)
+    assert fixed > 1.05 * sft, (fixed, sft)  # measured 1.06x (purple + DistillPatch) to 1.42x (bar, trajectory)
     assert fid >= REMEDY_FID_MIN[concept] and fid >= sft_fid, (fid, sft_fid)
 
 
