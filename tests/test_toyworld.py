@@ -33,8 +33,9 @@ REMEDIES = [("lora_differential",), ("lora_trajectory",), ("lora_sft", "distill_
 REMEDY_IDS = ["2-differential", "3-trajectory", "4-distillpatch"]
 # Issue #19 asks >= 0.9 (turbo, base prompts), >= 0.8 (each remedy, concept) and >= 0.8 (base prompts kept with
 # the LoRA). Measured on these noises (toyworld/RESULTS.md): turbo 0.90 here, 0.93 on the table's 96 noises; remedies
-# 0.90-0.92 on "bar", 0.65-0.83 on "purple"; base prompts kept 0.88-0.98 with output preservation (0.08-0.23
-# without). The thresholds assert what holds with a margin under those figures; what misses is a strict xfail.
+# 0.90-0.92 on "bar", 0.65-0.83 on "purple" (on 192 fresh samples 0.89-0.94 and 0.71-0.77); base prompts kept
+# 0.88-0.98 with output preservation (0.08-0.23 without). The thresholds assert what holds with a margin under those
+# figures; what misses is a strict xfail.
 BASE_FID_MIN = 0.85
 TURBO_FID_ISSUE = 0.9  # on the table's 96 base samples (seed 9): 0.93
 LEARNED_AT_30 = 0.8  # scheme 1 at 30 steps / cfg 2: bar 0.94, purple 0.88
@@ -42,11 +43,12 @@ REMEDY_FID_MIN = {"bar": 0.8, "purple": 0.6}
 REMEDY_FID_ISSUE = 0.8
 BASE_FID_KEPT = 0.8  # the issue's figure: 0.88-0.98
 BASE_FID_PRESERVED = 0.75  # the SFT LoRAs and every remedy with output preservation: 0.88-0.98 (without: 0.08-0.23)
+FRESH_SEED, FRESH_SAMPLES = 11, 192  # the issue's figure on noises the table never saw (48 samples: +- 0.06)
 PURPLE_SHORT = pytest.mark.xfail(strict=True, reason=(
-    "purple at 8 steps / cfg 1: differential 0.65, SFT + DistillPatch 0.67 of samples drawn as prompted, under the "
-    "issue's 0.8 (trajectory imitation 0.83; scheme 1 at 30 steps / cfg 2 0.88): both keep the SFT-type LoRA's own "
-    "8-step picture, whose purple squares come out small with rounded corners and read as circles "
-    "(toyworld/RESULTS.md, 'Where it falls short')"))
+    "purple at 8 steps / cfg 1 on 192 fresh samples: differential 0.71, trajectory imitation 0.77, SFT + DistillPatch "
+    "0.77 drawn as prompted, under the issue's 0.8 (on the table's 48: 0.65 / 0.83 / 0.67; scheme 1 at 30 steps / "
+    "cfg 2 0.88): the SFT LoRA's purple squares come out small with rounded corners and read as circles, and the "
+    "remedies redraw only some of them (toyworld/RESULTS.md, 'Where it falls short')"))
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +182,14 @@ def test_each_remedy_draws_the_concept_at_8_steps_sharper_than_sft(turbo, stems,
 
 
 @pytest.mark.parametrize("concept, stems", [
-    pytest.param(c, stems, id=f"{c}-{i}",
-                 marks=PURPLE_SHORT if c == world.NEW_COLOUR and "lora_trajectory" not in stems else ())
+    pytest.param(c, stems, id=f"{c}-{i}", marks=PURPLE_SHORT if c == world.NEW_COLOUR else ())
     for c in world.CONCEPTS for stems, i in zip(REMEDIES, REMEDY_IDS)])
 def test_each_remedy_reaches_the_issues_figure(turbo, stems, concept):
-    _, fid = measure(turbo, names(concept, *stems), which=concept)
+    """On FRESH_SAMPLES samples from noises the table never used (bar measured 0.89-0.94)."""
+    prompts = [p for _ in range(FRESH_SAMPLES // len(world.concept_prompts(concept)))
+               for p in world.concept_prompts(concept)]
+    with loras_applied(turbo, [(lora_path(n), 1.0) for n in names(concept, *stems)]):
+        fid = fidelity(decode(generate(turbo, prompts, 8, 1.0, seed=FRESH_SEED)), prompts)
     assert fid >= REMEDY_FID_ISSUE, fid
 
 
