@@ -381,9 +381,9 @@ def stage_differential(args, concept: str = world.NEW_SHAPE) -> None:
 
 
 # Trajectory imitation's (steps x batch 4, noises per image) by student steps, measured on purple (48 samples at the
-# student's steps / cfg 1): for 8 steps 100 x 4 from 4 noises drew 0.79, 300 from 4 0.81, 300 from 8 0.83 (bar: 0.92
-# at both 100 from 4 and 300 from 8); for 4 and 2 steps 300 from 8 drew less than 100 from 4 (0.73 / 0.65 against
-# 0.81 / 0.71).
+# student's steps / cfg 1): for 8 steps 100 x 4 from 4 noises drew 0.79, 300 from 4 0.81, 300 from 8 0.83 (on 2 x 192
+# fresh samples 100 from 4 0.76 / 0.70, 300 from 8 0.77 / 0.75; bar 0.92 at both on the 48); for 4 and 2 steps 300
+# from 8 drew less than 100 from 4 (0.73 / 0.65 against 0.81 / 0.71).
 TI_RECIPE = {8: (300, 8), 4: (100, 4), 2: (100, 4)}
 
 
