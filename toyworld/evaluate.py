@@ -180,6 +180,27 @@ def run(per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, parts=Non
     return results
 
 
+FRESH_SEEDS, FRESH_SAMPLES = (11, 12), 192
+
+
+def fresh_check(log=print) -> dict:
+    """The issue's figures on noises the tables never use (their 48 samples per cell carry +- 0.06): the share drawn
+    as prompted at 8 steps / cfg 1 by the turbo and each scheme, on FRESH_SAMPLES concept and base-prompt samples per
+    seed in FRESH_SEEDS."""
+    model, out = load_model("turbo"), {}
+    base = prompt_set(world.base_prompts(), FRESH_SAMPLES // len(world.base_prompts()))
+    for concept in world.CONCEPTS:
+        prompts = prompt_set(world.concept_prompts(concept), FRESH_SAMPLES // len(world.concept_prompts(concept)))
+        for label, _, loras, _ in scheme_rows(concept)[:6]:  # turbo, the four schemes (differential twice)
+            with loras_applied(model, loras):
+                row = {which: [fidelity(decode(generate(model, ps, 8, 1.0, seed)), ps) for seed in FRESH_SEEDS]
+                       for which, ps in (("concept", prompts), ("base", base))}
+            out.setdefault(concept, {})[label] = row
+            figures = (f"{which} " + " / ".join(f"{f:.2f}" for f in shares) for which, shares in row.items())
+            log(f"{concept} / {label}: " + ", ".join(figures))
+    return out
+
+
 def _cell(row: dict, setting: str, key: str, base: bool = False) -> str:
     r = row.get(setting, {})
     r = r.get("base", {}) if base else r
@@ -236,8 +257,13 @@ def main(argv=None):
                                    "--combine)")
     p.add_argument("--combine", nargs="+", help="merge these partial results files into --out (later files add rows)")
     p.add_argument("--only", help="measure only the rows whose label contains this (and scheme 1, the reference)")
+    p.add_argument("--fresh", action="store_true", help="only the issue's figures on fresh noises (fresh_check), "
+                                                        "printed and written to toyworld/fresh.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.fresh:
+        (WEIGHTS.parent / "fresh.json").write_text(json.dumps(fresh_check(), indent=1))
+        return
     if args.combine:
         results = {}
         for part in args.combine:
