@@ -183,17 +183,27 @@ def run(per_prompt: int = 12, base_per_prompt: int = 4, seed: int = 7, parts=Non
 FRESH_SEEDS, FRESH_SAMPLES = (11, 12), 192
 
 
+def fresh_prompts(prompts: list[str]) -> list[str]:
+    """FRESH_SAMPLES prompts, the given ones in turn."""
+    return prompt_set(prompts, FRESH_SAMPLES // len(prompts))
+
+
+def drawn_as_prompted(model, prompts: list[str], seed: int) -> float:
+    """The share of the model's 8-step / cfg-1 samples of the prompts (noises from seed) drawn as prompted."""
+    return fidelity(decode(generate(model, prompts, 8, 1.0, seed)), prompts)
+
+
 def fresh_check(log=print) -> dict:
     """The issue's figures on noises the tables never use (their 48 samples per cell carry +- 0.06): the share drawn
     as prompted at 8 steps / cfg 1 by the turbo and each scheme, on FRESH_SAMPLES concept and base-prompt samples per
     seed in FRESH_SEEDS."""
     model, out = load_model("turbo"), {}
-    base = prompt_set(world.base_prompts(), FRESH_SAMPLES // len(world.base_prompts()))
+    base = fresh_prompts(world.base_prompts())
     for concept in world.CONCEPTS:
-        prompts = prompt_set(world.concept_prompts(concept), FRESH_SAMPLES // len(world.concept_prompts(concept)))
+        prompts = fresh_prompts(world.concept_prompts(concept))
         for label, _, loras, _ in scheme_rows(concept)[:6]:  # turbo, the four schemes (differential twice)
             with loras_applied(model, loras):
-                row = {which: [fidelity(decode(generate(model, ps, 8, 1.0, seed)), ps) for seed in FRESH_SEEDS]
+                row = {which: [drawn_as_prompted(model, ps, seed) for seed in FRESH_SEEDS]
                        for which, ps in (("concept", prompts), ("base", base))}
             out.setdefault(concept, {})[label] = row
             figures = (f"{which} " + " / ".join(f"{f:.2f}" for f in shares) for which, shares in row.items())
