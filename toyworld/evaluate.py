@@ -188,19 +188,28 @@ def fresh_prompts(prompts: list[str]) -> list[str]:
     return prompt_set(prompts, FRESH_SAMPLES // len(prompts))
 
 
-def drawn_as_prompted(model, prompts: list[str], seed: int) -> float:
-    """The share of the model's 8-step / cfg-1 samples of the prompts (noises from seed) drawn as prompted."""
-    return fidelity(decode(generate(model, prompts, 8, 1.0, seed)), prompts)
+def drawn_as_prompted(model, prompts: list[str], seed: int, steps: int = 8, cfg: float = 1.0) -> float:
+    """The share of the model's samples of the prompts (noises from seed) drawn as prompted."""
+    return fidelity(decode(generate(model, prompts, steps, cfg, seed)), prompts)
+
+
+# What every remedy copies at 8 steps: the concept's SFT LoRA at full quality (the turbo check's reference).
+FULL_QUALITY = "1 SFT LoRA, 30 st cfg 2 (what the remedies copy)"
 
 
 def fresh_check(log=print) -> dict:
     """The issue's figures on noises the tables never use (their 48 samples per cell carry +- 0.06): the share drawn
     as prompted at 8 steps / cfg 1 by the turbo and each scheme, on FRESH_SAMPLES concept and base-prompt samples per
-    seed in FRESH_SEEDS."""
+    seed in FRESH_SEEDS; and the concept's SFT LoRA at 30 steps / cfg 2 (FULL_QUALITY), the picture the remedies
+    imitate at 8 steps."""
     model, out = load_model("turbo"), {}
     base = fresh_prompts(world.base_prompts())
     for concept in world.CONCEPTS:
         prompts = fresh_prompts(world.concept_prompts(concept))
+        with loras_applied(model, [(lora_path(f"lora_sft{_suffix(concept)}"), 1.0)]):
+            row = {"concept": [drawn_as_prompted(model, prompts, seed, 30, 2.0) for seed in FRESH_SEEDS]}
+        out.setdefault(concept, {})[FULL_QUALITY] = row
+        log(f"{concept} / {FULL_QUALITY}: concept " + " / ".join(f"{f:.2f}" for f in row["concept"]))
         for label, _, loras, _ in scheme_rows(concept)[:6]:  # turbo, the four schemes (differential twice)
             with loras_applied(model, loras):
                 row = {which: [drawn_as_prompted(model, ps, seed) for seed in FRESH_SEEDS]
