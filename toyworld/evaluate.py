@@ -206,14 +206,14 @@ def fresh_check(log=print) -> dict:
     base = fresh_prompts(world.base_prompts())
     for concept in world.CONCEPTS:
         prompts = fresh_prompts(world.concept_prompts(concept))
-        with loras_applied(model, [(lora_path(f"lora_sft{_suffix(concept)}"), 1.0)]):
-            row = {"concept": [drawn_as_prompted(model, prompts, seed, 30, 2.0) for seed in FRESH_SEEDS]}
-        out.setdefault(concept, {})[FULL_QUALITY] = row
-        log(f"{concept} / {FULL_QUALITY}: concept " + " / ".join(f"{f:.2f}" for f in row["concept"]))
-        for label, _, loras, _ in scheme_rows(concept)[:6]:  # turbo, the four schemes (differential twice)
+        schemes = scheme_rows(concept)[:6]  # turbo, the four schemes (differential twice)
+        sft_loras = dict((label, loras) for label, _, loras, _ in schemes)["1 SFT LoRA"]
+        settings = [(FULL_QUALITY, sft_loras, (30, 2.0), {"concept": prompts})]
+        settings += [(label, loras, (8, 1.0), {"concept": prompts, "base": base}) for label, _, loras, _ in schemes]
+        for label, loras, (steps, cfg), prompt_sets in settings:
             with loras_applied(model, loras):
-                row = {which: [drawn_as_prompted(model, ps, seed) for seed in FRESH_SEEDS]
-                       for which, ps in (("concept", prompts), ("base", base))}
+                row = {which: [drawn_as_prompted(model, ps, seed, steps, cfg) for seed in FRESH_SEEDS]
+                       for which, ps in prompt_sets.items()}
             out.setdefault(concept, {})[label] = row
             figures = (f"{which} " + " / ".join(f"{f:.2f}" for f in shares) for which, shares in row.items())
             log(f"{concept} / {label}: " + ", ".join(figures))
